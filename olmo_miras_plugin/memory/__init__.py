@@ -1,0 +1,34 @@
+"""Titans/MIRAS neural long-term memory: the memory math, independent of OLMo-core's model wiring.
+
+- ``architecture.py``  the memory network (linear / MLP / residual+norm) and its explicit backprop
+- ``objective.py``     attentional bias ℓ(M; k, v): l2, lp, huber, dot
+- ``retention.py``     accumulator → weights: decay, ℓq, KL (softmax)
+- ``optimizer.py``     gradient descent with/without momentum, per token and chunk closed form
+- ``scan.py``          the reference loop and the chunk-parallel scan
+- ``layer.py``         the layer: projections, short conv, gates, read-out norm, output projection
+- ``config.py``        ``NeuralMemoryConfig`` and the presets titans / moneta / yaad / memora
+"""
+
+from .architecture import ActivationName, MemoryArchitectureConfig
+from .config import PRESETS, MemoryImpl, NeuralMemoryConfig
+from .layer import NeuralMemory
+from .objective import AttentionalBiasConfig, ObjectiveName
+from .optimizer import MemoryOptimizerConfig, MemoryOptimizerName
+from .retention import RetentionConfig, RetentionName
+from .state import MemoryState
+
+__all__ = [
+    "ActivationName",
+    "AttentionalBiasConfig",
+    "MemoryArchitectureConfig",
+    "MemoryImpl",
+    "MemoryOptimizerConfig",
+    "MemoryOptimizerName",
+    "MemoryState",
+    "NeuralMemory",
+    "NeuralMemoryConfig",
+    "ObjectiveName",
+    "PRESETS",
+    "RetentionConfig",
+    "RetentionName",
+]

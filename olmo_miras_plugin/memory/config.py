@@ -1,0 +1,183 @@
+"""Configuration of a neural memory layer, and the MIRAS presets."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from olmo_core.config import Config, DType, StrEnum
+
+from .architecture import ActivationName, MemoryArchitectureConfig
+from .objective import AttentionalBiasConfig, ObjectiveName
+from .optimizer import MemoryOptimizerConfig, MemoryOptimizerName
+from .retention import RetentionConfig, RetentionName
+
+__all__ = ["MemoryImpl", "NeuralMemoryConfig", "PRESETS"]
+
+
+class MemoryImpl(StrEnum):
+    reference = "reference"
+    """Token-by-token loop with autograd for the inner gradient (oracle; slow)."""
+    chunked = "chunked"
+    """Chunk-parallel PyTorch implementation (portable; CPU and GPU)."""
+
+
+PRESETS: Dict[str, Dict[str, Any]] = {
+    # Titans (Behrouz et al., 2024): ℓ = ½‖M(k) − v‖²; S_t = η_t S_{t−1} − θ_t ∇ℓ;
+    # M_t = (1 − α_t) M_{t−1} + S_t; M an MLP of depth 2.
+    "titans": dict(
+        objective=AttentionalBiasConfig(name=ObjectiveName.l2),
+        retention=RetentionConfig(name=RetentionName.decay),
+        optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.momentum),
+    ),
+    # Moneta (MIRAS): ℓ = (1/p)‖M(k) − v‖_p^p with p = 3; ℓq retention (mirror descent):
+    # A_t = (1 − α_t) A_{t−1} − θ_t ∇ℓ;  W_t = A_t / ‖A_t‖_q^{q−2}.
+    # The paper's q = 4 made the inner loop chaotic here (float32 and float64 runs of the same
+    # layer part ways after a few hundred tokens), as did α = 1e-2 with q = 3: φ grows as ‖A‖
+    # shrinks. q = 3 with α starting at 1e-3 stays stable over long streams.
+    "moneta": dict(
+        objective=AttentionalBiasConfig(name=ObjectiveName.lp, p=3.0),
+        retention=RetentionConfig(name=RetentionName.lq, q=3.0),
+        optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.gd),
+        alpha_init=1e-3,
+    ),
+    # Yaad (MIRAS): Huber attentional bias (quadratic for |e| ≤ δ, linear beyond: robust to
+    # outlier tokens) with decay retention: W_t = (1 − α_t) W_{t−1} − θ_t ∇ℓ_Huber.
+    "yaad": dict(
+        objective=AttentionalBiasConfig(name=ObjectiveName.huber, delta=1.0),
+        retention=RetentionConfig(name=RetentionName.decay),
+        optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.gd),
+    ),
+    # Memora (MIRAS): ℓ2 attentional bias with KL retention; weights on the simplex:
+    # log W_t = (1 − α_t) log W_{t−1} − θ_t ∇ℓ  (up to normalisation), W_t = softmax(log W_t).
+    "memora": dict(
+        objective=AttentionalBiasConfig(name=ObjectiveName.l2),
+        retention=RetentionConfig(name=RetentionName.kl),
+        optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.gd),
+    ),
+}
+
+
+@dataclass
+class NeuralMemoryConfig(Config):
+    """A Titans/MIRAS neural long-term memory layer (see :class:`~.layer.NeuralMemory`).
+
+    Gates (per token and head, from the layer input x):
+        θ_t = theta_max · σ(w_θ·x + b_θ)   learning rate, in (0, theta_max); b_θ gives θ = theta_init
+        η_t = σ(w_η·x + b_η)              momentum, in (0, 1); b_η gives η = eta_init
+        α_t = σ(w_α·x + b_α)              forget, in (0, 1); b_α gives α = alpha_init
+    """
+
+    d_model: int
+    n_heads: int = 4
+    head_dim: Optional[int] = None
+    """Per-head key/value width; defaults to ``d_model // n_heads``."""
+    chunk_size: int = 64
+    """Tokens whose inner gradients are taken at the same weights (C = 1: fully sequential)."""
+    architecture: MemoryArchitectureConfig = field(default_factory=MemoryArchitectureConfig)
+    objective: AttentionalBiasConfig = field(default_factory=AttentionalBiasConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    optimizer: MemoryOptimizerConfig = field(default_factory=MemoryOptimizerConfig)
+    conv_kernel: int = 4
+    """Short causal depthwise conv on q, k, v (Titans); 0 disables it."""
+    qk_norm: bool = True
+    """L2-normalise keys and queries per head (keeps the inner step size meaningful)."""
+    theta_max: float = 1.0
+    theta_init: float = 0.1
+    eta_init: float = 0.9
+    alpha_init: float = 0.01
+    impl: MemoryImpl = MemoryImpl.chunked
+    check_finite: bool = True
+    """Raise on NaN/Inf inputs (one device sync per call; turn off for maximum speed)."""
+    dtype: DType = DType.float32
+    preset: Optional[str] = None
+    """Name of the preset this config came from (informational)."""
+
+    @classmethod
+    def from_preset(cls, name: str, d_model: int, **kwargs: Any) -> "NeuralMemoryConfig":
+        """``titans``, ``moneta``, ``yaad`` or ``memora`` (see ``PRESETS``); kwargs override fields."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown memory preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        fields = {k: v.copy() if isinstance(v, Config) else v for k, v in PRESETS[name].items()}
+        fields.update(kwargs)
+        return cls(d_model=d_model, preset=name, **fields)
+
+    @property
+    def resolved_head_dim(self) -> int:
+        if self.head_dim is not None:
+            return self.head_dim
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        if not isinstance(self.d_model, int) or self.d_model <= 0:
+            raise ValueError(f"d_model must be a positive integer, got {self.d_model!r}")
+        if not isinstance(self.n_heads, int) or self.n_heads <= 0:
+            raise ValueError(f"n_heads must be a positive integer, got {self.n_heads!r}")
+        if self.head_dim is None and self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
+                "choose n_heads dividing d_model or set head_dim explicitly"
+            )
+        if self.head_dim is not None and self.head_dim <= 0:
+            raise ValueError(f"head_dim must be positive, got {self.head_dim!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size <= 0:
+            raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
+        if not isinstance(self.conv_kernel, int) or self.conv_kernel < 0:
+            raise ValueError(f"conv_kernel must be an integer >= 0 (0 disables), got {self.conv_kernel!r}")
+        if not self.theta_max > 0:
+            raise ValueError(f"theta_max must be > 0, got {self.theta_max!r}")
+        if not 0 < self.theta_init < self.theta_max:
+            raise ValueError(f"theta_init must be in (0, theta_max={self.theta_max}), got {self.theta_init!r}")
+        for name in ("eta_init", "alpha_init"):
+            val = getattr(self, name)
+            if not 0 < val < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {val!r}")
+        valid_impls = ", ".join(i.value for i in MemoryImpl)
+        try:
+            MemoryImpl(self.impl)
+        except ValueError:
+            raise ValueError(f"unknown memory impl {self.impl!r}; valid: {valid_impls}") from None
+        self.architecture.validate()
+        self.objective.validate()
+        self.retention.validate()
+        self.optimizer.validate()
+        if self.architecture.residual_norm and self.architecture.depth < 1:
+            raise ValueError("residual_norm needs depth >= 1")
+
+    def gate_biases(self) -> Dict[str, float]:
+        """Biases that make each gate start at its ``*_init`` value."""
+        logit = lambda p: math.log(p) - math.log1p(-p)  # noqa: E731
+        return {
+            "theta": logit(self.theta_init / self.theta_max),
+            "eta": logit(self.eta_init),
+            "alpha": logit(self.alpha_init),
+        }
+
+    def signature(self) -> str:
+        """Identifies configs whose states are interchangeable."""
+        arch = self.architecture
+        return (
+            f"heads={self.n_heads},head_dim={self.resolved_head_dim},chunk={self.chunk_size},"
+            f"arch={arch.layer_shapes(self.resolved_head_dim)}/{ActivationName(arch.activation)}/"
+            f"res={arch.residual_norm},obj={ObjectiveName(self.objective.name)},"
+            f"ret={RetentionName(self.retention.name)},opt={MemoryOptimizerName(self.optimizer.name)},"
+            f"conv={self.conv_kernel}"
+        )
+
+    def num_params(self) -> int:
+        h, d, dm = self.n_heads, self.resolved_head_dim, self.d_model
+        n = 3 * dm * h * d + h * d * dm  # q, k, v, out
+        n_gates = 3 if self.optimizer.uses_momentum else 2
+        n += n_gates * (dm * h + h)
+        n += sum(o * i for o, i in self.architecture.layer_shapes(d)) * h
+        if self.conv_kernel > 0:
+            n += 3 * h * d * self.conv_kernel
+        n += d  # output norm
+        return n
+
+    def build(self, init_device: str = "cpu") -> "NeuralMemory":
+        from .layer import NeuralMemory
+
+        self.validate()
+        return NeuralMemory(self, init_device=init_device)

@@ -1,0 +1,197 @@
+"""The neural memory layer: projections and gates around the memory scan (scan.py)."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from .config import MemoryImpl, NeuralMemoryConfig
+from .conv import ShortCausalConv
+from .scan import Gates, MemoryRule, ScanState, chunked_scan, reference_scan
+from .state import MemoryState
+
+__all__ = ["NeuralMemory"]
+
+
+def _inner_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The memory state's dtype: at least float32 (float64 stays float64, for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class NeuralMemory(nn.Module):
+    """Titans/MIRAS neural long-term memory: a per-head network written by gradient steps at test time.
+
+    ``forward(x, state) -> (y, state)``, x and y ``(batch, seq, d_model)``. Pass the returned state
+    to the next call to continue the sequence; outputs are identical to a single call on the
+    concatenation, wherever the split falls. Token t reads the memory as of the end of the
+    previous chunk (``y_t = M_{c−1}(q_t)``), so outputs are strictly causal.
+
+    The inner state (memory weights, momentum, gates) is kept in float32 whatever the autocast
+    or parameter dtype: it accumulates many small updates that bf16 would round away.
+    """
+
+    def __init__(self, config: NeuralMemoryConfig, init_device: str = "cpu"):
+        super().__init__()
+        config.validate()
+        self.config = config
+        dtype = config.dtype.as_pt()
+        h, d, dm = config.n_heads, config.resolved_head_dim, config.d_model
+        self.n_heads, self.head_dim, self.d_model = h, d, dm
+        self.chunk_size = config.chunk_size
+        self.impl = MemoryImpl(config.impl)
+        self.signature = config.signature()
+
+        lin = lambda i, o, bias=False: nn.Linear(i, o, bias=bias, dtype=dtype, device=init_device)  # noqa: E731
+        self.w_q, self.w_k, self.w_v = lin(dm, h * d), lin(dm, h * d), lin(dm, h * d)
+        self.w_theta = lin(dm, h, True)
+        self.w_eta = lin(dm, h, True) if config.optimizer.uses_momentum else None
+        self.w_alpha = lin(dm, h, True)
+        self.conv = (
+            ShortCausalConv(3 * h * d, config.conv_kernel, dtype=dtype, init_device=init_device)
+            if config.conv_kernel > 0
+            else None
+        )
+        architecture = config.architecture.build(d)
+        self.memory_init = nn.ParameterList(
+            [nn.Parameter(torch.empty(h, o, i, dtype=dtype, device=init_device)) for o, i in architecture.shapes]
+        )
+        self.o_norm_weight = nn.Parameter(torch.ones(d, dtype=dtype, device=init_device))
+        self.w_out = lin(h * d, dm)
+        self.rule = MemoryRule(
+            architecture, config.objective.build(), config.retention.build(), config.optimizer.build()
+        )
+        self.last_diagnostics: Optional[Dict[str, torch.Tensor]] = None
+        self.record_diagnostics = False
+        if init_device != "meta":
+            self.reset_parameters()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def reset_parameters(
+        self, std: float = 0.02, out_std: Optional[float] = None, generator: Optional[torch.Generator] = None
+    ) -> None:
+        """Projections ~ N(0, std); output ~ N(0, out_std) (0 makes the layer output exactly 0)."""
+        for w in (self.w_q, self.w_k, self.w_v, self.w_theta, self.w_alpha, self.w_eta):
+            if w is not None:
+                nn.init.normal_(w.weight, std=std, generator=generator)
+        biases = self.config.gate_biases()
+        self.w_theta.bias.fill_(biases["theta"])
+        self.w_alpha.bias.fill_(biases["alpha"])
+        if self.w_eta is not None:
+            self.w_eta.bias.fill_(biases["eta"])
+        if self.conv is not None:
+            self.conv.reset_parameters(generator=generator)
+        for i, p in enumerate(self.memory_init):
+            for head in range(p.shape[0]):
+                self.rule.architecture.init_weight_(p[head], i, generator=generator)
+        self.o_norm_weight.fill_(1.0)
+        out_std = std if out_std is None else out_std
+        if out_std == 0:
+            self.w_out.weight.zero_()
+        else:
+            nn.init.normal_(self.w_out.weight, std=out_std, generator=generator)
+
+    # ------------------------------------------------------------------ state
+    def init_state(
+        self, batch_size: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+    ) -> MemoryState:
+        """The memory before any token: the learned initial weights, zero momentum.
+
+        ``dtype`` is that of the inputs to come: the state is float32, or float64 for float64 inputs.
+        """
+        device = device or self.memory_init[0].device
+        dt = _inner_dtype(dtype)
+        accum = [p.to(device=device, dtype=dt).unsqueeze(0).expand(batch_size, *p.shape) for p in self.memory_init]
+        momentum = [torch.zeros_like(a) for a in accum] if self.rule.optimizer.uses_momentum else None
+        read = [self.rule.retention.materialize(a) for a in accum]
+        conv = None
+        if self.conv is not None:
+            conv = self.conv.empty_context(batch_size, device, dt)
+        return MemoryState(accum, momentum, read, conv, 0, self.signature)
+
+    def _check_state(self, state: MemoryState, x: torch.Tensor) -> None:
+        if not isinstance(state, MemoryState):
+            raise TypeError(f"state must be a MemoryState or None, got {type(state).__name__}")
+        if state.signature != self.signature:
+            raise ValueError(
+                "memory state comes from a different config:\n"
+                f"  state:  {state.signature}\n  layer:  {self.signature}"
+            )
+        if state.batch_size != x.shape[0]:
+            raise ValueError(f"memory state has batch size {state.batch_size} but the input has {x.shape[0]}")
+
+    # ------------------------------------------------------------------ forward
+    def gates(self, x: torch.Tensor) -> Gates:
+        """Per-token gates ``(batch, heads, seq)`` in float32."""
+        dt = _inner_dtype(x.dtype)
+        to_bht = lambda z: rearrange(z.to(dt), "b t h -> b h t")  # noqa: E731
+        z_theta, z_alpha = to_bht(self.w_theta(x)), to_bht(self.w_alpha(x))
+        theta = self.config.theta_max * torch.sigmoid(z_theta)
+        if self.w_eta is not None:
+            z_eta = to_bht(self.w_eta(x))
+            eta, log_eta = torch.sigmoid(z_eta), F.logsigmoid(z_eta)
+        else:
+            eta = log_eta = torch.zeros_like(z_theta)
+        return Gates(theta, eta, torch.sigmoid(z_alpha), log_eta, F.logsigmoid(-z_alpha))
+
+    def forward(  # type: ignore[override]
+        self, x: torch.Tensor, state: Optional[MemoryState] = None
+    ) -> Tuple[torch.Tensor, MemoryState]:
+        if x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"expected input of shape (batch, seq, {self.d_model}), got {tuple(x.shape)}")
+        if self.config.check_finite and not bool(torch.isfinite(x).all()):
+            raise ValueError("NeuralMemory got a non-finite input (NaN or Inf); refusing to write it to memory")
+        if state is None:
+            state = self.init_state(x.shape[0], x.device, x.dtype)
+        else:
+            self._check_state(state, x)
+        if x.shape[1] == 0:
+            return x.new_zeros(x.shape), state
+
+        q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)
+        conv_ctx = state.conv
+        if self.conv is not None:
+            qkv, conv_ctx = self.conv(torch.cat([q, k, v], dim=-1), state.conv)
+            conv_ctx = conv_ctx.to(_inner_dtype(x.dtype))
+            q, k, v = qkv.chunk(3, dim=-1)
+        gates = self.gates(x)
+
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            # shape: (batch, heads, seq, head_dim)
+            dt = _inner_dtype(x.dtype)
+            q, k, v = (rearrange(z.to(dt), "b t (h d) -> b h t d", h=self.n_heads) for z in (q, k, v))
+            if self.config.qk_norm:
+                q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            scan_state = ScanState(state.accum, state.momentum, state.read_weights, state.position)
+            scan = reference_scan if self.impl == MemoryImpl.reference else chunked_scan
+            y, new = scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
+            y = F.rms_norm(y, (self.head_dim,), weight=self.o_norm_weight.to(dt), eps=1e-6)
+
+        if self.record_diagnostics:
+            self.last_diagnostics = self._diagnostics(gates, new)
+        y = rearrange(y, "b h t d -> b t (h d)").to(x.dtype)
+        new_state = MemoryState(new.accum, new.momentum, new.read_weights, conv_ctx, new.position, self.signature)
+        return self.w_out(y), new_state
+
+    @torch.no_grad()
+    def _diagnostics(self, gates: Gates, state: ScanState) -> Dict[str, torch.Tensor]:
+        out = {
+            "theta": gates.theta.mean(),
+            "alpha": gates.alpha.mean(),
+            "memory_weight_norm": torch.stack([w.float().norm(dim=(-2, -1)).mean() for w in state.read_weights]).sum(),
+        }
+        if self.w_eta is not None:
+            out["eta"] = gates.eta.mean()
+        return out
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (
+            f"preset={c.preset}, heads={self.n_heads}x{self.head_dim}, chunk={self.chunk_size}, "
+            f"shapes={self.rule.architecture.shapes}, objective={c.objective.name}, "
+            f"retention={c.retention.name}, optimizer={c.optimizer.name}, impl={self.impl}"
+        )

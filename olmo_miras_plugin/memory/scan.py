@@ -1,0 +1,158 @@
+"""The memory read/write scan over a sequence: the reference loop and the chunk-parallel form.
+
+Both compute, per head and batch element, with chunks of C tokens aligned to absolute positions:
+
+    for each chunk c:   W = φ(A) at the chunk start
+        read   y_t = M_W(q_t)                 for t in c   (the memory as of the end of the
+                                                            previous chunk: strictly causal)
+        write  G_t = ∇_W ℓ(M_W; k_t, v_t)      for t in c   (all at the chunk-start weights,
+                                                            each clipped to norm ≤ τ)
+               S_t = η_t S_{t−1} − θ_t G_t;  A_t = (1 − α_t) A_{t−1} + S_t
+
+With C = 1 this is the fully sequential recurrence (read with the state after t − 1, then write).
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from .architecture import MemoryArchitecture
+from .objective import AttentionalBias
+from .optimizer import MemoryOptimizer
+from .retention import Retention
+
+__all__ = ["MemoryRule", "Gates", "ScanState", "reference_scan", "chunked_scan"]
+
+
+class MemoryRule(NamedTuple):
+    """The four MIRAS design axes, built."""
+
+    architecture: MemoryArchitecture
+    objective: AttentionalBias
+    retention: Retention
+    optimizer: MemoryOptimizer
+
+
+class Gates(NamedTuple):
+    """Per-token gates, each ``(batch, n_heads, seq)``, float32."""
+
+    theta: torch.Tensor  # learning rate θ ≥ 0
+    eta: torch.Tensor  # momentum η ∈ (0, 1)
+    alpha: torch.Tensor  # forget α ∈ (0, 1)
+    log_eta: torch.Tensor  # log η, computed stably
+    log_keep: torch.Tensor  # log(1 − α), computed stably
+
+
+class ScanState(NamedTuple):
+    accum: List[torch.Tensor]
+    momentum: Optional[List[torch.Tensor]]
+    read_weights: List[torch.Tensor]
+    position: int
+
+
+def reference_scan(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
+) -> Tuple[torch.Tensor, ScanState]:
+    """Token-by-token loop with autograd for the inner gradient. Slow; exists to be obviously right.
+
+    ``k, v, q``: ``(batch, n_heads, seq, head_dim)``. Returns ``(batch, n_heads, seq, head_dim)``.
+    """
+    arch, objective, retention, optimizer = rule
+    accum, momentum, read, pos = list(state.accum), state.momentum, list(state.read_weights), state.position
+    momentum = None if momentum is None else list(momentum)
+    outer_grad = torch.is_grad_enabled()
+    outs = []
+    for t in range(k.shape[2]):
+        if pos % chunk_size == 0:
+            read = [retention.materialize(a) for a in accum]
+        outs.append(arch(read, q[:, :, t : t + 1]))
+        with torch.enable_grad():
+            w = [r if (outer_grad and r.requires_grad) else r.detach().requires_grad_() for r in read]
+            # Summing over batch and heads keeps per-(batch, head) gradients separate.
+            loss = objective.loss(arch(w, k[:, :, t : t + 1]), v[:, :, t : t + 1]).sum()
+            grads = torch.autograd.grad(loss, w, create_graph=outer_grad)
+        if not outer_grad:
+            grads = tuple(g.detach() for g in grads)
+        scale = optimizer.clip_scale(sum(g.pow(2).sum(dim=(-2, -1)) for g in grads))
+        if scale is not None:
+            grads = tuple(g * scale[..., None, None] for g in grads)
+        g4 = lambda x: x[:, :, t, None, None]  # noqa: E731  (batch, heads) -> broadcast over weights
+        new_accum, new_mom = [], [] if momentum is not None else None
+        for i, g in enumerate(grads):
+            a, s = optimizer.step(
+                accum[i], None if momentum is None else momentum[i], g, g4(gates.theta), g4(gates.eta), g4(gates.alpha)
+            )
+            new_accum.append(a)
+            if new_mom is not None:
+                new_mom.append(s)
+        accum, momentum = new_accum, new_mom
+        pos += 1
+    if pos % chunk_size == 0:
+        read = [retention.materialize(a) for a in accum]
+    return torch.cat(outs, dim=2), ScanState(accum, momentum, read, pos)
+
+
+def _pad_time(x: torch.Tensor, left: int, right: int, dim: int) -> torch.Tensor:
+    if left == 0 and right == 0:
+        return x
+    pad = [0, 0] * (x.ndim - 1 - dim) + [left, right]
+    return F.pad(x, pad)
+
+
+def chunked_scan(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
+) -> Tuple[torch.Tensor, ScanState]:
+    """Chunk-parallel form: inside a chunk, gradients and the gate recurrence are solved in parallel.
+
+    The piece is padded on the left to the chunk grid (``position % C`` tokens) and on the right
+    to a whole chunk; padding tokens get θ = 0, η = 1, α = 0 and are masked out of ``A += S``, so
+    they never change the state. Chunks then run one after another.
+    """
+    arch, objective, retention, optimizer = rule
+    b, h, t, d = k.shape
+    c = chunk_size
+    left = state.position % c
+    n = -(-(left + t) // c)
+    right = n * c - left - t
+
+    # shape: (batch, heads, n_chunks, chunk, head_dim)
+    kc, vc, qc = (rearrange(_pad_time(x, left, right, 2), "b h (n c) d -> b h n c d", c=c) for x in (k, v, q))
+    # shape: (batch, heads, n_chunks, chunk)
+    theta, log_eta, log_keep = (
+        rearrange(_pad_time(g, left, right, 2), "b h (n c) -> b h n c", c=c)
+        for g in (gates.theta, gates.log_eta, gates.log_keep)
+    )
+    valid = rearrange(_pad_time(torch.ones_like(gates.theta), left, right, 2), "b h (n c) -> b h n c", c=c)
+    coef = optimizer.chunk_coefficients(theta, log_eta, log_keep, valid)
+
+    accum, momentum, read = list(state.accum), state.momentum, list(state.read_weights)
+    momentum = None if momentum is None else list(momentum)
+    outs = []
+    for ci in range(n):
+        if ci > 0:
+            read = [retention.materialize(a) for a in accum]
+        # Keys and queries go through the memory in one pass at the chunk-start weights.
+        x = torch.cat([kc[:, :, ci], qc[:, :, ci]], dim=-2)
+        y, cache = arch.forward_cached(read, x)
+        outs.append(y[..., c:, :])
+        grad_out = objective.grad(y[..., :c, :], vc[:, :, ci])
+        factors = arch.backward(read, [z[..., :c, :] for z in cache], grad_out)
+        token_weights = optimizer.token_weights(coef, ci)
+        # ‖δ ⊗ x‖_F = ‖δ‖·‖x‖, so per-token gradient norms need no outer products.
+        scale = optimizer.clip_scale(sum(d.pow(2).sum(-1) * i.pow(2).sum(-1) for d, i in factors))
+        if scale is not None:
+            token_weights = [w * scale for w in token_weights]
+        weighted = [
+            [torch.matmul((delta * w.unsqueeze(-1)).transpose(-1, -2), inp) for delta, inp in factors]
+            for w in token_weights
+        ]
+        accum, momentum = optimizer.chunk_update(accum, momentum, weighted, coef, ci)
+    end = state.position + t
+    if end % c == 0:
+        read = [retention.materialize(a) for a in accum]
+    out = rearrange(torch.stack(outs, dim=2), "b h n c d -> b h (n c) d")[:, :, left : left + t]
+    return out, ScanState(accum, momentum, read, end)

@@ -1,0 +1,63 @@
+"""Memory state carried between calls, so a long sequence can be fed in pieces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import List, Optional
+
+import torch
+
+__all__ = ["MemoryState"]
+
+
+@dataclass
+class MemoryState:
+    """Everything a :class:`NeuralMemory` needs to continue a sequence exactly where it stopped.
+
+    Chunks are aligned to absolute positions (multiples of ``chunk_size`` from the sequence
+    start), so a piece may end inside a chunk: then ``read_weights`` still holds the weights the
+    unfinished chunk reads and differentiates at, while ``accum``/``momentum`` already include the
+    tokens of the chunk seen so far.
+    """
+
+    accum: List[torch.Tensor]
+    """Per memory layer, ``(batch, n_heads, d_out, d_in)``: the retention accumulator A."""
+    momentum: Optional[List[torch.Tensor]]
+    """Per memory layer, momentum S (same shapes), or ``None`` without momentum."""
+    read_weights: List[torch.Tensor]
+    """Per memory layer, φ(A) at the start of the current chunk."""
+    conv: Optional[torch.Tensor]
+    """``(batch, conv_kernel − 1, channels)``: the last inputs of the short convolution."""
+    position: int
+    """Tokens consumed so far."""
+    signature: str
+    """Identifies the config that made this state (checked on use)."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.accum[0].shape[0]
+
+    def detach(self) -> "MemoryState":
+        """Same values, cut from the autograd graph (truncated backprop between segments)."""
+
+        def d(ts: Optional[List[torch.Tensor]]) -> Optional[List[torch.Tensor]]:
+            return None if ts is None else [t.detach() for t in ts]
+
+        return replace(
+            self,
+            accum=d(self.accum),  # type: ignore[arg-type]
+            momentum=d(self.momentum),
+            read_weights=d(self.read_weights),  # type: ignore[arg-type]
+            conv=None if self.conv is None else self.conv.detach(),
+        )
+
+    def tensors(self) -> List[torch.Tensor]:
+        out = list(self.accum) + list(self.read_weights)
+        if self.momentum is not None:
+            out += list(self.momentum)
+        if self.conv is not None:
+            out.append(self.conv)
+        return out
+
+    def is_finite(self) -> bool:
+        return all(bool(torch.isfinite(t).all()) for t in self.tensors())
