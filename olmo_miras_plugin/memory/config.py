@@ -21,6 +21,8 @@ class MemoryImpl(StrEnum):
     """Token-by-token loop with autograd for the inner gradient (oracle; slow)."""
     chunked = "chunked"
     """Chunk-parallel PyTorch implementation (portable; CPU and GPU)."""
+    compiled = "compiled"
+    """``chunked`` with each chunk's step fused by ``torch.compile`` (GPU; compiles on first use)."""
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -167,8 +167,11 @@ class NeuralMemory(nn.Module):
             if self.config.qk_norm:
                 q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             scan_state = ScanState(state.accum, state.momentum, state.read_weights, state.position)
-            scan = reference_scan if self.impl == MemoryImpl.reference else chunked_scan
-            y, new = scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
+            if self.impl == MemoryImpl.reference:
+                y, new = reference_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
+            else:
+                compiled = self.impl == MemoryImpl.compiled
+                y, new = chunked_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size, compiled=compiled)
             y = F.rms_norm(y, (self.head_dim,), weight=self.o_norm_weight.to(dt), eps=1e-6)
 
         if self.record_diagnostics:

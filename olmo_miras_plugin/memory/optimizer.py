@@ -84,6 +84,10 @@ class ChunkCoefficients(NamedTuple):
     accum_token_weight: torch.Tensor  # (..., N, C) coefficient of G_s in A_C (θ included)
     momentum_token_weight: Optional[torch.Tensor]  # (..., N, C) coefficient of G_s in S_C
 
+    def at(self, chunk: int) -> "ChunkCoefficients":
+        """The coefficients of one chunk: (..., N) -> (...), (..., N, C) -> (..., C)."""
+        return ChunkCoefficients(*(None if t is None else t.select(-1 if i < 3 else -2, chunk) for i, t in enumerate(self)))
+
 
 class MemoryOptimizer:
     uses_momentum: bool
@@ -111,7 +115,7 @@ class MemoryOptimizer:
     ) -> ChunkCoefficients:
         raise NotImplementedError
 
-    def token_weights(self, coef: ChunkCoefficients, chunk: int) -> List[torch.Tensor]:
+    def token_weights(self, coef: ChunkCoefficients) -> List[torch.Tensor]:
         raise NotImplementedError
 
     def chunk_update(
@@ -120,7 +124,6 @@ class MemoryOptimizer:
         momentum: Optional[Sequence[torch.Tensor]],
         weighted_grads: Sequence[torch.Tensor],
         coef: ChunkCoefficients,
-        chunk: int,
     ):
         raise NotImplementedError
 
@@ -172,19 +175,20 @@ class MomentumGD(MemoryOptimizer):
             momentum_token_weight=(le_end - le).exp() * theta,
         )
 
-    def token_weights(self, coef: ChunkCoefficients, chunk: int) -> List[torch.Tensor]:
-        """Per-token weights of chunk ``chunk`` whose weighted gradient sums the update needs."""
-        ws = [coef.accum_token_weight[..., chunk, :]]
+    def token_weights(self, coef: ChunkCoefficients) -> List[torch.Tensor]:
+        """Per-token weights ``(..., C)`` of one chunk whose weighted gradient sums the update needs."""
+        ws = [coef.accum_token_weight]
         if self.uses_momentum:
             assert coef.momentum_token_weight is not None
-            ws.append(coef.momentum_token_weight[..., chunk, :])
+            ws.append(coef.momentum_token_weight)
         return ws
 
-    def chunk_update(self, accum, momentum, weighted_grads, coef, chunk):
-        """``weighted_grads[i]`` holds, per layer, ``Σ_s w_s G_s`` for ``token_weights()[i]``."""
+    def chunk_update(self, accum, momentum, weighted_grads, coef):
+        """One chunk's end state; ``weighted_grads[i]`` holds, per layer, ``Σ_s w_s G_s`` for
+        ``token_weights()[i]``; ``coef`` is that chunk's (see :meth:`ChunkCoefficients.at`)."""
 
         def col(t: torch.Tensor) -> torch.Tensor:
-            return t[..., chunk, None, None]
+            return t[..., None, None]
 
         new_accum, new_momentum = [], None
         if not self.uses_momentum:

@@ -22,10 +22,10 @@ from einops import rearrange
 
 from .architecture import MemoryArchitecture
 from .objective import AttentionalBias
-from .optimizer import MemoryOptimizer
+from .optimizer import ChunkCoefficients, MemoryOptimizer
 from .retention import Retention
 
-__all__ = ["MemoryRule", "Gates", "ScanState", "reference_scan", "chunked_scan"]
+__all__ = ["MemoryRule", "Gates", "ScanState", "reference_scan", "chunked_scan", "chunk_step"]
 
 
 class MemoryRule(NamedTuple):
@@ -104,7 +104,14 @@ def _pad_time(x: torch.Tensor, left: int, right: int, dim: int) -> torch.Tensor:
 
 
 def chunked_scan(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
+    rule: MemoryRule,
+    state: ScanState,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q: torch.Tensor,
+    gates: Gates,
+    chunk_size: int,
+    compiled: bool = False,
 ) -> Tuple[torch.Tensor, ScanState]:
     """Chunk-parallel form: inside a chunk, gradients and the gate recurrence are solved in parallel.
 
@@ -131,28 +138,59 @@ def chunked_scan(
 
     accum, momentum, read = list(state.accum), state.momentum, list(state.read_weights)
     momentum = None if momentum is None else list(momentum)
+    step = _compiled_chunk_step() if compiled else chunk_step
     outs = []
     for ci in range(n):
-        if ci > 0:
-            read = [retention.materialize(a) for a in accum]
-        # Keys and queries go through the memory in one pass at the chunk-start weights.
-        x = torch.cat([kc[:, :, ci], qc[:, :, ci]], dim=-2)
-        y, cache = arch.forward_cached(read, x)
-        outs.append(y[..., c:, :])
-        grad_out = objective.grad(y[..., :c, :], vc[:, :, ci])
-        factors = arch.backward(read, [z[..., :c, :] for z in cache], grad_out)
-        token_weights = optimizer.token_weights(coef, ci)
-        # ‖δ ⊗ x‖_F = ‖δ‖·‖x‖, so per-token gradient norms need no outer products.
-        scale = optimizer.clip_scale(sum(d.pow(2).sum(-1) * i.pow(2).sum(-1) for d, i in factors))
-        if scale is not None:
-            token_weights = [w * scale for w in token_weights]
-        weighted = [
-            [torch.matmul((delta * w.unsqueeze(-1)).transpose(-1, -2), inp) for delta, inp in factors]
-            for w in token_weights
-        ]
-        accum, momentum = optimizer.chunk_update(accum, momentum, weighted, coef, ci)
+        last_read = read
+        y, accum, momentum, read = step(rule, read, accum, momentum, kc[:, :, ci], qc[:, :, ci], vc[:, :, ci], coef.at(ci))
+        outs.append(y)
     end = state.position + t
-    if end % c == 0:
-        read = [retention.materialize(a) for a in accum]
+    if end % c != 0:
+        read = last_read  # the unfinished chunk keeps reading its start weights
     out = rearrange(torch.stack(outs, dim=2), "b h n c d -> b h (n c) d")[:, :, left : left + t]
     return out, ScanState(accum, momentum, read, end)
+
+
+def chunk_step(
+    rule: MemoryRule,
+    read: List[torch.Tensor],
+    accum: List[torch.Tensor],
+    momentum: Optional[List[torch.Tensor]],
+    k: torch.Tensor,
+    q: torch.Tensor,
+    v: torch.Tensor,
+    coef: ChunkCoefficients,
+):
+    """One chunk: read with, and differentiate at, ``read``; return the read-out and the next state.
+
+    ``k, q, v``: ``(batch, heads, C, head_dim)``; ``coef``: this chunk's closed-form coefficients.
+    """
+    arch, objective, retention, optimizer = rule
+    c = k.shape[-2]
+    # Keys and queries go through the memory in one pass at the chunk-start weights.
+    y, cache = arch.forward_cached(read, torch.cat([k, q], dim=-2))
+    grad_out = objective.grad(y[..., :c, :], v)
+    factors = arch.backward(read, [z[..., :c, :] for z in cache], grad_out)
+    token_weights = optimizer.token_weights(coef)
+    # ‖δ ⊗ x‖_F = ‖δ‖·‖x‖, so per-token gradient norms need no outer products.
+    scale = optimizer.clip_scale(sum(d.pow(2).sum(-1) * i.pow(2).sum(-1) for d, i in factors))
+    if scale is not None:
+        token_weights = [w * scale for w in token_weights]
+    # Σ_s w_s δ_s ⊗ x_s for every layer and every weighting: (batch, heads, d_out, d_in)
+    weighted = [
+        [torch.matmul((delta * w.unsqueeze(-1)).transpose(-1, -2), inp) for delta, inp in factors]
+        for w in token_weights
+    ]
+    accum, momentum = optimizer.chunk_update(accum, momentum, weighted, coef)
+    return y[..., c:, :], accum, momentum, [retention.materialize(a) for a in accum]
+
+
+_COMPILED_STEP = None
+
+
+def _compiled_chunk_step():
+    """``chunk_step`` under ``torch.compile``: fuses the many small per-chunk kernels (GPU)."""
+    global _COMPILED_STEP
+    if _COMPILED_STEP is None:
+        _COMPILED_STEP = torch.compile(chunk_step, dynamic=False)
+    return _COMPILED_STEP

@@ -1,0 +1,1 @@
+"""Benchmark harnesses behind ``scripts/bench_*.py`` (timing, peak memory, tables, JSON)."""

@@ -1,0 +1,173 @@
+"""Forward+backward cost of one memory layer vs. causal SDPA (and titans-pytorch when installed)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..memory import NeuralMemoryConfig
+from .timing import Measurement, device_description, format_table, measure, write_json
+
+__all__ = ["main", "check_against_reference"]
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def bench_miras(args, seq: int, impl: str, device: torch.device) -> Measurement:
+    params = dict(layer=f"miras/{args.preset}/{impl}", seq=seq, batch=args.batch, chunk=args.chunk)
+    torch.manual_seed(0)
+    cfg = NeuralMemoryConfig.from_preset(
+        args.preset,
+        d_model=args.d_model,
+        n_heads=args.heads,
+        head_dim=args.head_dim,
+        chunk_size=args.chunk,
+        impl=impl,
+        check_finite=False,
+    )
+    cfg.architecture.depth = args.depth
+    cfg.architecture.expansion = args.expansion
+    layer = cfg.build(init_device=str(device))
+    x = torch.randn(args.batch, seq, args.d_model, device=device, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+
+    def step():
+        with autocast:
+            y, _ = layer(x)
+        y.float().sum().backward()
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    try:
+        ms, peak = measure(step, device)
+        return Measurement("miras", params, ms, peak)
+    except Exception as e:  # report OOMs and unsupported configs in the table instead of dying
+        if not _oom(e):
+            raise
+        return Measurement("miras", params, None, None, error="OOM")
+    finally:
+        del layer, x
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench_sdpa(args, seq: int, device: torch.device) -> Measurement:
+    params = dict(layer="causal SDPA", seq=seq, batch=args.batch, chunk="")
+    dtype = DTYPES[args.dtype]
+    shape = (args.batch, args.heads, seq, args.head_dim or args.d_model // args.heads)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+    def step():
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        o.float().sum().backward()
+        q.grad = k.grad = v.grad = None
+
+    try:
+        ms, peak = measure(step, device)
+        return Measurement("sdpa", params, ms, peak)
+    except Exception as e:
+        if not _oom(e):
+            raise
+        return Measurement("sdpa", params, None, None, error="OOM")
+
+
+def bench_titans_pytorch(args, seq: int, device: torch.device) -> Optional[Measurement]:
+    try:
+        from titans_pytorch import NeuralMemory as TitansNeuralMemory  # type: ignore
+    except ImportError:
+        return None
+    params = dict(layer="titans-pytorch NeuralMemory", seq=seq, batch=args.batch, chunk=args.chunk)
+    mem = TitansNeuralMemory(
+        dim=args.d_model, chunk_size=args.chunk, heads=args.heads, dim_head=args.head_dim or args.d_model // args.heads
+    ).to(device)
+    x = torch.randn(args.batch, seq, args.d_model, device=device, requires_grad=True)
+
+    def step():
+        with torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32"):
+            y, _ = mem(x)
+        y.float().sum().backward()
+        x.grad = None
+        mem.zero_grad(set_to_none=True)
+
+    try:
+        ms, peak = measure(step, device)
+        return Measurement("titans-pytorch", params, ms, peak)
+    except Exception as e:
+        if not _oom(e):
+            raise
+        return Measurement("titans-pytorch", params, None, None, error="OOM")
+
+
+def check_against_reference(preset: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Fresh random inputs: chunked (and any faster impl) vs the fp32 reference loop on ``device``."""
+    torch.manual_seed(torch.seed() % 2**31)
+    cfg = NeuralMemoryConfig.from_preset(preset, d_model=64, n_heads=4, chunk_size=16, impl="reference")
+    ref = cfg.build(init_device=str(device))
+    x = torch.randn(2, 75, 64, device=device, requires_grad=True)
+    y_ref, _ = ref(x)
+    (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
+    ref.impl = "chunked"  # type: ignore[assignment]
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        y, _ = ref(x)
+    (g,) = torch.autograd.grad(y.float().square().sum(), x)
+    rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
+    return {"preset": preset, "dtype": str(dtype), "out_rel_err": rel(y, y_ref), "grad_rel_err": rel(g, g_ref)}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seq", type=int, nargs="+", default=[4096, 16384])
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--d-model", type=int, default=2048)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--expansion", type=float, default=2.0)
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--preset", default="titans")
+    p.add_argument("--impl", nargs="+", default=["chunked"])
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--no-sdpa", action="store_true")
+    p.add_argument("--check", action="store_true", help="compare against the reference on fresh random inputs first")
+    p.add_argument("--json", default="bench_memory.json")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+
+    rows: List[Measurement] = []
+    checks = []
+    if args.check:
+        for preset in ("titans", "moneta", "yaad", "memora"):
+            c = check_against_reference(preset, device)
+            checks.append(c)
+            print(f"check {preset}: output rel err {c['out_rel_err']:.2e}, input-grad rel err {c['grad_rel_err']:.2e}")
+    for seq in args.seq:
+        for impl in args.impl:
+            rows.append(bench_miras(args, seq, impl, device))
+            print(format_table(rows[-1:], ["layer", "seq"]).splitlines()[-1], flush=True)
+        if not args.no_sdpa:
+            rows.append(bench_sdpa(args, seq, device))
+        t = bench_titans_pytorch(args, seq, device)
+        if t is not None:
+            rows.append(t)
+    meta = {
+        "device": device_description(device),
+        "date": datetime.date.today().isoformat(),
+        "args": vars(args),
+        "checks": checks,
+    }
+    print(f"\n{meta['device']}, {args.dtype}, d_model={args.d_model}, heads={args.heads}x{args.head_dim}, "
+          f"depth={args.depth}, expansion={args.expansion}; forward+backward")
+    print(format_table(rows, ["layer", "seq", "batch", "chunk"]))
+    write_json(args.json, rows, meta)
+    print(f"wrote {args.json}")

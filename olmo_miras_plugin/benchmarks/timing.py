@@ -1,0 +1,93 @@
+"""Timing and peak-memory measurement shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+__all__ = ["Measurement", "measure", "format_table", "write_json", "device_description"]
+
+
+@dataclass
+class Measurement:
+    name: str
+    params: Dict[str, Any]
+    ms: Optional[float]
+    peak_gib: Optional[float]
+    error: Optional[str] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    import platform
+
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def measure(fn: Callable[[], Any], device: torch.device, warmup: int = 2, reps: int = 5) -> tuple[float, Optional[float]]:
+    """Median milliseconds of ``fn`` and its peak device memory in GiB (CUDA only).
+
+    On CUDA this uses ``triton.testing.do_bench`` (CUDA events, median) when triton is present.
+    """
+    if device.type == "cuda":
+        fn()
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+        try:
+            from triton.testing import do_bench
+
+            ms = float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+        except ImportError:
+            times = []
+            for _ in range(reps):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize(device)
+                times.append(start.elapsed_time(end))
+            ms = statistics.median(times)
+        return ms, peak
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), None
+
+
+def format_table(rows: List[Measurement], columns: List[str]) -> str:
+    header = columns + ["ms", "peak GiB", "note"]
+    body = []
+    for r in rows:
+        body.append(
+            [str(r.params.get(c, "")) for c in columns]
+            + [
+                "—" if r.ms is None else f"{r.ms:.2f}",
+                "—" if r.peak_gib is None else f"{r.peak_gib:.2f}",
+                r.error or ", ".join(f"{k}={v}" for k, v in r.extra.items()),
+            ]
+        )
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(b) for b in body]
+    return "\n".join(out)
+
+
+def write_json(path: str, rows: List[Measurement], meta: Dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
