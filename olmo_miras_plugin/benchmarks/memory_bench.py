@@ -108,20 +108,31 @@ def bench_titans_pytorch(args, seq: int, device: torch.device) -> Optional[Measu
         return Measurement("titans-pytorch", params, None, None, error="OOM")
 
 
-def check_against_reference(preset: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Fresh random inputs: chunked (and any faster impl) vs the fp32 reference loop on ``device``."""
+def check_against_reference(
+    preset: str, device: torch.device, impl: str = "chunked", dtype: torch.dtype = torch.bfloat16
+) -> dict:
+    """Fresh random inputs: ``impl`` under ``dtype`` autocast vs the fp32 reference loop on ``device``."""
     torch.manual_seed(torch.seed() % 2**31)
     cfg = NeuralMemoryConfig.from_preset(preset, d_model=64, n_heads=4, chunk_size=16, impl="reference")
     ref = cfg.build(init_device=str(device))
     x = torch.randn(2, 75, 64, device=device, requires_grad=True)
     y_ref, _ = ref(x)
     (g_ref,) = torch.autograd.grad(y_ref.square().sum(), x)
-    ref.impl = "chunked"  # type: ignore[assignment]
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        y, _ = ref(x)
-    (g,) = torch.autograd.grad(y.float().square().sum(), x)
+    ref.impl = impl  # type: ignore[assignment]
+    for _ in range(2):  # the second call replays a captured graph (impl="graphed")
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            y, _ = ref(x)
+        (g,) = torch.autograd.grad(y.float().square().sum(), x)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    return {"preset": preset, "dtype": str(dtype), "out_rel_err": rel(y, y_ref), "grad_rel_err": rel(g, g_ref)}
+    finite = bool(torch.isfinite(y).all() and torch.isfinite(g).all())
+    return {
+        "preset": preset,
+        "impl": impl,
+        "dtype": str(dtype),
+        "out_rel_err": rel(y, y_ref),
+        "grad_rel_err": rel(g, g_ref),
+        "finite": finite,
+    }
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -147,10 +158,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows: List[Measurement] = []
     checks = []
     if args.check:
-        for preset in ("titans", "moneta", "yaad", "memora"):
-            c = check_against_reference(preset, device)
-            checks.append(c)
-            print(f"check {preset}: output rel err {c['out_rel_err']:.2e}, input-grad rel err {c['grad_rel_err']:.2e}")
+        for impl in args.impl:
+            for preset in ("titans", "moneta", "yaad", "memora"):
+                c = check_against_reference(preset, device, impl)
+                checks.append(c)
+                print(
+                    f"check {impl}/{preset}: output rel err {c['out_rel_err']:.2e}, "
+                    f"input-grad rel err {c['grad_rel_err']:.2e}, finite={c['finite']}"
+                )
     for seq in args.seq:
         for impl in args.impl:
             rows.append(bench_miras(args, seq, impl, device))

@@ -155,7 +155,11 @@ class MemoryArchitecture(nn.Module):
         for i in reversed(range(n)):
             if i < n - 1:
                 pre = cache.pop()
-                g = g * _activation_derivative(pre, self.activation)
+                if self.activation == ActivationName.gelu:
+                    # One fused (and twice-differentiable) kernel for g · GELU'(pre).
+                    g = torch.ops.aten.gelu_backward(g, pre)
+                else:
+                    g = g * _activation_derivative(pre, self.activation)
             inp = cache.pop()
             factors.append((g, inp))
             if i > 0:

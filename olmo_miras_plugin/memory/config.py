@@ -23,6 +23,9 @@ class MemoryImpl(StrEnum):
     """Chunk-parallel PyTorch implementation (portable; CPU and GPU)."""
     compiled = "compiled"
     """``chunked`` with each chunk's step fused by ``torch.compile`` (GPU; compiles on first use)."""
+    graphed = "graphed"
+    """``compiled``, with the whole forward+backward captured as CUDA graphs per input shape
+    (CUDA only; see ``cuda_graphs.py`` for when it falls back to ``compiled``)."""
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -11,6 +11,7 @@ from einops import rearrange
 
 from .config import MemoryImpl, NeuralMemoryConfig
 from .conv import ShortCausalConv
+from .cuda_graphs import GraphedChunkedScan
 from .scan import Gates, MemoryRule, ScanState, chunked_scan, reference_scan
 from .state import MemoryState
 
@@ -64,6 +65,7 @@ class NeuralMemory(nn.Module):
         self.rule = MemoryRule(
             architecture, config.objective.build(), config.retention.build(), config.optimizer.build()
         )
+        self._graphed_scan = GraphedChunkedScan()
         self.last_diagnostics: Optional[Dict[str, torch.Tensor]] = None
         self.record_diagnostics = False
         if init_device != "meta":
@@ -169,6 +171,8 @@ class NeuralMemory(nn.Module):
             scan_state = ScanState(state.accum, state.momentum, state.read_weights, state.position)
             if self.impl == MemoryImpl.reference:
                 y, new = reference_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
+            elif self.impl == MemoryImpl.graphed:
+                y, new = self._graphed_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
             else:
                 compiled = self.impl == MemoryImpl.compiled
                 y, new = chunked_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size, compiled=compiled)

@@ -176,11 +176,11 @@ def chunk_step(
     scale = optimizer.clip_scale(sum(d.pow(2).sum(-1) * i.pow(2).sum(-1) for d, i in factors))
     if scale is not None:
         token_weights = [w * scale for w in token_weights]
-    # Σ_s w_s δ_s ⊗ x_s for every layer and every weighting: (batch, heads, d_out, d_in)
-    weighted = [
-        [torch.matmul((delta * w.unsqueeze(-1)).transpose(-1, -2), inp) for delta, inp in factors]
-        for w in token_weights
-    ]
+    # Σ_s w_s δ_s ⊗ x_s for every layer and every weighting, one matmul per layer:
+    # shape: (n_weightings, batch, heads, d_out, d_in)
+    w_stack = torch.stack(token_weights).unsqueeze(-1)
+    per_layer = [torch.matmul((delta * w_stack).transpose(-1, -2), inp) for delta, inp in factors]
+    weighted = [[g[j] for g in per_layer] for j in range(len(token_weights))]
     accum, momentum = optimizer.chunk_update(accum, momentum, weighted, coef)
     return y[..., c:, :], accum, momentum, [retention.materialize(a) for a in accum]
 

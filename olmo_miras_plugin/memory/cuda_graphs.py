@@ -1,0 +1,83 @@
+"""CUDA-graph capture of the chunked scan (``impl="graphed"``).
+
+The chunked scan is a loop of T / C small steps; on a GPU its cost is kernel-launch and Python
+overhead, not arithmetic. Capturing the whole forward and backward once per input signature
+(``torch.cuda.make_graphed_callables``) and replaying it removes that overhead.
+
+Rules that keep replays correct:
+- one graph per signature (shapes, dtypes, requires_grad, position mod C); a new signature
+  captures a new graph (a few warm-up iterations);
+- a graph whose forward was replayed but whose backward has not run yet is *busy*: a second
+  call with the same signature (e.g. the next segment before ``backward``) runs eagerly instead
+  of overwriting the first call's saved activations;
+- outputs are cloned out of the graph's static buffers, so states a caller keeps are never
+  overwritten by a later replay.
+Graphs hold their activations in a private memory pool for the life of the layer: use this for
+fixed-shape training loops, not for inference with varying lengths (that runs eagerly anyway:
+graphs are only used when gradients are being recorded).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, List, Set, Tuple
+
+import torch
+
+from .scan import Gates, MemoryRule, ScanState, chunked_scan
+
+__all__ = ["GraphedChunkedScan"]
+
+
+class GraphedChunkedScan:
+    def __init__(self) -> None:
+        self._graphs: Dict[Hashable, Callable] = {}
+        self._busy: Set[Hashable] = set()
+
+    def __call__(
+        self, rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
+    ) -> Tuple[torch.Tensor, ScanState]:
+        n_layers = len(state.accum)
+        has_momentum = state.momentum is not None
+        flat: List[torch.Tensor] = [*state.accum, *(state.momentum or []), *state.read_weights, k, v, q]
+        flat += [gates.theta, gates.log_eta, gates.log_keep]
+        eager = lambda: chunked_scan(rule, state, k, v, q, gates, chunk_size, compiled=True)  # noqa: E731
+        if (
+            not k.is_cuda
+            or not torch.is_grad_enabled()
+            or not any(t.requires_grad for t in flat)
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return eager()
+        left = state.position % chunk_size
+        key = (left, chunk_size, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in flat))
+        if key in self._busy:
+            return eager()
+
+        graphed = self._graphs.get(key)
+        if graphed is None:
+
+            def scan_fn(*ts: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+                i = 0
+                accum = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
+                momentum = None
+                if has_momentum:
+                    momentum = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
+                read = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
+                k_, v_, q_, theta, log_eta, log_keep = ts[i:]
+                g = Gates(theta, theta, theta, log_eta, log_keep)  # the chunked scan reads θ, log η, log(1−α)
+                out, new = chunked_scan(rule, ScanState(accum, momentum, read, left), k_, v_, q_, g, chunk_size, compiled=True)
+                return (out, *new.accum, *(new.momentum or []), *new.read_weights)
+
+            sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+            graphed = torch.cuda.make_graphed_callables(scan_fn, sample)
+            self._graphs[key] = graphed
+
+        outs = [o.clone() for o in graphed(*flat)]
+        if outs[0].requires_grad:
+            self._busy.add(key)
+            outs[0].register_hook(lambda grad: (self._busy.discard(key), grad)[1])
+        out, rest = outs[0], outs[1:]
+        accum = rest[:n_layers]
+        momentum = rest[n_layers : 2 * n_layers] if has_momentum else None
+        read = rest[-n_layers:]
+        return out, ScanState(accum, momentum, read, state.position + k.shape[2])
