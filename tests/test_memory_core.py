@@ -286,3 +286,16 @@ def test_wrong_input_shape():
     m = build("titans")
     with pytest.raises(ValueError, match=r"expected input of shape \(batch, seq, 24\), got \(10, 24\)"):
         m(torch.randn(10, 24))
+
+
+def test_token_by_token_streaming_equals_whole():
+    """Streaming inference path: one token per call, state carried, same outputs as one call."""
+    m = build("titans", chunk_size=7)
+    x = torch.randn(2, 40, 24)
+    with torch.no_grad():
+        y_whole, _ = m(x)
+        state, outs = None, []
+        for i in range(x.shape[1]):
+            y, state = m(x[:, i : i + 1], state)
+            outs.append(y)
+    assert rel_err(torch.cat(outs, 1), y_whole) <= 1e-5

@@ -84,9 +84,17 @@ class ChunkCoefficients(NamedTuple):
     accum_token_weight: torch.Tensor  # (..., N, C) coefficient of G_s in A_C (θ included)
     momentum_token_weight: Optional[torch.Tensor]  # (..., N, C) coefficient of G_s in S_C
 
-    def at(self, chunk: int) -> "ChunkCoefficients":
-        """The coefficients of one chunk: (..., N) -> (...), (..., N, C) -> (..., C)."""
-        return ChunkCoefficients(*(None if t is None else t.select(-1 if i < 3 else -2, chunk) for i, t in enumerate(self)))
+    def per_chunk(self) -> List["ChunkCoefficients"]:
+        """The coefficients of each chunk: (..., N) -> (...), (..., N, C) -> (..., C).
+
+        ``unbind`` (not indexing in a loop) so that backward gathers all chunks in one stack;
+        per-chunk indexing would scatter into a full-size zero tensor once per chunk (O(N²)).
+        """
+        n = self.accum_keep.shape[-1]
+        cols = [
+            [None] * n if t is None else t.unbind(-1 if i < 3 else -2) for i, t in enumerate(self)
+        ]
+        return [ChunkCoefficients(*(col[ci] for col in cols)) for ci in range(n)]
 
 
 class MemoryOptimizer:

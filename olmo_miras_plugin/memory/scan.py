@@ -14,7 +14,9 @@ With C = 1 this is the fully sequential recurrence (read with the state after t 
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+import types
+import weakref
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +98,6 @@ def reference_scan(
     return torch.cat(outs, dim=2), ScanState(accum, momentum, read, pos)
 
 
-def _pad_time(x: torch.Tensor, left: int, right: int, dim: int) -> torch.Tensor:
-    if left == 0 and right == 0:
-        return x
-    pad = [0, 0] * (x.ndim - 1 - dim) + [left, right]
-    return F.pad(x, pad)
-
-
 def chunked_scan(
     rule: MemoryRule,
     state: ScanState,
@@ -115,40 +110,47 @@ def chunked_scan(
 ) -> Tuple[torch.Tensor, ScanState]:
     """Chunk-parallel form: inside a chunk, gradients and the gate recurrence are solved in parallel.
 
-    The piece is padded on the left to the chunk grid (``position % C`` tokens) and on the right
-    to a whole chunk; padding tokens get θ = 0, η = 1, α = 0 and are masked out of ``A += S``, so
-    they never change the state. Chunks then run one after another.
+    The piece is cut on the absolute chunk grid: a head that finishes the chunk the previous
+    piece left open, whole chunks, and a tail that opens the next one. Head and tail are processed
+    at their true length (no padding), so streaming one token at a time costs one token of work.
+    Chunks run one after another.
     """
-    arch, objective, retention, optimizer = rule
-    b, h, t, d = k.shape
+    optimizer = rule.optimizer
+    t = k.shape[2]
     c = chunk_size
-    left = state.position % c
-    n = -(-(left + t) // c)
-    right = n * c - left - t
-
-    # shape: (batch, heads, n_chunks, chunk, head_dim)
-    kc, vc, qc = (rearrange(_pad_time(x, left, right, 2), "b h (n c) d -> b h n c d", c=c) for x in (k, v, q))
-    # shape: (batch, heads, n_chunks, chunk)
-    theta, log_eta, log_keep = (
-        rearrange(_pad_time(g, left, right, 2), "b h (n c) -> b h n c", c=c)
-        for g in (gates.theta, gates.log_eta, gates.log_keep)
-    )
-    valid = rearrange(_pad_time(torch.ones_like(gates.theta), left, right, 2), "b h (n c) -> b h n c", c=c)
-    coef = optimizer.chunk_coefficients(theta, log_eta, log_keep, valid)
+    head = min(t, (c - state.position % c) % c)
+    n_full = (t - head) // c
+    tail = t - head - n_full * c
 
     accum, momentum, read = list(state.accum), state.momentum, list(state.read_weights)
     momentum = None if momentum is None else list(momentum)
-    step = _compiled_chunk_step() if compiled else chunk_step
-    outs = []
-    for ci in range(n):
-        last_read = read
-        y, accum, momentum, read = step(rule, read, accum, momentum, kc[:, :, ci], qc[:, :, ci], vc[:, :, ci], coef.at(ci))
-        outs.append(y)
-    end = state.position + t
-    if end % c != 0:
-        read = last_read  # the unfinished chunk keeps reading its start weights
-    out = rearrange(torch.stack(outs, dim=2), "b h n c d -> b h (n c) d")[:, :, left : left + t]
-    return out, ScanState(accum, momentum, read, end)
+    outs: List[torch.Tensor] = []
+    pos, start = state.position, 0
+    for length, n_chunks in ((head, 1), (c, n_full), (tail, 1)):
+        if length == 0 or n_chunks == 0:
+            continue
+        span = slice(start, start + length * n_chunks)
+        # shape: (batch, heads, n_chunks, length, head_dim)
+        kc, vc, qc = (rearrange(x[:, :, span], "b h (n c) d -> b h n c d", c=length) for x in (k, v, q))
+        # shape: (batch, heads, n_chunks, length)
+        theta, log_eta, log_keep = (
+            rearrange(g[:, :, span], "b h (n c) -> b h n c", c=length)
+            for g in (gates.theta, gates.log_eta, gates.log_keep)
+        )
+        coef = optimizer.chunk_coefficients(theta, log_eta, log_keep, torch.ones_like(theta))
+        # Only whole chunks go through torch.compile: one shape, no recompiles.
+        step = _compiled_chunk_step(rule) if compiled and length == c else chunk_step
+        # unbind, not kc[:, :, i]: indexing in the loop makes backward O(N²) (a full-size zero
+        # tensor per chunk); unbind's backward is one stack.
+        for k_i, q_i, v_i, coef_i in zip(kc.unbind(2), qc.unbind(2), vc.unbind(2), coef.per_chunk()):
+            y, accum, momentum, next_read = step(rule, read, accum, momentum, k_i, q_i, v_i, coef_i)
+            pos += length
+            if pos % c == 0:
+                read = next_read  # a finished chunk: the next one reads the new weights
+            outs.append(y)
+        start = span.stop
+    out = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]
+    return out, ScanState(accum, momentum, read, pos)
 
 
 def chunk_step(
@@ -185,12 +187,20 @@ def chunk_step(
     return y[..., c:, :], accum, momentum, [retention.materialize(a) for a in accum]
 
 
-_COMPILED_STEP = None
+_COMPILED_STEPS: "weakref.WeakKeyDictionary[MemoryArchitecture, Callable]" = weakref.WeakKeyDictionary()
 
 
-def _compiled_chunk_step():
-    """``chunk_step`` under ``torch.compile``: fuses the many small per-chunk kernels (GPU)."""
-    global _COMPILED_STEP
-    if _COMPILED_STEP is None:
-        _COMPILED_STEP = torch.compile(chunk_step, dynamic=False)
-    return _COMPILED_STEP
+def _compiled_chunk_step(rule: MemoryRule) -> Callable:
+    """``chunk_step`` under ``torch.compile``, one compiled function per layer.
+
+    Dynamo keeps its compiled-code cache on the *code object*, so every layer gets its own copy
+    of ``chunk_step``'s code: layers never trigger each other's recompiles or exhaust the shared
+    cache limit (and a dynamo bug that crashed when logging the reason for such a recompile,
+    seen with torch 2.11, is never reached).
+    """
+    fn = _COMPILED_STEPS.get(rule.architecture)
+    if fn is None:
+        code = chunk_step.__code__.replace(co_name=f"chunk_step_{id(rule.architecture):x}")
+        step = types.FunctionType(code, chunk_step.__globals__, code.co_name, chunk_step.__defaults__)
+        fn = _COMPILED_STEPS[rule.architecture] = torch.compile(step, dynamic=False)
+    return fn
