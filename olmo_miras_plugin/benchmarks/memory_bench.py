@@ -108,6 +108,47 @@ def bench_titans_pytorch(args, seq: int, device: torch.device) -> Optional[Measu
         return Measurement("titans-pytorch", params, None, None, error="OOM")
 
 
+def bench_streaming(args, device: torch.device) -> List[Measurement]:
+    """Inference: stream ``--stream-tokens`` through one layer in ``--stream-segment`` pieces with the
+    state carried; peak memory and tokens/s at each power-of-two milestone (should stay flat)."""
+    import time
+
+    torch.manual_seed(0)
+    cfg = NeuralMemoryConfig.from_preset(
+        args.preset, d_model=args.d_model, n_heads=args.heads, head_dim=args.head_dim,
+        chunk_size=args.chunk, impl="chunked", check_finite=False,
+    )
+    cfg.architecture.depth = args.depth
+    cfg.architecture.expansion = args.expansion
+    layer = cfg.build(init_device=str(device)).eval()
+    autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
+    seg = args.stream_segment
+    x = torch.randn(args.batch, seg, args.d_model, device=device)
+    rows, state, done = [], None, 0
+    milestone = 8192
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    with torch.no_grad(), autocast:
+        while done < args.stream_tokens:
+            y, state = layer(x, state)
+            done += seg
+            if done >= milestone or done >= args.stream_tokens:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                    peak = torch.cuda.max_memory_allocated(device) / 2**30
+                else:
+                    peak = None
+                elapsed = time.perf_counter() - t0
+                params = dict(layer=f"stream/{args.preset}", seq=done, batch=args.batch, chunk=args.chunk)
+                rows.append(Measurement("stream", params, elapsed * 1e3, peak, extra={"tok_per_s": round(done * args.batch / elapsed)}))
+                print(format_table(rows[-1:], ["layer", "seq"]).splitlines()[-1], flush=True)
+                milestone *= 2
+    assert state is not None and state.is_finite(), "memory state became non-finite while streaming"
+    return rows
+
+
 def check_against_reference(
     preset: str, device: torch.device, impl: str = "chunked", dtype: torch.dtype = torch.bfloat16
 ) -> dict:
@@ -152,6 +193,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--no-sdpa", action="store_true")
     p.add_argument("--check", action="store_true", help="compare against the reference on fresh random inputs first")
     p.add_argument("--json", default="bench_memory.json")
+    p.add_argument("--stream-tokens", type=int, default=0, help="also stream this many tokens (inference)")
+    p.add_argument("--stream-segment", type=int, default=4096)
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
@@ -175,6 +218,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         t = bench_titans_pytorch(args, seq, device)
         if t is not None:
             rows.append(t)
+    if args.stream_tokens:
+        rows.extend(bench_streaming(args, device))
     meta = {
         "device": device_description(device),
         "date": datetime.date.today().isoformat(),
