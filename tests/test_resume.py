@@ -1,0 +1,185 @@
+"""Checkpoints (OLMo-core's distributed checkpointer): stop + resume reproduces an uninterrupted run
+step by step (losses and data order), pretrained base checkpoints load, mismatches fail clearly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import pytest
+import torch
+
+from olmo_core.distributed.checkpoint import load_keys
+from olmo_core.train.callbacks import Callback
+
+from olmo_miras_plugin.train import CheckpointMismatchError, MirasExperimentConfig, load_experiment, train
+
+STEPS = 6
+STOP_AT = 3
+
+RECORDS: Dict[str, Dict[str, Any]] = {}
+
+
+@dataclass
+class Recorder(Callback):
+    """Per step: the CE loss and the instance indices of the batch (the data order), plus the model
+    right after a checkpoint load. Kept in a module global: the trainer works on a copy."""
+
+    key: str = "default"
+
+    def _rec(self) -> Dict[str, Any]:
+        return RECORDS.setdefault(self.key, {"loss": {}, "index": {}, "loaded": None})
+
+    def pre_step(self, batch: Dict[str, Any]) -> None:
+        self._rec()["index"][self.step] = batch["index"].tolist()
+
+    def log_metrics(self, step: int, metrics: Dict[str, float]) -> None:
+        if "train/CE loss" in metrics:
+            self._rec()["loss"][step] = metrics["train/CE loss"]
+
+    def post_checkpoint_loaded(self, path: Any) -> None:
+        model = self.trainer.train_module.model  # type: ignore[attr-defined]
+        self._rec()["loaded"] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("stdlib")
+
+
+def experiment(corpus: Path, run_dir: Path, key: str, *extra: str) -> MirasExperimentConfig:
+    overrides = [
+        f"--dataset.data_dir={corpus / 'tokens'}",
+        f"--dataset.work_dir={corpus / 'cache'}",
+        "--dataset.max_bytes=300000",
+        "--dataset.sequence_length=128",
+        "--train_module.max_sequence_length=128",
+        "--train_module.rank_microbatch_size=256",
+        "--train_module.segment_length=32",
+        "--data_loader.global_batch_size=256",
+        f"--trainer.save_folder={run_dir}",
+        f"--trainer.max_duration.value={STEPS}",
+        "--trainer.metrics_collect_interval=1",
+        f"--trainer.callbacks.checkpointer.save_interval={STOP_AT}",
+        "--trainer.callbacks.memory_diagnostics.interval=2",
+        "--train_module.scheduler.warmup=2",
+        *extra,
+    ]
+    config = load_experiment("tiny_miras", overrides)
+    config.trainer.callbacks["recorder"] = Recorder(key=key)
+    return config
+
+
+@pytest.fixture(scope="module")
+def runs(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, Path]:
+    """An uninterrupted run, and a run stopped after step 3 then resumed to step 6."""
+    straight = tmp_path_factory.mktemp("straight")
+    train(experiment(corpus_dir, straight, "straight"))
+    resumed = tmp_path_factory.mktemp("resumed")
+    train(experiment(corpus_dir, resumed, "first", f"--trainer.hard_stop={{value: {STOP_AT}, unit: steps}}"))
+    assert not (resumed / f"step{STEPS}").exists()
+    train(experiment(corpus_dir, resumed, "second"))
+    return straight, resumed
+
+
+def test_resume_matches_uninterrupted_run_step_by_step(runs: Tuple[Path, Path]) -> None:
+    straight, first, second = RECORDS["straight"], RECORDS["first"], RECORDS["second"]
+    assert sorted(first["loss"]) == list(range(1, STOP_AT + 1))
+    assert sorted(second["loss"]) == list(range(STOP_AT + 1, STEPS + 1)), "resume must continue at step 4"
+    assert second["loaded"] is not None
+    stitched_loss = {**first["loss"], **second["loss"]}
+    stitched_index = {**first["index"], **second["index"]}
+    for step in range(1, STEPS + 1):
+        assert stitched_index[step] == straight["index"][step], f"data order differs at step {step}"
+        assert stitched_loss[step] == straight["loss"][step], f"loss differs at step {step}"
+
+
+def test_checkpoint_holds_memory_weights_and_optimizer_state(runs: Tuple[Path, Path]) -> None:
+    straight, resumed = runs
+    keys = [
+        "model.blocks.1.attention.miras.memory.memory_init.0",
+        "model.blocks.1.attention.miras.memory.w_theta.weight",
+        "optim.state.blocks.1.attention.miras.memory.memory_init.0.exp_avg",
+        "optim.state.blocks.1.attention.miras.gate.weight.exp_avg_sq",
+    ]
+    a = list(load_keys(straight / f"step{STEPS}" / "model_and_optim", keys))
+    b = list(load_keys(resumed / f"step{STEPS}" / "model_and_optim", keys))
+    for k, x, y in zip(keys, a, b):
+        assert torch.equal(x, y), k
+    assert a[2].abs().sum() > 0  # real optimizer state, not zeros
+
+
+def test_mismatched_model_config_fails_naming_the_mismatch(
+    runs: Tuple[Path, Path], corpus_dir: Path, tmp_path: Path
+) -> None:
+    straight, _ = runs
+    # a memory layer the checkpoint doesn't have
+    config = experiment(
+        corpus_dir, tmp_path / "a", "mismatch", f"--trainer.load_path={straight}/step{STEPS}", "--model.memory.layers=[1,3]"
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"missing from the checkpoint: model\.blocks\.3\.attention\.miras"):
+        train(config)
+    # same parameters, different memory sizes
+    config = experiment(
+        corpus_dir, tmp_path / "b", "mismatch", f"--trainer.load_path={straight}/step{STEPS}", "--model.memory.depth=3"
+    )
+    with pytest.raises(CheckpointMismatchError, match=r"memory_init"):
+        train(config)
+    # resuming a memory-only run with the base unfrozen: no optimizer state for the base
+    frozen_run = tmp_path / "frozen"
+    train(experiment(corpus_dir, frozen_run, "frozen", "--model.freeze_base=true", "--trainer.max_duration.value=1"))
+    config = experiment(corpus_dir, frozen_run, "mismatch", "--model.freeze_base=false", "--trainer.max_duration.value=2")
+    with pytest.raises(CheckpointMismatchError, match=r"no optimizer state for .*blocks\.0\.attention.*freeze_base"):
+        train(config)
+
+
+def test_pretrained_base_checkpoint_loads_base_and_keeps_memory_init(corpus_dir: Path, tmp_path: Path) -> None:
+    # a "pretrained OLMo": the tiny model's base (plain OLMo-core transformer, no memory) trained 2 steps
+    base_run = tmp_path / "base"
+    config = experiment(corpus_dir, base_run, "base", "--trainer.max_duration.value=2", "--trainer.callbacks.checkpointer.save_interval=2")
+    config.model = config.model.base  # type: ignore[attr-defined]
+    config.train_module.segment_length = None
+    config.trainer.callbacks.pop("memory_diagnostics")
+    train(config)
+    base_ckpt = base_run / "step2"
+
+    # memory model from it: base weights from the checkpoint, memory as initialised, base frozen
+    mem = experiment(
+        corpus_dir,
+        tmp_path / "mem",
+        "from_base",
+        f"--pretrained.path={base_ckpt}",
+        "--model.freeze_base=true",
+        "--trainer.max_duration.value=1",
+    )
+    train(mem)
+    loaded = RECORDS["from_base"]["loaded"]
+    names = sorted(loaded)
+    base_names = [n for n in names if ".miras." not in n]
+    saved = dict(zip(base_names, load_keys(base_ckpt / "model_and_optim", [f"model.{n}" for n in base_names])))
+    for n in base_names:
+        assert torch.equal(loaded[n], saved[n]), n
+    fresh = experiment(corpus_dir, tmp_path / "fresh", "fresh").model.build(init_device="cpu")
+    fresh.init_weights(device=torch.device("cpu"))
+    mem_init = {n: p for n, p in fresh.state_dict().items() if ".miras." in n}
+    assert mem_init
+    for n, p in mem_init.items():
+        assert torch.equal(loaded[n], p), n
+    # the MAG branch starts at exactly zero output: the memory model starts as the base model
+    assert torch.count_nonzero(loaded["blocks.1.attention.miras.memory.w_out.weight"]) == 0
+
+
+def test_pretrained_required_for_pretrained_experiments() -> None:
+    config = load_experiment("olmo3_7b_miras")
+    with pytest.raises(Exception, match=r"--pretrained.path"):
+        config.check_ready_to_train()
+    ok = load_experiment("olmo3_7b_miras", ["--pretrained.path=/ckpt/olmo3-7b/step1000"])
+    ok.check_ready_to_train()
+    trainer = ok.resolved_trainer()
+    assert trainer.load_path == "/ckpt/olmo3-7b/step1000"
+    assert trainer.load_trainer_state is False and trainer.load_optim_state is False
+    hf = load_experiment("olmo3_7b_miras", ["--pretrained.path=allenai/Olmo-3-1025-7B", "--pretrained.format=hf"])
+    assert "pretrained_hf" in hf.resolved_trainer().callbacks
+    with pytest.raises(Exception, match="both pretrained.path"):
+        load_experiment("olmo3_7b_miras", ["--pretrained.path=/a", "--trainer.load_path=/b"])
