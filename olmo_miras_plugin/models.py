@@ -31,7 +31,7 @@ from olmo_core.nn.transformer import Transformer, TransformerBlockConfig, Transf
 from .blocks import LM2MemoryConfig, MemoryBlockType, MirasAttentionConfig, MirasBlockConfig
 from .blocks.config import SUPPORTED_BASE_BLOCKS
 from .blocks.types import parse_block_type
-from .memory import PRESETS, MemoryArchitectureConfig, NeuralMemoryConfig
+from .memory import PRESETS, MemoryArchitectureConfig, MemoryImpl, NeuralMemoryConfig
 
 __all__ = [
     "DOLMA2_PADDED_VOCAB_SIZE",
@@ -81,6 +81,8 @@ class MirasMemoryConfig(Config):
     expansion: Optional[float] = None
     check_finite: bool = True
     """Memory refuses NaN/Inf inputs (one device sync per layer call)."""
+    impl: Optional[MemoryImpl] = None
+    """Neural-memory implementation (``chunked``, ``compiled``, ...); ``None`` keeps the default."""
     n_persistent: Optional[int] = None
     """Persistent tokens; ``None``: 4 for MAC (as Titans uses them), 0 otherwise."""
     segment_len: Optional[int] = None
@@ -131,6 +133,8 @@ class MirasMemoryConfig(Config):
             chunk_size=self.chunk_size,
             check_finite=self.check_finite,
         )
+        if self.impl is not None:
+            kwargs["impl"] = self.impl
         if self.depth is not None or self.expansion is not None:
             arch = MemoryArchitectureConfig()
             kwargs["architecture"] = dataclasses.replace(
@@ -168,15 +172,18 @@ class MirasModelConfig(ModelConfig):
     """Train only the memory (the base parameters get ``requires_grad=False``)."""
 
     # ------------------------------------------------------------------ the derived OLMo-core config
-    def _miras_block(self, block: TransformerBlockConfig, layer: int, memory_layer: bool) -> MirasBlockConfig:
+    def _miras_block(self, block: TransformerBlockConfig, layer: Optional[int], memory_layer: bool) -> MirasBlockConfig:
+        """``block`` with a ``miras_attention`` mixer (with memory if ``memory_layer``); ``layer``
+        only labels errors (``None``: the shared ``block``)."""
+        where = "the shared block" if layer is None else f"layer {layer}"
         att = block.sequence_mixer
         if type(att) is not AttentionConfig and not isinstance(att, MirasAttentionConfig):
             raise OLMoConfigurationError(
-                f"layer {layer}: memory blocks need an attention sequence mixer, got {type(att).__name__}"
+                f"{where}: memory blocks need an attention sequence mixer, got {type(att).__name__}"
             )
         if block.name not in SUPPORTED_BASE_BLOCKS:
             valid = ", ".join(t.value for t in SUPPORTED_BASE_BLOCKS)
-            raise OLMoConfigurationError(f"layer {layer}: block type {block.name!r} can't take memory (valid: {valid})")
+            raise OLMoConfigurationError(f"{where}: block type {block.name!r} can't take memory (valid: {valid})")
         fields = {f.name: getattr(att, f.name) for f in dataclasses.fields(AttentionConfig)}
         mixer = MirasAttentionConfig(**fields, max_kv_context=self.max_kv_context)
         if memory_layer:
@@ -195,7 +202,7 @@ class MirasModelConfig(ModelConfig):
         try:
             mixer.validate_for(self.base.d_model)
         except (ValueError, OLMoConfigurationError) as e:
-            raise OLMoConfigurationError(f"layer {layer}: {e}") from e
+            raise OLMoConfigurationError(f"{where}: {e}") from e
         block_fields = {f.name: getattr(block, f.name) for f in dataclasses.fields(TransformerBlockConfig)}
         block_fields["sequence_mixer"] = mixer
         return MirasBlockConfig(**block_fields)
@@ -216,14 +223,14 @@ class MirasModelConfig(ModelConfig):
         resolved = base.resolved_block_configs
         overridden = set(base.block_overrides or {})
         overrides: Dict[int, TransformerBlockConfig] = {}
-        for i in range(base.n_layers):
+        for i in sorted(layers | overridden):
             if i in layers or self.stream_attention:
                 overrides[i] = self._miras_block(resolved[i], i, memory_layer=i in layers)
-            elif i in overridden:
+            else:
                 overrides[i] = resolved[i]
         if self.stream_attention:
-            base.block = self._miras_block(base.block, -1, memory_layer=False)  # type: ignore[arg-type]
-            overrides = {i: b for i, b in overrides.items() if i in layers or i in overridden}
+            # The shared block: attention that can carry its context, with no extra parameters.
+            base.block = self._miras_block(base.block, None, memory_layer=False)  # type: ignore[arg-type]
         base.block_overrides = overrides or None
         return base
 

@@ -80,6 +80,16 @@ def test_big_presets_keep_olmo_core_architecture(factory, n_layers: int, windows
     assert all(isinstance(b.attention, MirasAttention) for b in model.blocks.values())
 
 
+@pytest.mark.parametrize("preset", ["titans", "moneta", "yaad", "memora"])
+def test_param_count_matches_built_model_for_every_memory_preset(preset: str):
+    for block_type in BLOCK_TYPES:
+        cfg = small(block_type, preset=preset, depth=3, expansion=1.5)
+        model = cfg.build()
+        assert cfg.num_params == sum(p.numel() for p in model.parameters()), block_type
+        if block_type != "lm2":
+            assert model.blocks["0"].attention.miras.memory.config.preset == preset
+
+
 def test_preset_by_name_and_unknown_preset():
     assert miras_from_preset("olmo2_1B_v2").base.n_layers == 16
     with pytest.raises(OLMoConfigurationError, match="unknown OLMo2/OLMo3 preset 'llama2_1B'"):

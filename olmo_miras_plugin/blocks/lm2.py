@@ -120,11 +120,10 @@ class LM2MemoryBank(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return rearrange(x, "... n (h d) -> ... h n d", h=self.n_heads)
 
-    def _write(self, bank: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """One update: ``bank (b, slots, d)``, ``tokens (b, C, d)`` → new bank."""
+    def _write(self, bank: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """One update: ``bank (b, slots, d)`` reads the chunk's keys/values ``(b, heads, C, head_dim)``."""
         # shape: (batch, heads, slots, head_dim) attending to (batch, heads, C, head_dim)
-        q = self._heads(self.w_q(bank.to(tokens.dtype)))
-        k, v = self._heads(self.w_k(tokens)), self._heads(self.w_v(tokens))
+        q = self._heads(self.w_q(bank.to(k.dtype)))
         u = rearrange(F.scaled_dot_product_attention(q, k, v), "b h n d -> b n (h d)")
         g_in, g_forget = torch.sigmoid(self.w_in(u)), torch.sigmoid(self.w_forget(u))
         return (g_in * torch.tanh(u)).to(bank.dtype) + g_forget.to(bank.dtype) * bank
@@ -143,9 +142,16 @@ class LM2MemoryBank(nn.Module):
         xs = torch.cat([state.pending.to(e.dtype), e], dim=1)
         n_full, n_read = (r + t) // c, -(-(r + t) // c)
 
+        # Token keys/values of all whole chunks at once; only the slot side is sequential.
+        # shape: (batch, heads, n_full, C, head_dim); unbind, not slicing in the loop, keeps the
+        # backward linear in the number of chunks.
+        whole = xs[:, : n_full * c]
+        k_tok, v_tok = (
+            rearrange(self._heads(w(whole)), "b h (n c) d -> b h n c d", c=c) for w in (self.w_k, self.w_v)
+        )
         banks = [state.bank]
-        for ci in range(n_full):
-            banks.append(self._write(banks[-1], xs[:, ci * c : (ci + 1) * c]))
+        for k_c, v_c in zip(k_tok.unbind(2), v_tok.unbind(2)):
+            banks.append(self._write(banks[-1], k_c, v_c))
 
         # Every token reads the bank as of the start of its chunk.
         # shape: (batch, n_read, heads, C, head_dim)
