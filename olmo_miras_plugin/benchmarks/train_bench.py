@@ -1,0 +1,161 @@
+"""Whole-model training throughput: OLMo2-1B vs. OLMo2-1B with memory layers (same harness).
+
+Single GPU (default): bf16 weights, fused AdamW, SDPA, batch 1 × T, forward + backward + step,
+median over steps — the harness of ``shared/reference/anchors_gpu3.py``, so the base row is
+comparable with the recorded anchor. ``--fsdp`` (under ``torchrun``): OLMo-core's ``apply_fsdp``
+over all ranks (meta-device build, bf16 params, fp32 reduce), a few steps on fixed random
+tokens, loss and tokens/s per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import time
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..memory import MemoryImpl
+from ..models import MirasMemoryConfig, miras_from_preset, parameter_report
+from .timing import Measurement, device_description, format_table, write_json
+
+__all__ = ["main"]
+
+
+def build_model(args, memory: bool, device: str):
+    from olmo_core.nn.attention import AttentionBackendName
+    from olmo_core.nn.transformer import TransformerConfig
+
+    if not memory:
+        cfg = getattr(TransformerConfig, args.preset)(vocab_size=args.vocab_size, attn_backend=AttentionBackendName.torch)
+        return cfg.build(init_device=device)
+    mem = MirasMemoryConfig(
+        block_type=args.block_type, every=args.every, offset=args.every - 1, preset=args.memory_preset,
+        chunk_size=args.chunk, impl=MemoryImpl(args.impl), check_finite=False,
+    )
+    return miras_from_preset(args.preset, args.vocab_size, memory=mem).build(init_device=device)
+
+
+def time_train_steps(model, seq: int, steps: int, vocab: int, device: torch.device) -> tuple[float, float, List[float]]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    x = torch.randint(0, vocab, (1, seq), device=device)
+    times, losses = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        logits = model(x)
+        loss = F.cross_entropy(logits[0, :-1].float(), x[0, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    warm = sorted(times[min(3, steps - 1):])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return statistics.median(warm), peak, losses
+
+
+def single_device(args) -> None:
+    device = torch.device(args.device)
+    rows: List[Measurement] = []
+    for seq in args.seq:
+        for memory in (False, True):
+            torch.manual_seed(0)
+            model = build_model(args, memory, str(device)).to(torch.bfloat16)
+            counts = parameter_report(model)
+            name = f"{args.preset} + {args.block_type} every {args.every} ({args.impl})" if memory else f"{args.preset} base"
+            sec, peak, losses = time_train_steps(model, seq, args.steps, args.vocab_size, device)
+            rows.append(
+                Measurement(
+                    name, dict(model=name, seq=seq), sec * 1e3, peak,
+                    extra={"tok_per_s": round(seq / sec), "params": counts["total"], "memory_params": counts["memory"]},
+                )
+            )
+            print(format_table(rows[-1:], ["model", "seq"]).splitlines()[-1], flush=True)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base, mem = rows[-2], rows[-1]
+        ratio = base.ms / mem.ms if base.ms and mem.ms else float("nan")
+        mem.extra["vs_base"] = f"{ratio:.1%} of base tok/s"
+    print(f"\n{device_description(device)}; train step (fwd+bwd+AdamW), bf16 weights, batch 1")
+    print(format_table(rows, ["model", "seq"]))
+    write_json(args.json, rows, {"device": device_description(device), "date": datetime.date.today().isoformat(), "args": vars(args)})
+
+
+def fsdp(args) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    use_cuda = torch.cuda.is_available() and args.device != "cpu"
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    mesh = init_device_mesh(device.type, (world,))
+    torch.manual_seed(0)
+    model = build_model(args, True, "meta")
+    model.apply_fsdp(dp_mesh=mesh, param_dtype=torch.bfloat16 if use_cuda else None, reduce_dtype=torch.float32)
+    model.init_weights(max_seq_len=max(args.seq), device=device)
+    counts = parameter_report(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    seq = args.seq[0]
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randint(0, args.vocab_size, (1, seq), generator=g).to(device)
+    losses, times = [], []
+    for step in range(args.steps):
+        if use_cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        logits = model(x)
+        loss = F.cross_entropy(logits[0, :-1].float(), x[0, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if use_cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    sec = statistics.median(times[min(2, len(times) - 1):])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else float("nan")
+    line = (f"rank {rank}/{world}: {args.preset} + {args.block_type} every {args.every}, FSDP2, T={seq}, "
+            f"params {counts['total']:,} (memory {counts['memory']:,}), step {sec*1e3:.0f} ms, "
+            f"{seq/sec:.0f} tok/s/rank, peak {peak:.1f} GiB, losses {[round(l, 3) for l in losses]}")
+    print(line, flush=True)
+    if rank == 0 and args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": device_description(device), "world": world, "seq": seq, "step_ms": sec * 1e3,
+                       "tok_per_s_per_rank": seq / sec, "peak_gib": peak, "losses": losses, "params": counts,
+                       "date": datetime.date.today().isoformat(), "args": vars(args)}, f, indent=2)
+    dist.destroy_process_group()
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="olmo2_1B", help="OLMo-core TransformerConfig preset")
+    p.add_argument("--vocab-size", type=int, default=100352)
+    p.add_argument("--seq", type=int, nargs="+", default=[8192])
+    p.add_argument("--steps", type=int, default=13)
+    p.add_argument("--block-type", default="mal")
+    p.add_argument("--every", type=int, default=4)
+    p.add_argument("--memory-preset", default="titans")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--impl", default="graphed", choices=[i.value for i in MemoryImpl])
+    p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
+    p.add_argument("--json", default="bench_train.json")
+    args = p.parse_args(argv)
+    fsdp(args) if args.fsdp else single_device(args)
