@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Tuple
+from typing import Any, ClassVar, Dict, Tuple
 
 import pytest
 import torch
@@ -13,6 +13,7 @@ import torch
 from olmo_core.distributed.checkpoint import load_keys
 from olmo_core.train.callbacks import Callback
 
+from olmo_miras_plugin.models import MirasMemoryConfig, tiny_miras
 from olmo_miras_plugin.train import CheckpointMismatchError, MirasExperimentConfig, load_experiment, train
 
 STEPS = 6
@@ -116,10 +117,17 @@ def test_mismatched_model_config_fails_naming_the_mismatch(
     straight, _ = runs
     # a memory layer the checkpoint doesn't have
     config = experiment(
-        corpus_dir, tmp_path / "a", "mismatch", f"--trainer.load_path={straight}/step{STEPS}", "--model.memory.layers=[1,3]"
+        corpus_dir,
+        tmp_path / "a",
+        "mismatch",
+        f"--trainer.load_path={straight}/step{STEPS}",
+        "--model.memory.layers=[1,3]",
     )
-    with pytest.raises(CheckpointMismatchError, match=r"missing from the checkpoint: model\.blocks\.3\.attention\.miras"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"missing from the checkpoint: model\.blocks\.3\.attention\.miras"
+    ) as err:
         train(config)
+    assert "model.memory.layers: checkpoint [1] vs now [1, 3]" in str(err.value)  # from the saved config.json
     # same parameters, different memory sizes
     config = experiment(
         corpus_dir, tmp_path / "b", "mismatch", f"--trainer.load_path={straight}/step{STEPS}", "--model.memory.depth=3"
@@ -129,7 +137,9 @@ def test_mismatched_model_config_fails_naming_the_mismatch(
     # resuming a memory-only run with the base unfrozen: no optimizer state for the base
     frozen_run = tmp_path / "frozen"
     train(experiment(corpus_dir, frozen_run, "frozen", "--model.freeze_base=true", "--trainer.max_duration.value=1"))
-    config = experiment(corpus_dir, frozen_run, "mismatch", "--model.freeze_base=false", "--trainer.max_duration.value=2")
+    config = experiment(
+        corpus_dir, frozen_run, "mismatch", "--model.freeze_base=false", "--trainer.max_duration.value=2"
+    )
     with pytest.raises(CheckpointMismatchError, match=r"no optimizer state for .*blocks\.0\.attention.*freeze_base"):
         train(config)
 
@@ -137,7 +147,13 @@ def test_mismatched_model_config_fails_naming_the_mismatch(
 def test_pretrained_base_checkpoint_loads_base_and_keeps_memory_init(corpus_dir: Path, tmp_path: Path) -> None:
     # a "pretrained OLMo": the tiny model's base (plain OLMo-core transformer, no memory) trained 2 steps
     base_run = tmp_path / "base"
-    config = experiment(corpus_dir, base_run, "base", "--trainer.max_duration.value=2", "--trainer.callbacks.checkpointer.save_interval=2")
+    config = experiment(
+        corpus_dir,
+        base_run,
+        "base",
+        "--trainer.max_duration.value=2",
+        "--trainer.callbacks.checkpointer.save_interval=2",
+    )
     config.model = config.model.base  # type: ignore[attr-defined]
     config.train_module.segment_length = None
     config.trainer.callbacks.pop("memory_diagnostics")
@@ -183,3 +199,55 @@ def test_pretrained_required_for_pretrained_experiments() -> None:
     assert "pretrained_hf" in hf.resolved_trainer().callbacks
     with pytest.raises(Exception, match="both pretrained.path"):
         load_experiment("olmo3_7b_miras", ["--pretrained.path=/a", "--trainer.load_path=/b"])
+
+
+@dataclass
+class Snapshot(Callback):
+    """The model's weights when training starts (after pretrained weights were loaded)."""
+
+    priority: ClassVar[int] = 50  # after HFPretrainedWeightsCallback (100)
+    key: str = "snapshot"
+
+    def pre_train(self) -> None:
+        model = self.trainer.train_module.model  # type: ignore[attr-defined]
+        RECORDS[self.key] = {n: p.detach().clone() for n, p in model.state_dict().items()}
+
+
+def test_pretrained_hugging_face_checkpoint(corpus_dir: Path, tmp_path: Path) -> None:
+    """An HF-format OLMo 2 checkpoint (random weights, tiny) converted by OLMo-core: the memory model
+    starts out computing exactly the HF model's logits (memory branch at zero)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.Olmo2ForCausalLM(
+        transformers.Olmo2Config(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=259,
+            rope_theta=500_000,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            eos_token_id=256,
+            pad_token_id=257,
+            bos_token_id=258,
+        )
+    )
+    hf_dir = tmp_path / "hf"
+    hf.save_pretrained(hf_dir)
+
+    config = experiment(
+        corpus_dir, tmp_path / "run", "hf", f"--pretrained.path={hf_dir}", "--pretrained.format=hf", "--trainer.max_duration.value=1"
+    )
+    config.model = tiny_miras(window=None, memory=MirasMemoryConfig(layers=[1], chunk_size=32), freeze_base=True)  # OLMo 2
+    config.trainer.callbacks["snapshot"] = Snapshot()
+    train(config)
+
+    model = config.model.build(init_device="cpu")
+    model.load_state_dict(RECORDS["snapshot"])
+    ids = torch.randint(0, 256, (2, 64))
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

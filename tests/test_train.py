@@ -3,6 +3,7 @@ experiment shrunk to a few-second run (same code path as ``python scripts/train.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -152,6 +153,8 @@ def test_overrides_use_olmo_core_merge(corpus_dir: Path, tmp_path: Path) -> None
     assert single_process(config).train_module.dp_config is None
     with pytest.raises(OverrideError, match=r"'trainer.callbacks' has no entry 'wandbb'.*did you mean 'wandb'"):
         load_experiment("tiny_miras", ["--trainer.callbacks.wandbb.enabled=true"])
+    with pytest.raises(OLMoConfigurationError, match="doesn't work with DDP"):
+        load_experiment("tiny_miras", ["--train_module.dp_config={name: ddp}"])
     with pytest.raises(OverrideError, match=r"'train_module.dp_config' is None"):
         load_experiment("tiny_miras", ["--train_module.dp_config.name=fsdp"])
 
@@ -308,6 +311,36 @@ def test_segment_mode_eval_concatenates_segments(corpus_dir: Path, tmp_path: Pat
         outs.append(out.ce_loss)
     assert outs[1].shape == outs[0].shape == batch["input_ids"].shape
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+
+
+def _torchrun_losses(corpus: Path, run_dir: Path, *extra: str) -> List[float]:
+    saver = (
+        "--trainer.callbacks.metric_saver={_CLASS_: olmo_core.train.callbacks.MetricSaverCallback, "
+        "save_interval: 1, metrics_to_capture: ['train/CE loss']}"
+    )
+    cmd = [
+        PYTHON, "-m", "torch.distributed.run", "--nproc-per-node=2", "scripts/train.py", "tiny_miras",
+        *micro_overrides(corpus, run_dir, steps=3),
+        "--train_module.rank_microbatch_size=128",  # 2 micro-batches per rank and step
+        "--data_loader.global_batch_size=512",
+        "--train_module.dp_config={name: fsdp}",
+        saver,
+        *extra,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return [json.loads((run_dir / f"metrics_step{s}.json").read_text())["train/CE loss"] for s in (1, 2, 3)]
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_with_activation_checkpointing_and_segments(corpus_dir: Path, tmp_path: Path) -> None:
+    """FSDP2 over 2 CPU ranks (gloo) with full activation checkpointing: every block is recomputed
+    in backward from the memory state its segment started with, so the run matches one without
+    checkpointing."""
+    plain = _torchrun_losses(corpus_dir, tmp_path / "plain")
+    ckpt = _torchrun_losses(corpus_dir, tmp_path / "ac", "--train_module.ac_config={mode: full}")
+    assert plain[0] > plain[-1]
+    assert ckpt == pytest.approx(plain, rel=1e-6, abs=0)
 
 
 # ---------------------------------------------------------------------------------------------- W&B

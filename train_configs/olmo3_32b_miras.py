@@ -12,8 +12,8 @@ within the 8K context OLMo 3 was pretrained on (no RoPE rescaling); everything b
 token only through the memory, which carries its state across the 16 segments of an instance.
 Memory sits on every 8th layer, all sliding-window ones (1, 9, 17, ...). Backprop is cut after
 every segment to bound activation memory. FSDP shards over all ranks; on many nodes HSDP may be
-faster: ``--train_module.dp_config.name=hsdp --train_module.dp_config.shard_degree=64``. Train everything with
-``--model.freeze_base=false`` (then ``train_module.optim.lr`` is the base LR).
+faster (``--train_module.dp_config.name=hsdp --train_module.dp_config.shard_degree=64``). Train
+everything with ``--model.freeze_base=false`` (then ``train_module.optim.lr`` is the base LR).
 """
 
 from typing import List

@@ -2,7 +2,7 @@
 longmino (OLMo 3's long-context mix) with 64K-token instances read as 4K segments.
 
     torchrun --nproc-per-node=8 scripts/train.py olmo3_7b_miras \\
-        --pretrained.path=<OLMo-core checkpoint of OLMo 3 7B, e.g. .../step47684> \\
+        --pretrained.path=<OLMo-core checkpoint dir of OLMo 3 7B> \\
         --trainer.save_folder=<shared dir or gs://...> --dataset.mix_base_dir=<data root>
     python scripts/train.py olmo3_7b_miras --dry-run          # validate; needs no GPU/weights/data
 

@@ -4,10 +4,15 @@ Titans MAG memory layer on the Python stdlib's source, offline, on a 2-core CPU 
     python scripts/train.py tiny_miras                       # ~200 steps, checkpoint in runs/tiny_miras
     python scripts/train.py tiny_miras --dry-run
     WANDB_MODE=offline python scripts/train.py tiny_miras --trainer.callbacks.wandb.enabled=true
+    torchrun --nproc-per-node=2 scripts/train.py tiny_miras --train_module.dp_config='{name: fsdp}'
+
+Run again with the same save folder and it resumes from the latest checkpoint (OLMo-core's
+trainer); ``--trainer.save_folder=runs/other`` starts a fresh run.
 
 Each 512-byte instance is read as 4 segments of 128 with the memory state carried across them
-(segment-stateful training), while attention sees a 64-token window (3 of 4 layers), so the memory
-is what links a segment to the ones before it.
+(segment-stateful training), while attention sees a 64-token window (3 of 4 layers) or at most 128
+carried keys (the full-attention layer, ``max_kv_context``), so beyond that only the memory links a
+segment to the ones before it.
 """
 
 from typing import List
@@ -46,6 +51,7 @@ def build_experiment(overrides: List[str]) -> MirasExperimentConfig:
         n_heads=4,
         window=64,
         memory=MirasMemoryConfig(block_type="mag", layers=[1], preset="titans", chunk_size=32),
+        max_kv_context=SEGMENT_LENGTH,
     )
     dataset = StdlibFSLDatasetConfig(
         sequence_length=SEQUENCE_LENGTH,

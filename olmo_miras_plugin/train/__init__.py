@@ -2,9 +2,10 @@
 
 - ``experiment.py``   ``MirasExperimentConfig``, experiment files, dry-run report, ``train()``
 - ``overrides.py``    dotted CLI overrides (OLMo-core ``Config.merge``) with clear errors
-- ``train_module.py`` ``MirasTrainModule(Config)``: memory/gate optimizer groups, segment-stateful
-                      training with truncated backprop, checkpoint checks
+- ``train_module.py`` ``MirasTrainModule[Config]``: optimizer groups for memory / gates, segment-
+                      stateful training with truncated backprop, checkpoint checks
 - ``callbacks.py``    memory diagnostics, W&B (offline-capable), Hugging Face base weights
+- ``recipes.py``      data / FSDP / activation checkpointing / callbacks shared by the OLMo experiments
 - ``data.py``         the offline stdlib corpus as an OLMo-core dataset config
 - ``cli.py``          what ``scripts/train.py`` runs
 """

@@ -96,7 +96,11 @@ class MemoryDiagnosticsCallback(Callback):
             elif isinstance(module, MirasMemoryParts) and module.gate is not None:
                 self._handles.append(module.gate.register_forward_hook(self._sigmoid_hook(f"{layer}/mag_gate")))
             elif isinstance(module, LM2MemoryBank):
-                for attr, label in (("w_in", "lm2_input_gate"), ("w_forget", "lm2_forget_gate"), ("w_gate", "lm2_output_gate")):
+                for attr, label in (
+                    ("w_in", "lm2_input_gate"),
+                    ("w_forget", "lm2_forget_gate"),
+                    ("w_gate", "lm2_output_gate"),
+                ):
                     lin = getattr(module, attr)
                     self._handles.append(lin.register_forward_hook(self._sigmoid_hook(f"{layer}/{label}")))
         if not self._handles:
@@ -113,7 +117,9 @@ class MemoryDiagnosticsCallback(Callback):
             for layer, mem in self._memories:
                 if MemoryImpl(mem.impl) in (MemoryImpl.chunked, MemoryImpl.reference):
                     self._swapped.append((mem, mem.rule))
-                    mem.rule = mem.rule._replace(optimizer=_SurpriseRecorder(mem.rule.optimizer, self._surprise_sink(layer)))
+                    mem.rule = mem.rule._replace(
+                        optimizer=_SurpriseRecorder(mem.rule.optimizer, self._surprise_sink(layer))
+                    )
 
     def pre_optim_step(self) -> None:
         if not self._active:
@@ -239,7 +245,9 @@ class MirasWandBCallback(WandBCallback):
     def finalize(self, exit_code: int = 0) -> None:
         # OLMo-core passes ``quiet=``, which newer wandb releases no longer accept.
         if not self.finalized:
-            log.log(logging.WARNING if exit_code > 0 else logging.INFO, "Finalizing W&B run (exit code %d)...", exit_code)
+            log.log(
+                logging.WARNING if exit_code > 0 else logging.INFO, "Finalizing W&B run (exit code %d)...", exit_code
+            )
             self.wandb.finish(exit_code=exit_code)
             self._finalized = True
 
@@ -294,7 +302,14 @@ class HFPretrainedWeightsCallback(Callback):
         base_keys = {k for k in state if ".miras." not in k}
         base_state = {k: v for k, v in state.items() if k in base_keys}
         before = dict(base_state)
-        load_hf_model(self.path, base_state, revision=self.revision, work_dir=self.trainer.work_dir)
+        load_hf_model(
+            self.path,
+            base_state,
+            revision=self.revision,
+            num_embeddings=getattr(model, "vocab_size", None),  # OLMo-core pads the vocabulary
+            process_group=self.trainer.dp_process_group,
+            work_dir=self.trainer.work_dir,
+        )
         untouched = sorted(k for k, v in base_state.items() if v is before[k])
         if untouched:
             raise OLMoConfigurationError(
@@ -302,4 +317,6 @@ class HFPretrainedWeightsCallback(Callback):
                 f"model, e.g. {', '.join(untouched[:5])}: is it the same architecture as model.base?"
             )
         dist_cp_sd.set_model_state_dict(model, base_state, options=dist_cp_sd.StateDictOptions(strict=False))
-        log.info("Loaded %d base tensors from '%s'; memory parameters keep their initialisation", len(base_state), self.path)
+        log.info(
+            "Loaded %d base tensors from '%s'; memory parameters keep their initialisation", len(base_state), self.path
+        )

@@ -29,6 +29,7 @@ import torch
 
 from olmo_core.config import Config, StrEnum
 from olmo_core.data import DataMix, NumpyDataLoaderConfig, NumpyDatasetConfig
+from olmo_core.distributed.utils import get_world_size
 from olmo_core.exceptions import OLMoConfigurationError
 from olmo_core.nn.config import ModelConfig
 from olmo_core.train import LoadStrategy, TrainerConfig
@@ -37,7 +38,7 @@ from olmo_core.utils import seed_all
 
 from .callbacks import HFPretrainedWeightsCallback
 from .overrides import apply_overrides
-from .train_module import MirasTrainModuleConfig, classify_parameters
+from .train_module import CheckpointMismatchError, MirasTrainModuleConfig, classify_parameters
 
 __all__ = [
     "EXPERIMENT_FUNCTION",
@@ -131,7 +132,9 @@ class MirasExperimentConfig(Config):
                 "train_module.segment_length needs a memory model (MirasModelConfig); "
                 f"model is a {type(self.model).__name__}"
             )
-        vocab = getattr(self.model, "vocab_size", None) or getattr(getattr(self.model, "base", None), "vocab_size", None)
+        vocab = getattr(self.model, "vocab_size", None) or getattr(
+            getattr(self.model, "base", None), "vocab_size", None
+        )
         tok_vocab = self.dataset.tokenizer.vocab_size
         if vocab is not None and tok_vocab > vocab:
             raise OLMoConfigurationError(f"tokenizer vocab_size={tok_vocab} exceeds the model's vocab_size={vocab}")
@@ -143,7 +146,11 @@ class MirasExperimentConfig(Config):
                     f"unknown data mix {self.dataset.mix!r}; valid: {', '.join(m.value for m in DataMix)}"
                 ) from None
         if self.pretrained.path is not None:
-            PretrainedFormat(self.pretrained.format)
+            if self.pretrained.format not in set(PretrainedFormat):
+                raise OLMoConfigurationError(
+                    f"unknown pretrained.format {self.pretrained.format!r}; valid: "
+                    + ", ".join(f.value for f in PretrainedFormat)
+                )
             if self.pretrained.format == PretrainedFormat.olmo_core and self.trainer.load_path not in (
                 None,
                 self.pretrained.path,
@@ -193,7 +200,14 @@ def resolve_experiment_path(name: str) -> Path:
     for c in candidates:
         if c.is_file():
             return c.resolve()
-    known = sorted({p.stem for d in (Path.cwd() / EXPERIMENTS_DIR, REPO_ROOT / EXPERIMENTS_DIR) if d.is_dir() for p in d.glob("*.py")})
+    known = sorted(
+        {
+            p.stem
+            for d in (Path.cwd() / EXPERIMENTS_DIR, REPO_ROOT / EXPERIMENTS_DIR)
+            if d.is_dir()
+            for p in d.glob("*.py")
+        }
+    )
     raise ExperimentFileError(
         f"unknown experiment file '{name}': no such file"
         + (f"; available experiments: {', '.join(known)} (in {EXPERIMENTS_DIR}/)" if known else "")
@@ -307,6 +321,12 @@ def train(config: MirasExperimentConfig) -> None:
     """Build model, train module, data loader and trainer (OLMo-core), then ``Trainer.fit()``.
     Call inside ``prepare_training_environment`` / ``teardown_training_environment``."""
     config.check_ready_to_train()
+    tm = config.train_module
+    if get_world_size() > 1 and all(c is None for c in (tm.dp_config, tm.tp_config, tm.cp_config, tm.pp_config)):
+        raise OLMoConfigurationError(
+            f"running on {get_world_size()} ranks without a parallelism config would train unsynchronised "
+            "replicas; set one, e.g. --train_module.dp_config='{name: fsdp}'"
+        )
     seed_all(config.init_seed)
     model = config.model.build(init_device="meta")
     train_module = config.train_module.build(model)
@@ -317,7 +337,56 @@ def train(config: MirasExperimentConfig) -> None:
         if isinstance(callback, ConfigSaverCallback):
             callback.config = config.as_config_dict()
             break
-    trainer.fit()
+    try:
+        trainer.fit()
+    except CheckpointMismatchError as e:
+        hint = _checkpoint_config_diff(trainer, config)
+        if hint:
+            raise CheckpointMismatchError(f"{e}\n{hint}") from e
+        raise
+
+
+def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: d}
+
+
+def _checkpoint_config_diff(trainer: Any, config: MirasExperimentConfig, limit: int = 12) -> str:
+    """How the model config differs from the one saved next to the checkpoint being loaded
+    (``config.json``, written by OLMo-core's ``ConfigSaverCallback``); empty if unknown."""
+    import json
+
+    from olmo_core.io import join_path, resource_path
+
+    try:
+        ckpt = None
+        if trainer.checkpointer.contains_checkpoint(trainer.save_folder):
+            ckpt = trainer.checkpointer.latest_checkpoint(trainer.save_folder)
+        elif trainer.load_path is not None:
+            ckpt = trainer.load_path
+            if not trainer.checkpointer.dir_is_checkpoint(ckpt):
+                ckpt = trainer.checkpointer.latest_checkpoint(ckpt)
+        if ckpt is None:
+            return ""
+        with open(resource_path(ckpt, "config.json")) as f:
+            saved = json.load(f).get("model", {})
+        where = join_path(ckpt, "config.json")
+    except Exception:  # noqa: BLE001 - the hint is best-effort; the mismatch error stands on its own
+        return ""
+    ours, theirs = _flatten(config.as_config_dict()["model"]), _flatten(saved)
+    diffs = [
+        f"model.{k}: checkpoint {theirs.get(k, '<unset>')!r} vs now {ours.get(k, '<unset>')!r}"
+        for k in sorted(set(ours) | set(theirs))
+        if ours.get(k) != theirs.get(k)
+    ]
+    if not diffs:
+        return ""
+    more = f"\n  ... (+{len(diffs) - limit} more)" if len(diffs) > limit else ""
+    return f"model config differences vs {where}:\n  " + "\n  ".join(diffs[:limit]) + more
 
 
 def single_process(config: MirasExperimentConfig) -> MirasExperimentConfig:

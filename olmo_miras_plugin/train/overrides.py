@@ -79,15 +79,13 @@ def _check_key(data: Any, key: str, root_name: str) -> None:
                 ) from None
             if not 0 <= index < len(node):
                 raise OverrideError(
-                    f"bad override key '{key}': index {index} out of range for '{where}' "
-                    f"(length {len(node)})"
+                    f"bad override key '{key}': index {index} out of range for '{where}' (length {len(node)})"
                 )
             node = node[index]
             continue
         if node is None:
             raise OverrideError(
-                f"can't set '{key}': '{where}' is None. Set it as a whole instead, e.g. "
-                f"--{where}='{{{part}: ...}}'"
+                f"can't set '{key}': '{where}' is None. Set it as a whole instead, e.g. --{where}='{{{part}: ...}}'"
             )
         raise OverrideError(
             f"bad override key '{key}': '{where}' is a {type(node).__name__} "

@@ -33,7 +33,13 @@ from olmo_core.train.train_module import (
 
 from .callbacks import MemoryDiagnosticsCallback, MirasWandBCallback
 
-__all__ = ["DEFAULT_MIX_BASE_DIR", "full_activation_checkpointing", "fsdp_bf16", "longmino_dataset", "pretrained_run_callbacks"]
+__all__ = [
+    "DEFAULT_MIX_BASE_DIR",
+    "full_activation_checkpointing",
+    "fsdp_bf16",
+    "longmino_dataset",
+    "pretrained_run_callbacks",
+]
 
 DEFAULT_MIX_BASE_DIR = "https://olmo-data.org"
 """Public root of OLMo-core's data mixes (slow); on Ai2 clusters use e.g. ``/weka/oe-training-default/ai2-llm``

@@ -176,6 +176,7 @@ class MirasTrainModule(TransformerTrainModule):
         self.segment_length = segment_length
         self.bptt_segments = bptt_segments
         self._segment_phase: Optional[str] = None
+        self._replay_keys: Dict[Tuple[Any, ...], torch.Tensor] = {}
         self._load_opts_saved: Optional[dist_cp_sd.StateDictOptions] = None
         # The parent builds the optimizer right after wrapping the model (AC / FSDP), and the
         # memory groups need the wrapped model's parameter names, so it is built here instead.
@@ -192,16 +193,15 @@ class MirasTrainModule(TransformerTrainModule):
                 f"segment_length={segment_length} needs a model with stateful memory blocks "
                 "(a MirasModelConfig); this model has none"
             )
-        if (
-            segment_length is not None
-            and bptt_segments != 1
-            and self.dp_config is not None
-            and self.dp_config.name == DataParallelType.ddp
-        ):
+        if segment_length is not None and self.dp_config is not None and self.dp_config.name == DataParallelType.ddp:
+            # DDP's reducer expects one forward per backward; segments make several.
             raise OLMoConfigurationError(
-                f"bptt_segments={bptt_segments} (several forward passes per backward) is not supported "
-                "with DDP; use FSDP (dp_config.name=fsdp) or bptt_segments=1"
+                "segment-stateful training (train_module.segment_length) doesn't work with DDP; "
+                "use FSDP/HSDP: --train_module.dp_config.name=fsdp"
             )
+        if segment_length is not None:
+            for mixer in memory_state_modules(self.model).values():
+                cast(nn.Module, mixer).register_forward_pre_hook(self._stable_replay_key, with_kwargs=True)
         if not eval_only:
             self.optim = memory_group_overrides(
                 self.model,
@@ -224,6 +224,32 @@ class MirasTrainModule(TransformerTrainModule):
             raise OLMoConfigurationError("no trainable parameters: everything is frozen")
 
     # ------------------------------------------------------------------ segment-stateful training
+    def _stable_replay_key(
+        self, module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]
+    ) -> Optional[Tuple[Tuple[Any, ...], Dict[str, Any]]]:
+        """Give a stateful mixer the same ``state_key`` object when activation checkpointing
+        recomputes a call as the original call had.
+
+        The mixers remember each call's starting state under the *identity* of the block input
+        (weakly) and replay it when checkpointing recomputes the block in backward. FSDP2, applied
+        inside OLMo-core's checkpoint wrapper, hands the block a fresh alias of its input on every
+        call (``RegisterPostBackwardFunction``), in the recomputation too, so identities never
+        match and the recomputation would start from the wrong state. Aliases share storage, so
+        the first tensor seen at a given storage (held until the backward that may replay it has
+        run) stands in for all of them.
+        """
+        del module
+        if self._segment_phase != "train" or not torch.is_grad_enabled():
+            return None
+        key = kwargs.get("state_key")
+        if not isinstance(key, torch.Tensor):
+            return None
+        ident = (key.data_ptr(), key.storage_offset(), tuple(key.shape), key.stride(), key.dtype)
+        canonical = self._replay_keys.setdefault(ident, key)
+        if canonical is key:
+            return None
+        return args, {**kwargs, "state_key": canonical}
+
     @contextlib.contextmanager
     def _segments(self, phase: str) -> Generator[None, None, None]:
         if self.segment_length is None:
@@ -235,6 +261,7 @@ class MirasTrainModule(TransformerTrainModule):
                 yield
             finally:
                 self._segment_phase = None
+                self._replay_keys.clear()
 
     @contextlib.contextmanager
     def _train_microbatch_context(self, micro_batch_idx: int, num_micro_batches: int) -> Generator[None, None, None]:
@@ -297,6 +324,7 @@ class MirasTrainModule(TransformerTrainModule):
                 pending.backward()  # truncated backprop: this group's graph ends here
                 pending = None
                 detach_memory_states(self.model)
+                self._replay_keys.clear()
         if pending is None:  # pragma: no cover - the last segment always leaves a pending loss
             raise RuntimeError("no loss left for the final backward")
         assert ce_total is not None
@@ -445,7 +473,14 @@ class MirasTrainModuleConfig(TransformerTrainModuleConfig):
                     f"train_module.max_sequence_length={self.max_sequence_length}"
                 )
             if self.cp_config is not None:
-                raise OLMoConfigurationError("segment-stateful training doesn't support context parallelism (cp_config)")
+                raise OLMoConfigurationError(
+                    "segment-stateful training doesn't support context parallelism (cp_config)"
+                )
+            if self.dp_config is not None and self.dp_config.name == DataParallelType.ddp:
+                raise OLMoConfigurationError(
+                    "segment-stateful training (train_module.segment_length) doesn't work with DDP "
+                    "(several forward passes per backward); use --train_module.dp_config.name=fsdp"
+                )
         if self.bptt_segments is not None and (not isinstance(self.bptt_segments, int) or self.bptt_segments <= 0):
             raise OLMoConfigurationError(
                 f"train_module.bptt_segments must be a positive integer or null, got {self.bptt_segments!r}"

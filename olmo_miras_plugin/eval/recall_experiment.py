@@ -1,0 +1,872 @@
+"""Does the memory actually remember? Train a window-only model and its memory twin on MQAR, then
+measure recall by query distance and by number of pairs.
+
+The experiment
+--------------
+Task: raw-token MQAR (``tasks.py``, Zoology-style): ``[noise][k1 v1 … kn vn][gap: noise][k v …]``.
+Keys, values and noise come from disjoint id ranges; each query key must be answered with the
+value it was paired with, ``gap`` noise tokens earlier. The loss is on the answers only.
+
+Models (identical except for the memory): OLMo3-style blocks where *every* layer is sliding-window
+attention (window 64; unlike ``tiny_miras``, no full-attention layer, so nothing but the memory
+can see past the window):
+
+* ``window`` — attention only. Its receptive field is ``n_layers × (window − 1)`` tokens (each
+  layer can relay information one window further); beyond that it can only guess: chance is
+  ``1 / n_values``.
+* ``mag:titans`` (and/or ``mal:titans``, other presets) — the same with a Titans/MIRAS memory
+  block. The memory is written by gradient steps at test time, so a pair seen 2,000 tokens ago is
+  as close as one seen 100 tokens ago if the model learns to write pairs and skip noise.
+
+Why this setup can learn long-distance recall in minutes (see ``docs/results.md``):
+
+* *One binding step, all local.* At a value token the short causal conv of the memory's k/v
+  projections sees the key token right before it, so a single memory write can bind
+  ``key → value``; at the query key the read returns the value. No multi-hop attention circuit
+  has to form first (that is what makes MQAR slow for attention models).
+* *Gates make distance free.* θ (write rate) and α (forget) are per-token functions of the input,
+  and noise ids are a distinct range, so "don't write / don't forget on noise" is a linear
+  readout the model finds early. ``alpha_init=1e-3`` (Titans' default is 1e-2, which would leave
+  e^-20 of a write after 2,000 tokens) starts the memory long-lived, so the gradient signal from
+  long-gap examples is not vanishing at the start.
+* *Curriculum over distance.* Gaps start at ``[window, curriculum_start_gap]`` and widen linearly
+  to the whole sequence over the first ``curriculum_frac`` of training, so early batches give
+  strong signal while the gates are still being learned. Gaps never go below the window during
+  training: with a short gap attention would solve the task and the memory would not be needed.
+* *Dense supervision.* Every pair is queried (4–32 pairs per sequence), 32 sequences per step.
+* The schedule (warmup + cosine) follows *progress* = max(step / steps, elapsed / time budget),
+  so a run cut by the time budget still anneals its learning rate and completes its curriculum.
+
+Outputs (``output_dir``): ``results.json`` (config, per-model training log and eval cells; written
+after every model, so an interrupted run keeps what finished), ``recall_vs_distance.png``,
+``recall_vs_pairs.png``, ``<model>/config.json`` + ``model.pt`` (evaluable with
+``scripts/evaluate.py``), and the table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from olmo_core.config import Config
+from olmo_core.nn.attention import SlidingWindowAttentionConfig
+from olmo_core.nn.transformer import TransformerConfig
+
+from ..memory import MemoryImpl, NeuralMemory
+from ..models import MirasMemoryConfig, MirasModelConfig, tiny_miras
+from .harness import evaluate_examples, resolve_device
+from .scoring import CellScore, EvalResults, format_table
+from .tasks import IGNORE_INDEX, EvalExample, MQARTokenSpec, mqar_token_examples
+
+__all__ = [
+    "RecallExperimentConfig",
+    "Variant",
+    "build_model_config",
+    "main",
+    "mqar_batch",
+    "parse_variants",
+    "run_experiment",
+    "save_model",
+]
+
+log = logging.getLogger(__name__)
+
+WINDOW_ONLY = "window"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Variant(Config):
+    """One model of the comparison: attention only (``block_type=None``) or with a memory block."""
+
+    name: str
+    block_type: Optional[str] = None
+    """``mal``, ``mag``, ``mac``, ``lm2``; ``None``: the window-only control."""
+    preset: str = "titans"
+
+
+def parse_variants(spec: str) -> List[Variant]:
+    """``"window,mag:titans,mal:yaad"`` -> variants (``block`` alone means the titans preset)."""
+    out: List[Variant] = []
+    for item in (s.strip() for s in spec.split(",")):
+        if not item:
+            continue
+        if item == WINDOW_ONLY:
+            out.append(Variant(name=WINDOW_ONLY))
+            continue
+        block, _, preset = item.partition(":")
+        preset = preset or "titans"
+        if block not in ("mal", "mag", "mac", "lm2"):
+            raise ValueError(f"unknown variant {item!r}: use 'window' or '<mal|mag|mac|lm2>[:<preset>]'")
+        out.append(Variant(name=f"{block}:{preset}" if block != "lm2" else "lm2", block_type=block, preset=preset))
+    if not out:
+        raise ValueError(f"no variants in {spec!r}")
+    names = [v.name for v in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"variants listed twice in {spec!r}")
+    return out
+
+
+@dataclass
+class RecallExperimentConfig(Config):
+    """Everything the experiment does; the CLI flags map one-to-one onto these fields."""
+
+    output_dir: str = "runs/recall"
+    device: str = "auto"
+    variants: List[Variant] = field(
+        default_factory=lambda: [Variant(name=WINDOW_ONLY), Variant(name="mag:titans", block_type="mag")]
+    )
+    seed: int = 0
+
+    # model (shared by all variants)
+    d_model: int = 256
+    n_layers: int = 2
+    n_heads: int = 4
+    window: int = 64
+    memory_layers: List[int] = field(default_factory=lambda: [0])
+    memory_chunk_size: int = 32
+    memory_impl: str = "auto"
+    """``auto``: ``graphed`` on CUDA (falls back to ``chunked`` if it fails), ``chunked`` on CPU."""
+    memory_heads: Optional[int] = None
+    memory_depth: Optional[int] = None
+    """Memory MLP depth; ``None`` keeps the preset's (titans: 2)."""
+    alpha_init: Optional[float] = 1e-3
+    """Initial forget rate per token (``None``: the preset's; titans 1e-2)."""
+    theta_init: Optional[float] = None
+
+    # data
+    spec: MQARTokenSpec = field(default_factory=MQARTokenSpec)
+    seq_len: int = 2048
+    train_pairs: Tuple[int, int] = (4, 32)
+    gap_min: Optional[int] = None
+    """Smallest training gap (``None``: the window)."""
+    curriculum_start_gap: int = 256
+    curriculum_start_pairs: int = 1
+    """The curriculum starts with at most this many pairs (1: learn to write, keep and read a
+    value before having to tell keys apart) and widens to ``train_pairs``."""
+    curriculum_frac: float = 0.3
+
+    # optimisation
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    grad_clip: float = 1.0
+    time_budget_s: float = 450.0
+    """Wall clock for the whole run (all models, their evals, writing outputs)."""
+    eval_reserve_s: float = 25.0
+    """Of the budget, kept per model for its evaluation."""
+    log_every: int = 50
+    autocast: bool = True
+    """bf16 autocast on CUDA (memory state stays float32)."""
+
+    # evaluation
+    eval_distances: Tuple[int, ...] = (128, 256, 512, 1024, 2048)
+    eval_pairs: int = 16
+    """Pairs per example for the distance sweep."""
+    eval_pairs_sweep: Tuple[int, ...] = (4, 8, 16, 32, 64)
+    eval_pairs_distance: int = 1024
+    """Query distance for the pairs sweep."""
+    eval_n_per_cell: int = 32
+    eval_batch_size: int = 32
+    eval_length: Optional[int] = None
+    """Length of every eval sequence (``None``: the smallest multiple of 256 that fits the grid)."""
+    eval_segment_len: Optional[int] = None
+    """Stream eval sequences in pieces (memory state carried); ``None``: whole sequences."""
+
+    @classmethod
+    def quick(cls, **kwargs: Any) -> "RecallExperimentConfig":
+        """CPU smoke preset (< 1 minute): tiny model, short sequences, a handful of steps."""
+        base: Dict[str, Any] = dict(
+            device="cpu",
+            d_model=32,
+            n_layers=1,
+            n_heads=2,
+            window=16,
+            memory_chunk_size=16,
+            seq_len=128,
+            train_pairs=(2, 4),
+            curriculum_start_gap=32,
+            spec=MQARTokenSpec(),
+            steps=6,
+            batch_size=4,
+            lr=3e-3,
+            warmup_steps=2,
+            time_budget_s=50.0,
+            eval_reserve_s=5.0,
+            log_every=2,
+            eval_distances=(16, 64),
+            eval_pairs=4,
+            eval_pairs_sweep=(2, 4),
+            eval_pairs_distance=32,
+            eval_n_per_cell=2,
+            eval_batch_size=8,
+        )
+        base.update(kwargs)
+        return cls(**base)
+
+    # ------------------------------------------------------------------ derived
+    def receptive_field(self) -> int:
+        """How far back attention alone can carry information: ``n_layers × (window − 1)``."""
+        return self.n_layers * (self.window - 1)
+
+    def resolved_gap_min(self) -> int:
+        return self.window if self.gap_min is None else self.gap_min
+
+    def resolved_eval_length(self) -> int:
+        if self.eval_length is not None:
+            return self.eval_length
+        need = max(
+            [d + 4 * self.eval_pairs for d in self.eval_distances]
+            + [self.eval_pairs_distance + 4 * n for n in self.eval_pairs_sweep]
+        )
+        return int(math.ceil((need + 1) / 256) * 256) if need > 256 else need + 1
+
+    def validate(self) -> None:
+        self.spec.validate()
+        if not self.variants:
+            raise ValueError("no variants to train")
+        lo, hi = self.train_pairs
+        if not 1 <= lo <= hi:
+            raise ValueError(f"train_pairs={self.train_pairs} must satisfy 1 <= lo <= hi")
+        if hi > self.spec.n_keys:
+            raise ValueError(f"train_pairs max {hi} exceeds the {self.spec.n_keys} keys of the spec")
+        if max(self.eval_pairs_sweep + (self.eval_pairs,)) > self.spec.n_keys:
+            raise ValueError(f"eval pairs exceed the {self.spec.n_keys} keys of the spec")
+        if self.seq_len < 4 * hi + self.resolved_gap_min() + 1:
+            raise ValueError(
+                f"seq_len={self.seq_len} can't hold {hi} pairs, their queries and a gap of "
+                f"{self.resolved_gap_min()} (need >= {4 * hi + self.resolved_gap_min() + 1})"
+            )
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        for name in ("steps", "batch_size", "log_every", "eval_n_per_cell", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0 < self.curriculum_frac <= 1:
+            raise ValueError(f"curriculum_frac={self.curriculum_frac} must be in (0, 1]")
+        if self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s={self.time_budget_s} must be > 0")
+        for m in self.memory_layers:
+            if not 0 <= m < self.n_layers:
+                raise ValueError(f"memory layer {m} out of range for n_layers={self.n_layers}")
+        if self.memory_impl != "auto":
+            MemoryImpl(self.memory_impl)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+
+
+def _all_windowed(base: TransformerConfig, window: int) -> None:
+    """Every layer sliding-window (no full-attention first/last layer), in place."""
+    mixer = base.block.sequence_mixer  # type: ignore[union-attr]
+    mixer.sliding_window = SlidingWindowAttentionConfig(
+        pattern=[window], force_full_attention_on_first_layer=False, force_full_attention_on_last_layer=False
+    )
+
+
+def build_model_config(cfg: RecallExperimentConfig, variant: Variant, impl: Optional[str] = None) -> Any:
+    """The OLMo-core model config of one variant: a plain ``TransformerConfig`` for the window-only
+    control, a ``MirasModelConfig`` otherwise (same base, same init seed -> same base weights)."""
+    memory = MirasMemoryConfig(
+        block_type=variant.block_type or "mag",  # type: ignore[arg-type]
+        layers=list(cfg.memory_layers),
+        preset=variant.preset,
+        chunk_size=cfg.memory_chunk_size,
+        n_heads=cfg.memory_heads,
+        depth=cfg.memory_depth,
+        check_finite=False,
+        impl=None if impl is None else MemoryImpl(impl),
+    )
+    mc = tiny_miras(
+        vocab_size=cfg.spec.vocab_size,
+        d_model=cfg.d_model,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        window=cfg.window,
+        memory=memory,
+    )
+    _all_windowed(mc.base, cfg.window)
+    mc.base.init_seed = cfg.seed
+    if variant.block_type is None:
+        return mc.base
+    return mc
+
+
+def _tune_memory(model: nn.Module, cfg: RecallExperimentConfig) -> None:
+    """Apply ``alpha_init`` / ``theta_init`` to every neural memory (gate biases, in place).
+
+    Done on the built model because ``MirasMemoryConfig`` exposes only the preset; the saved
+    config then carries the preset's values, which is fine: the biases are trained parameters.
+    """
+    for m in model.modules():
+        if isinstance(m, NeuralMemory):
+            c = m.config
+            if cfg.alpha_init is not None:
+                c.alpha_init = cfg.alpha_init
+            if cfg.theta_init is not None:
+                c.theta_init = cfg.theta_init
+            b = c.gate_biases()
+            with torch.no_grad():
+                m.w_alpha.bias.fill_(b["alpha"])
+                m.w_theta.bias.fill_(b["theta"])
+
+
+def build_model(cfg: RecallExperimentConfig, variant: Variant, device: torch.device, impl: Optional[str]) -> Tuple[nn.Module, Any]:
+    mc = build_model_config(cfg, variant, impl)
+    model = mc.build(init_device="cpu")
+    model.init_weights(max_seq_len=max(cfg.seq_len, cfg.resolved_eval_length()), device=device)
+    _tune_memory(model, cfg)
+    return model.to(device), mc
+
+
+def save_model(model: nn.Module, model_config: Any, directory: Path, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """``directory/config.json`` (``{"model": <OLMo-core config dict>, ...extra}``) and
+    ``directory/model.pt`` (the state dict): the "saved model" format ``scripts/evaluate.py`` reads."""
+    directory.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model_config.as_config_dict(), **(extra or {})}
+    (directory / "config.json").write_text(json.dumps(payload, indent=1, default=str))
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, directory / "model.pt")
+    return directory
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: batched raw-token MQAR, generated on the device
+# ---------------------------------------------------------------------------------------------
+
+
+def mqar_batch(
+    batch_size: int,
+    seq_len: int,
+    n_pairs: torch.Tensor,
+    gaps: torch.Tensor,
+    spec: MQARTokenSpec,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, labels)`` of ``batch_size`` raw-token MQAR sequences, laid out exactly like
+    :func:`~.tasks.mqar_token_examples` (``[noise][k v]*n[gap noise][k v]*n``, every pair queried
+    in random order), with per-row ``n_pairs`` / ``gaps``. ``labels`` are shifted (OLMo-core
+    convention): ``labels[t]`` is the value to predict after query key ``t``, ``-100`` elsewhere.
+
+    Vectorised on ``device`` (generating 32 × 2k tokens in Python would cost as much as a step).
+    """
+    b, t = batch_size, seq_len
+    n_max = int(n_pairs.max())
+    g = generator
+    cpu = torch.device("cpu")
+    n_keys, n_vals = spec.n_keys, spec.n_values
+    noise = torch.randint(spec.noise_range[0], spec.noise_range[1], (b, t + 1), generator=g, device=cpu)
+    keys = torch.rand(b, n_keys, generator=g, device=cpu).argsort(dim=1)[:, :n_max] + spec.key_range[0]
+    values = torch.randint(0, n_vals, (b, n_max), generator=g, device=cpu) + spec.value_range[0]
+    j = torch.arange(n_max)
+    live = j[None, :] < n_pairs[:, None]  # (b, n_max)
+    # query order: a random permutation of the live pairs
+    order = torch.rand(b, n_max, generator=g, device=cpu).masked_fill(~live, 2.0).argsort(dim=1)
+    q_start = t - 2 * n_pairs  # (b,)
+    p_start = q_start - gaps - 2 * n_pairs
+    if bool((p_start < 0).any()):
+        raise ValueError("a row's pairs, gap and queries don't fit seq_len")
+    dump = torch.full_like(keys, t)  # dead slots write to the extra column t
+    pk = torch.where(live, p_start[:, None] + 2 * j[None, :], dump)
+    qk = torch.where(live, q_start[:, None] + 2 * j[None, :], dump)
+    ids = noise
+    ids.scatter_(1, pk, keys)
+    ids.scatter_(1, torch.where(live, pk + 1, dump), values)
+    q_keys = keys.gather(1, order)
+    q_vals = values.gather(1, order)
+    ids.scatter_(1, qk, q_keys)
+    ids.scatter_(1, torch.where(live, qk + 1, dump), q_vals)
+    labels = torch.full((b, t + 1), IGNORE_INDEX, dtype=torch.long)
+    labels.scatter_(1, qk, q_vals)
+    return ids[:, :t].to(device, non_blocking=True), labels[:, :t].to(device, non_blocking=True)
+
+
+def _gap_cap(cfg: RecallExperimentConfig, progress: float) -> int:
+    """The curriculum: the largest training gap at ``progress`` (0 -> 1)."""
+    ramp = min(1.0, progress / cfg.curriculum_frac)
+    return int(cfg.curriculum_start_gap + ramp * max(0, cfg.seq_len - cfg.curriculum_start_gap))
+
+
+def _pairs_range(cfg: RecallExperimentConfig, progress: float) -> Tuple[int, int]:
+    """The curriculum: pairs per sequence at ``progress``, from ``[1, start]`` to ``train_pairs``."""
+    lo, hi = cfg.train_pairs
+    ramp = min(1.0, progress / cfg.curriculum_frac)
+    start = min(cfg.curriculum_start_pairs, hi)
+    cur_hi = int(round(start + ramp * (hi - start)))
+    return min(lo, cur_hi), cur_hi
+
+
+def _draw_batch(
+    cfg: RecallExperimentConfig, progress: float, generator: torch.Generator, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = _pairs_range(cfg, progress)
+    b = cfg.batch_size
+    n = torch.randint(lo, hi + 1, (b,), generator=generator)
+    gap_lo = cfg.resolved_gap_min()
+    room = cfg.seq_len - 4 * n  # the largest gap each row can hold
+    cap = _gap_cap(cfg, progress)
+    hi_gap = torch.clamp(torch.minimum(room, torch.full_like(room, cap)), min=gap_lo)
+    u = torch.rand(b, generator=generator)
+    gaps = (gap_lo + u * (hi_gap - gap_lo + 1).float()).long().clamp(max=hi_gap)
+    return mqar_batch(b, cfg.seq_len, n, gaps, cfg.spec, generator, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+class _Stop:
+    """SIGINT/SIGTERM -> finish the current step, skip to evaluation and writing results."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old: Dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. some test runners)
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        del frame
+        if self.requested:  # second signal: give up
+            self.restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n[recall] signal {signum}: stopping training, evaluating and saving what we have", flush=True)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> List[Dict[str, Any]]:
+    """Decay matrices only: embeddings, norms, biases, gate biases and the memory's initial
+    weights are left alone (decaying the initial memory towards 0 would fight the write rule)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2 or "embeddings" in name or "memory_init" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _lr_factor(progress: float, step: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _answer_acc(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Fraction of answer positions whose argmax is right (a device tensor: no host sync)."""
+    mask = labels != IGNORE_INDEX
+    hit = (logits.argmax(-1) == labels) & mask
+    return hit.sum().float() / mask.sum().clamp(min=1).float()
+
+
+def _set_memory_impl(model: nn.Module, impl: str) -> None:
+    for m in model.modules():
+        if isinstance(m, NeuralMemory):
+            m.impl = MemoryImpl(impl)
+
+
+def train_variant(
+    cfg: RecallExperimentConfig,
+    variant: Variant,
+    device: torch.device,
+    deadline: float,
+    stop: _Stop,
+    printer: Any = print,
+) -> Tuple[nn.Module, Any, Dict[str, Any]]:
+    """Train one model until ``cfg.steps`` or the wall-clock ``deadline``; returns the model, its
+    config and the training log."""
+    impl: Optional[str] = None
+    if variant.block_type is not None:
+        impl = cfg.memory_impl if cfg.memory_impl != "auto" else ("graphed" if device.type == "cuda" else "chunked")
+    torch.manual_seed(cfg.seed)
+    model, mc = build_model(cfg, variant, device, impl)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    use_ac = cfg.autocast and device.type == "cuda"
+    t0 = time.monotonic()
+    allowance = max(1.0, deadline - t0)
+    history: List[Dict[str, Any]] = []
+    # running sums stay on the device: one host sync per log interval, not per step
+    run_loss = torch.zeros((), device=device)
+    run_acc = torch.zeros((), device=device)
+    run_n = 0
+    step = 0
+    stopped_by = "steps"
+    fallback_note: Optional[str] = None
+    printer(
+        f"[recall] training {variant.name}: {n_params:,d} params, memory impl {impl or '-'}, "
+        f"{cfg.steps} steps max, {allowance:.0f}s allowed"
+    )
+    while step < cfg.steps:
+        now = time.monotonic()
+        if now >= deadline:
+            stopped_by = "time budget"
+            break
+        if stop.requested:
+            stopped_by = "signal"
+            break
+        progress = max(step / cfg.steps, (now - t0) / allowance)
+        lr = cfg.lr * _lr_factor(progress, step, cfg.warmup_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        ids, labels = _draw_batch(cfg, progress, gen, device)
+        try:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_ac):
+                logits = model(ids)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+        except Exception as e:  # noqa: BLE001 - compiled/graphed memory paths: fall back once
+            if step < 3 and impl in ("graphed", "compiled"):
+                fallback_note = f"memory impl {impl} failed at step {step} ({type(e).__name__}: {e}); using chunked"
+                printer(f"[recall] WARNING: {fallback_note}")
+                impl = "chunked"
+                _set_memory_impl(model, impl)
+                opt.zero_grad(set_to_none=True)
+                continue
+            raise
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        with torch.no_grad():
+            run_loss += loss.detach()
+            run_acc += _answer_acc(logits.detach(), labels)
+        run_n += 1
+        if step % cfg.log_every == 0 or step == 1:
+            elapsed = time.monotonic() - t0
+            rec = {
+                "step": step,
+                "elapsed_s": round(elapsed, 2),
+                "loss": float(run_loss) / run_n,
+                "answer_acc": float(run_acc) / run_n,
+                "lr": lr,
+                "max_gap": _gap_cap(cfg, progress),
+                "pairs": list(_pairs_range(cfg, progress)),
+                "progress": round(progress, 4),
+            }
+            history.append(rec)
+            printer(
+                f"[recall] {variant.name} step {step:>5d}  {elapsed:7.1f}s  loss {rec['loss']:.4f}  "
+                f"answer acc {rec['answer_acc']:.3f}  lr {lr:.2e}  gap <= {rec['max_gap']}  pairs {rec['pairs']}"
+            )
+            run_loss.zero_()
+            run_acc.zero_()
+            run_n = 0
+    elapsed = time.monotonic() - t0
+    info = {
+        "steps": step,
+        "seconds": round(elapsed, 2),
+        "stopped_by": stopped_by,
+        "steps_per_s": round(step / max(elapsed, 1e-9), 3),
+        "n_params": n_params,
+        "memory_impl": impl,
+        "history": history,
+    }
+    if fallback_note:
+        info["note"] = fallback_note
+    printer(f"[recall] {variant.name}: {step} steps in {elapsed:.1f}s (stopped by {stopped_by})")
+    if impl in ("graphed", "compiled"):
+        _set_memory_impl(model, "chunked")  # eval: eager, no recompiles for new shapes
+    model.eval()
+    return model, mc, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and reporting
+# ---------------------------------------------------------------------------------------------
+
+
+def eval_examples(cfg: RecallExperimentConfig) -> List[EvalExample]:
+    """The distance sweep (``eval_pairs`` pairs) and the pairs sweep (at ``eval_pairs_distance``),
+    all at one length, so the only thing that changes along each axis is the axis."""
+    length = cfg.resolved_eval_length()
+    seed = cfg.seed + 12345  # disjoint from anything the training stream could draw
+    ex = mqar_token_examples(
+        (length,), cfg.eval_pairs, cfg.eval_distances, cfg.eval_n_per_cell, seed, spec=cfg.spec
+    )
+    seen = {(e.n_pairs, e.distance) for e in ex}
+    pairs = [n for n in cfg.eval_pairs_sweep if (n, cfg.eval_pairs_distance) not in seen]
+    if pairs:
+        ex += mqar_token_examples(
+            (length,), pairs, (cfg.eval_pairs_distance,), cfg.eval_n_per_cell, seed, spec=cfg.spec
+        )
+    return ex
+
+
+def _cells(res: EvalResults) -> List[Dict[str, Any]]:
+    return [dataclasses.asdict(c) for c in res.cells]
+
+
+def recall_table(models: Dict[str, Dict[str, Any]], cfg: RecallExperimentConfig) -> str:
+    """Per-query recall by distance and by pairs, one column per model."""
+    names = list(models)
+    lines: List[str] = []
+
+    def row(label: str, vals: List[Optional[float]]) -> str:
+        return f"{label:>22}  " + "  ".join(f"{'-' if v is None else f'{v:.3f}':>12}" for v in vals)
+
+    def lookup(name: str, n_pairs: int, distance: int) -> Optional[float]:
+        for c in models[name].get("cells", []):
+            if c["n_pairs"] == n_pairs and c["distance"] == distance:
+                return c["query_accuracy"]
+        return None
+
+    header = f"{'':>22}  " + "  ".join(f"{n[:12]:>12}" for n in names)
+    lines.append(f"per-query recall, {cfg.eval_pairs} pairs, by distance (receptive field of attention: "
+                 f"{cfg.receptive_field()} tokens; chance {1 / cfg.spec.n_values:.3f})")
+    lines.append(header)
+    for d in cfg.eval_distances:
+        lines.append(row(f"distance {d}", [lookup(n, cfg.eval_pairs, d) for n in names]))
+    lines.append("")
+    lines.append(f"per-query recall at distance {cfg.eval_pairs_distance}, by number of pairs")
+    lines.append(header)
+    for p in cfg.eval_pairs_sweep:
+        lines.append(row(f"{p} pairs", [lookup(n, p, cfg.eval_pairs_distance) for n in names]))
+    lines.append("")
+    lines.append(row("train steps", [models[n].get("train", {}).get("steps") for n in names]).replace(".000", "    "))
+    return "\n".join(lines)
+
+
+def _plots(results: Dict[str, Any], cfg: RecallExperimentConfig, out: Path) -> List[str]:
+    from .plot import plot_accuracy
+
+    models = {n: m["cells"] for n, m in results["models"].items() if m.get("cells")}
+    if not models:
+        return []
+    chance = {"mqar_tokens": 1.0 / cfg.spec.n_values}
+    vl = {f"attention reach {cfg.receptive_field()}": float(cfg.receptive_field())}
+    paths = [
+        plot_accuracy(
+            models, out / "recall_vs_distance.png", x="distance", metric="query_accuracy",
+            where={"n_pairs": cfg.eval_pairs}, chance=chance, vlines=vl,
+            title=f"MQAR recall vs query distance ({cfg.eval_pairs} pairs, window {cfg.window})",
+        ),
+        plot_accuracy(
+            models, out / "recall_vs_pairs.png", x="n_pairs", metric="query_accuracy",
+            where={"distance": cfg.eval_pairs_distance}, chance=chance,
+            title=f"MQAR recall vs pairs (distance {cfg.eval_pairs_distance})",
+        ),
+    ]
+    return [str(p) for p in paths]
+
+
+def _write_json(path: Path, payload: Dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def run_experiment(cfg: RecallExperimentConfig, printer: Any = print) -> Dict[str, Any]:
+    """Train and evaluate every variant; returns (and writes) the results dict."""
+    cfg.validate()
+    t_start = time.monotonic()
+    deadline_all = t_start + cfg.time_budget_s
+    device = resolve_device(cfg.device)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    examples = eval_examples(cfg)
+    results: Dict[str, Any] = {
+        "status": "running",
+        "config": cfg.as_config_dict(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "eval_length": cfg.resolved_eval_length(),
+        "receptive_field": cfg.receptive_field(),
+        "chance": 1.0 / cfg.spec.n_values,
+        "models": {},
+    }
+    printer(
+        f"[recall] device {results['device']}; {len(cfg.variants)} models; budget {cfg.time_budget_s:.0f}s; "
+        f"train seq {cfg.seq_len}, eval length {results['eval_length']} ({len(examples)} sequences per model)"
+    )
+    stop = _Stop()
+    stop.install()
+    try:
+        for k, variant in enumerate(cfg.variants):
+            remaining = len(cfg.variants) - k
+            now = time.monotonic()
+            # Equal shares of what is left; a fast model (window-only) finishing early leaves its
+            # unused time to the next ones.
+            share = (deadline_all - now - cfg.eval_reserve_s * remaining) / remaining
+            deadline = now + max(share, 5.0)
+            entry: Dict[str, Any] = {"variant": variant.as_config_dict()}
+            results["models"][variant.name] = entry
+            try:
+                model, mc, info = train_variant(cfg, variant, device, deadline, stop, printer)
+            except Exception as e:  # noqa: BLE001 - record the failure, keep the other models
+                entry["error"] = f"{type(e).__name__}: {e}"
+                printer(f"[recall] {variant.name} FAILED: {entry['error']}")
+                _write_json(out / "results.json", results)
+                continue
+            entry["train"] = info
+            t_eval = time.monotonic()
+            res = evaluate_examples(
+                model, examples, batch_size=cfg.eval_batch_size, segment_len=cfg.eval_segment_len,
+                autocast=False,
+            )
+            entry["eval_seconds"] = round(time.monotonic() - t_eval, 2)
+            entry["cells"] = _cells(res)
+            entry["summary"] = {"accuracy": res.accuracy(), "query_accuracy": _mean_query_acc(res.cells)}
+            save_model(model, mc, out / variant.name.replace(":", "_"), {"recall_experiment": cfg.as_config_dict()})
+            printer(f"[recall] {variant.name} evaluated in {entry['eval_seconds']:.1f}s\n{format_table(res)}")
+            _write_json(out / "results.json", results)
+            del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    finally:
+        stop.restore()
+        results["status"] = "interrupted" if stop.requested else "done"
+        results["seconds"] = round(time.monotonic() - t_start, 2)
+        try:
+            results["plots"] = _plots(results, cfg, out)
+        except Exception as e:  # noqa: BLE001 - a plotting problem must not lose the numbers
+            results["plot_error"] = f"{type(e).__name__}: {e}"
+        _write_json(out / "results.json", results)
+    table = recall_table(results["models"], cfg)
+    (out / "table.txt").write_text(table + "\n")
+    printer("\n" + table)
+    printer(f"\n[recall] {results['status']} in {results['seconds']:.0f}s; results in {out}/")
+    return results
+
+
+def _mean_query_acc(cells: Sequence[CellScore]) -> float:
+    n = sum(c.n_examples for c in cells)
+    return sum(c.query_accuracy * c.n_examples for c in cells) / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------
+
+
+def _ints(s: str) -> Tuple[int, ...]:
+    return tuple(int(x) for x in s.replace(",", " ").split())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = RecallExperimentConfig()
+    p = argparse.ArgumentParser(
+        prog="recall_experiment.py",
+        description="Train a window-only model and its MIRAS-memory twin on MQAR; measure recall by "
+        "query distance and number of pairs. Defaults: sized for one H100 in <= 8 minutes.",
+    )
+    p.add_argument("--quick", action="store_true", help="CPU smoke preset (< 1 minute); other flags still apply")
+    p.add_argument("--output-dir", default=d.output_dir)
+    p.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--variants", default="window,mag:titans",
+                   help="comma list: window, <mal|mag|mac|lm2>[:<titans|moneta|yaad|memora>]")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--time-budget-s", type=float, help="wall clock for the whole run (all models)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--train-pairs", type=_ints, help="'lo hi' pairs per training sequence")
+    p.add_argument("--curriculum-start-gap", type=int)
+    p.add_argument("--curriculum-start-pairs", type=int)
+    p.add_argument("--curriculum-frac", type=float)
+    p.add_argument("--d-model", type=int)
+    p.add_argument("--layers", type=int, dest="n_layers")
+    p.add_argument("--heads", type=int, dest="n_heads")
+    p.add_argument("--window", type=int)
+    p.add_argument("--memory-layers", type=_ints)
+    p.add_argument("--memory-chunk-size", type=int)
+    p.add_argument("--memory-impl", choices=["auto"] + [i.value for i in MemoryImpl])
+    p.add_argument("--memory-heads", type=int)
+    p.add_argument("--memory-depth", type=int)
+    p.add_argument("--alpha-init", type=float, help="initial forget rate (titans preset: 0.01)")
+    p.add_argument("--theta-init", type=float, help="initial memory learning rate (titans preset: 0.1)")
+    p.add_argument("--no-autocast", action="store_true", help="fp32 training on CUDA")
+    p.add_argument("--eval-distances", type=_ints)
+    p.add_argument("--eval-pairs", type=int)
+    p.add_argument("--eval-pairs-sweep", type=_ints)
+    p.add_argument("--eval-pairs-distance", type=int)
+    p.add_argument("--eval-n-per-cell", type=int)
+    p.add_argument("--eval-length", type=int)
+    p.add_argument("--eval-segment-len", type=int, help="stream eval sequences in segments of this length")
+    return p
+
+
+_FLAG_FIELDS = (
+    "seed", "steps", "time_budget_s", "batch_size", "lr", "weight_decay", "warmup_steps", "log_every",
+    "seq_len", "train_pairs", "curriculum_start_gap", "curriculum_start_pairs", "curriculum_frac", "d_model", "n_layers", "n_heads",
+    "window", "memory_layers", "memory_chunk_size", "memory_impl", "memory_heads", "memory_depth",
+    "alpha_init", "theta_init", "eval_distances", "eval_pairs", "eval_pairs_sweep", "eval_pairs_distance",
+    "eval_n_per_cell", "eval_length", "eval_segment_len",
+)
+
+
+def config_from_args(args: argparse.Namespace) -> RecallExperimentConfig:
+    kwargs: Dict[str, Any] = {"output_dir": args.output_dir, "device": args.device}
+    for name in _FLAG_FIELDS:
+        v = getattr(args, name, None)
+        if v is not None:
+            kwargs[name] = list(v) if name == "memory_layers" else v
+    if args.train_pairs is not None and len(args.train_pairs) != 2:
+        raise ValueError(f"--train-pairs needs two numbers 'lo hi', got {args.train_pairs}")
+    kwargs["variants"] = parse_variants(args.variants)
+    if args.no_autocast:
+        kwargs["autocast"] = False
+    if args.quick:
+        if args.device == "auto":
+            kwargs["device"] = "cpu"
+        return RecallExperimentConfig.quick(**kwargs)
+    return RecallExperimentConfig(**kwargs)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+        cfg.validate()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = run_experiment(cfg, printer=lambda s: print(s, flush=True))
+    failed = [n for n, m in results["models"].items() if "error" in m]
+    return 1 if failed else 0
