@@ -13,7 +13,9 @@ Constant memory on unbounded streams needs one approximation: full-attention lay
 every past key/value, so ``max_kv_context`` caps what they carry between calls (OLMo-core
 ``MirasAttention.max_kv_context``; :class:`~olmo_miras_plugin.hf.modeling_olmo_miras.CappedKVLayer`
 on the HF side — the same rule, so both sides still agree). Sliding-window layers are exact either
-way.
+way. Positions are the other thing that grows: OLMo-core's RoPE caches a sin/cos table from
+position 0 up to the current one, so while an OLMo-core model generates here its RoPE computes
+only the rows each call needs (:func:`_windowed_rope_forward`; transformers' RoPE already does).
 
 Two back ends with one interface (:class:`StatefulLM`):
 
@@ -25,6 +27,7 @@ Two back ends with one interface (:class:`StatefulLM`):
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional, Union
@@ -69,6 +72,52 @@ class StatefulLM:
         """Release the carried state (and leave stateful mode)."""
 
 
+def _windowed_rope_forward(rope: nn.Module, q: torch.Tensor, k: torch.Tensor, head_first: bool = True, **kwargs):
+    """OLMo-core ``RotaryEmbedding.forward`` computing sin/cos only for the positions of this call.
+
+    OLMo-core caches a sin/cos table for positions ``[0, n)`` and rebuilds all of it whenever a
+    call needs a longer one, so a stream at position p holds (and, token by token, rebuilds) a
+    p-row table: memory and time that grow with the stream. The rows a call needs are the same
+    numbers (the same formula on the same float positions), computed for ``[start, start + len)``
+    and handed to OLMo-core's forward as its buffers.
+    """
+    from olmo_core.nn.rope import compute_inv_freqs
+
+    forward = type(rope).forward
+    start = kwargs.get("start_pos")
+    if start is None or kwargs.get("pos_sin") is not None or kwargs.get("cu_doc_lens") is not None:
+        return forward(rope, q, k, head_first, **kwargs)
+    n = k.shape[2] if head_first else k.shape[1]
+    device = q.device
+    with torch.autocast(device.type, enabled=False):
+        if rope.scaling is None:
+            inv_freq, factor = compute_inv_freqs(rope.theta, rope.rotary_dim, device), 1.0
+        else:
+            inv_freq, factor = rope.scaling.compute_scaled_inv_freq(theta=rope.theta, dim=rope.rotary_dim, device=device)
+        pos = torch.arange(start, start + n, device=device, dtype=torch.float)
+        freqs = torch.einsum("i , j -> i j", pos, inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        sin, cos = angles.sin() * factor, angles.cos() * factor
+    kwargs.update(start_pos=0, pos_sin=sin, pos_cos=cos)
+    return forward(rope, q, k, head_first, **kwargs)
+
+
+def _enable_windowed_rope(model: nn.Module) -> List[nn.Module]:
+    """Shadow the ``forward`` of every OLMo-core ``RotaryEmbedding`` of ``model`` (on the instance,
+    undone by :func:`_disable_windowed_rope`) with :func:`_windowed_rope_forward`."""
+    from olmo_core.nn.rope import RotaryEmbedding
+
+    ropes = {id(m): m for m in model.modules() if type(m) is RotaryEmbedding and "forward" not in m.__dict__}
+    for rope in ropes.values():
+        rope.forward = functools.partial(_windowed_rope_forward, rope)
+    return list(ropes.values())
+
+
+def _disable_windowed_rope(ropes: List[nn.Module]) -> None:
+    for rope in ropes:
+        rope.__dict__.pop("forward", None)
+
+
 class OLMoCoreStatefulLM(StatefulLM):
     """An OLMo-core MIRAS model (``MirasModelConfig(...).build()``) in stateful mode.
 
@@ -93,6 +142,7 @@ class OLMoCoreStatefulLM(StatefulLM):
                     self._saved_caps[name] = m.max_kv_context
                     m.max_kv_context = max_kv_context
         self._carry = carry_memory_states(model)
+        self._windowed_ropes = _enable_windowed_rope(model)
 
     @property
     def device(self) -> torch.device:
@@ -107,6 +157,8 @@ class OLMoCoreStatefulLM(StatefulLM):
 
     def close(self) -> None:
         self._carry.__exit__(None, None, None)
+        _disable_windowed_rope(self._windowed_ropes)
+        self._windowed_ropes = []
         mods = dict(self.model.named_modules())
         for name, cap in self._saved_caps.items():
             mods[name].max_kv_context = cap

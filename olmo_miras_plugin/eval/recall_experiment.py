@@ -156,7 +156,8 @@ class RecallExperimentConfig(Config):
     seq_len: int = 2048
     train_pairs: Tuple[int, int] = (4, 32)
     gap_min: Optional[int] = None
-    """Smallest training gap (``None``: the window)."""
+    """Smallest training gap (``None``: the attention's receptive field + 1, so no training
+    example can be solved without the memory)."""
     curriculum_start_gap: int = 256
     curriculum_start_pairs: int = 1
     """The curriculum starts with at most this many pairs (1: learn to write, keep and read a
@@ -174,6 +175,9 @@ class RecallExperimentConfig(Config):
     """Wall clock for the whole run (all models, their evals, writing outputs)."""
     eval_reserve_s: float = 25.0
     """Of the budget, kept per model for its evaluation."""
+    control_budget_s: float = 45.0
+    """Of the budget, kept for each window-only control (trained after the memory models, for as
+    many steps as they got; it is several times faster per step)."""
     log_every: int = 50
     autocast: bool = True
     """bf16 autocast on CUDA (memory state stays float32)."""
@@ -212,6 +216,7 @@ class RecallExperimentConfig(Config):
             warmup_steps=2,
             time_budget_s=50.0,
             eval_reserve_s=5.0,
+            control_budget_s=8.0,
             log_every=2,
             eval_distances=(16, 64),
             eval_pairs=4,
@@ -229,7 +234,7 @@ class RecallExperimentConfig(Config):
         return self.n_layers * (self.window - 1)
 
     def resolved_gap_min(self) -> int:
-        return self.window if self.gap_min is None else self.gap_min
+        return self.receptive_field() + 1 if self.gap_min is None else self.gap_min
 
     def resolved_eval_length(self) -> int:
         if self.eval_length is not None:
@@ -509,9 +514,11 @@ def train_variant(
     deadline: float,
     stop: _Stop,
     printer: Any = print,
+    steps: Optional[int] = None,
 ) -> Tuple[nn.Module, Any, Dict[str, Any]]:
-    """Train one model until ``cfg.steps`` or the wall-clock ``deadline``; returns the model, its
-    config and the training log."""
+    """Train one model for ``steps`` (default ``cfg.steps``) or until the wall-clock ``deadline``;
+    returns the model, its config and the training log."""
+    max_steps = cfg.steps if steps is None else max(1, int(steps))
     impl: Optional[str] = None
     if variant.block_type is not None:
         impl = cfg.memory_impl if cfg.memory_impl != "auto" else ("graphed" if device.type == "cuda" else "chunked")
@@ -534,9 +541,9 @@ def train_variant(
     fallback_note: Optional[str] = None
     printer(
         f"[recall] training {variant.name}: {n_params:,d} params, memory impl {impl or '-'}, "
-        f"{cfg.steps} steps max, {allowance:.0f}s allowed"
+        f"{max_steps} steps max, {allowance:.0f}s allowed"
     )
-    while step < cfg.steps:
+    while step < max_steps:
         now = time.monotonic()
         if now >= deadline:
             stopped_by = "time budget"
@@ -544,7 +551,7 @@ def train_variant(
         if stop.requested:
             stopped_by = "signal"
             break
-        progress = max(step / cfg.steps, (now - t0) / allowance)
+        progress = max(step / max_steps, (now - t0) / allowance)
         lr = cfg.lr * _lr_factor(progress, step, cfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -664,7 +671,10 @@ def recall_table(models: Dict[str, Dict[str, Any]], cfg: RecallExperimentConfig)
     for p in cfg.eval_pairs_sweep:
         lines.append(row(f"{p} pairs", [lookup(n, p, cfg.eval_pairs_distance) for n in names]))
     lines.append("")
-    lines.append(row("train steps", [models[n].get("train", {}).get("steps") for n in names]).replace(".000", "    "))
+    steps = [models[n].get("train", {}).get("steps") for n in names]
+    lines.append(f"{'train steps':>22}  " + "  ".join(f"{'-' if v is None else v:>12}" for v in steps))
+    secs = [models[n].get("train", {}).get("seconds") for n in names]
+    lines.append(f"{'train seconds':>22}  " + "  ".join(f"{'-' if v is None else round(v):>12}" for v in secs))
     return "\n".join(lines)
 
 
@@ -722,23 +732,39 @@ def run_experiment(cfg: RecallExperimentConfig, printer: Any = print) -> Dict[st
     )
     stop = _Stop()
     stop.install()
+    # Memory models first (they are what the time budget is for); the window-only control then
+    # trains for as many steps as the memory models got, which takes it far less time.
+    memory = [v for v in cfg.variants if v.block_type is not None]
+    controls = [v for v in cfg.variants if v.block_type is None]
+    for v in cfg.variants:  # table/JSON order = the order given
+        results["models"][v.name] = {"variant": v.as_config_dict()}
+    trained_steps: List[int] = []
     try:
-        for k, variant in enumerate(cfg.variants):
-            remaining = len(cfg.variants) - k
+        for k, variant in enumerate(memory + controls):
+            if stop.requested:
+                results["models"][variant.name]["error"] = "not trained: interrupted"
+                continue
             now = time.monotonic()
-            # Equal shares of what is left; a fast model (window-only) finishing early leaves its
-            # unused time to the next ones.
-            share = (deadline_all - now - cfg.eval_reserve_s * remaining) / remaining
-            deadline = now + max(share, 5.0)
-            entry: Dict[str, Any] = {"variant": variant.as_config_dict()}
-            results["models"][variant.name] = entry
+            left = len(memory) + len(controls) - k
+            steps = cfg.steps
+            if variant.block_type is not None:
+                n_mem_left = len(memory) - k
+                reserve = cfg.control_budget_s * len(controls) + cfg.eval_reserve_s * left
+                deadline = now + max((deadline_all - now - reserve) / n_mem_left, 5.0)
+            else:
+                if trained_steps:
+                    steps = max(trained_steps)
+                deadline = now + max((deadline_all - now - cfg.eval_reserve_s * left) / (len(controls) - (k - len(memory))), 5.0)
+            entry = results["models"][variant.name]
             try:
-                model, mc, info = train_variant(cfg, variant, device, deadline, stop, printer)
+                model, mc, info = train_variant(cfg, variant, device, deadline, stop, printer, steps=steps)
             except Exception as e:  # noqa: BLE001 - record the failure, keep the other models
                 entry["error"] = f"{type(e).__name__}: {e}"
                 printer(f"[recall] {variant.name} FAILED: {entry['error']}")
                 _write_json(out / "results.json", results)
                 continue
+            if variant.block_type is not None:
+                trained_steps.append(int(info["steps"]))
             entry["train"] = info
             t_eval = time.monotonic()
             res = evaluate_examples(

@@ -265,6 +265,7 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="model dtype (default: float32)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--tokenizer", help="'bytes' or a directory with tokenizer.json (default: the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stats-json", help="also write the statistics to this JSON file")
@@ -279,6 +280,8 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("give --input FILE, --prompt TEXT and/or --question TEXT")
     if args.segment_len <= 0 or args.max_new_tokens < 0:
         p.error("--segment-len must be > 0 and --max-new-tokens >= 0")
+    if args.threads is not None:
+        torch.set_num_threads(max(1, args.threads))
     if args.input is not None and not Path(args.input).is_file():
         return _fail(FileNotFoundError(f"--input {args.input}: no such file"))
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
