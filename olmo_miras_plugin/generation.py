@@ -166,7 +166,10 @@ class OLMoCoreStatefulLM(StatefulLM):
 
 
 class HFStatefulLM(StatefulLM):
-    """An exported ``OlmoMirasForCausalLM`` carrying a ``MirasCache`` from call to call."""
+    """An exported ``OlmoMirasForCausalLM`` carrying a ``MirasCache`` from call to call.
+
+    ``max_kv_context=None`` keeps the model's own setting, as :class:`OLMoCoreStatefulLM` does.
+    """
 
     def __init__(self, model: nn.Module, *, max_kv_context: Optional[int] = None):
         from .hf.modeling_olmo_miras import MirasCache

@@ -170,16 +170,6 @@ class LongContextSuiteConfig(Config):
             lengths.append(self.perplexity.doc_length)
         return max(lengths)
 
-    def with_lengths(self, lengths: Sequence[int]) -> "LongContextSuiteConfig":
-        """A copy with every task's ``lengths`` (and the perplexity document length: the max) replaced."""
-        lengths = tuple(int(x) for x in lengths)
-        new = self.copy()
-        for name, cfg in new.task_configs():
-            setattr(new, name, dataclasses.replace(cfg, lengths=lengths))
-        if new.perplexity is not None:
-            new.perplexity = dataclasses.replace(new.perplexity, doc_length=max(lengths), bucket_edges=None)
-        return new
-
 
 def _mqar_token_distances(lengths: Sequence[int], n_pairs: int) -> Tuple[int, ...]:
     """Distances that fit the shortest length: 1/8, 1/4 and 1/2 of it (powers of two)."""
@@ -816,8 +806,10 @@ def _select_tasks(suite: LongContextSuiteConfig, tasks: Sequence[str]) -> LongCo
             lengths = getattr(ref, "lengths", (1024, 2048, 4096))
             n = getattr(ref, "n_per_cell", 5)
             if name == "mqar":
-                setattr(new, name, MQARTaskConfig(lengths=tuple(lengths), n_per_cell=n,
-                                                  distances=_mqar_token_distances(lengths, 16)))
+                # text pairs take ~10 tokens each with a byte tokenizer: 8 pairs, short distances
+                shortest = min(lengths)
+                setattr(new, name, MQARTaskConfig(lengths=tuple(lengths), n_per_cell=n, n_pairs=(8,),
+                                                  distances=tuple(sorted({shortest // 8, shortest // 4}))))
             elif name == "babilong_qa2":
                 setattr(new, name, BabilongTaskConfig(task="qa2", lengths=tuple(lengths), n_per_cell=n))
             elif name == "babilong_qa1":

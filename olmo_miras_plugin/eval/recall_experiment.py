@@ -26,16 +26,19 @@ Why this setup can learn long-distance recall in minutes (see ``docs/results.md`
   has to form first (that is what makes MQAR slow for attention models).
 * *Gates make distance free.* θ (write rate) and α (forget) are per-token functions of the input,
   and noise ids are a distinct range, so "don't write / don't forget on noise" is a linear
-  readout the model finds early. ``alpha_init=1e-3`` (Titans' default is 1e-2, which would leave
-  e^-20 of a write after 2,000 tokens) starts the memory long-lived, so the gradient signal from
-  long-gap examples is not vanishing at the start.
-* *Curriculum over distance.* Gaps start at ``[window, curriculum_start_gap]`` and widen linearly
-  to the whole sequence over the first ``curriculum_frac`` of training, so early batches give
-  strong signal while the gates are still being learned. Gaps never go below the window during
-  training: with a short gap attention would solve the task and the memory would not be needed.
-* *Dense supervision.* Every pair is queried (4–32 pairs per sequence), 32 sequences per step.
-* The schedule (warmup + cosine) follows *progress* = max(step / steps, elapsed / time budget),
-  so a run cut by the time budget still anneals its learning rate and completes its curriculum.
+  readout. ``alpha_init=1e-3`` (Titans' default 1e-2 would leave e^-20 of a write after 2,000
+  tokens) starts the memory long-lived, so long-gap examples give gradient signal from step 0.
+* *Adaptive curriculum.* Level 0 is one pair with short gaps: the model only has to learn to
+  write, keep and read one value (on CPU this leaves the 1/96 plateau after ~200 steps). The
+  level rises by ``curriculum_level_step`` whenever the training answer accuracy reaches
+  ``curriculum_threshold``; level 1 is ``train_pairs`` pairs and gaps up to the whole sequence.
+  A floor ``(progress / curriculum_frac)²`` guarantees the full task late in the run. Adaptive,
+  because the step count the GPU delivers is not known in advance (fused vs eager memory path).
+* *No shortcut.* Training gaps start beyond attention's receptive field, so every training
+  example needs the memory (and the control can only learn the value prior).
+* *Dense supervision.* Every pair is queried; 64 sequences per step.
+* The LR schedule (warmup + cosine) follows *progress* = max(step / steps, elapsed / time
+  allowance), so a run cut by the time budget still anneals.
 
 Outputs (``output_dir``): ``results.json`` (config, per-model training log and eval cells; written
 after every model, so an interrupted run keeps what finished), ``recall_vs_distance.png``,
@@ -66,7 +69,8 @@ from olmo_core.nn.attention import SlidingWindowAttentionConfig
 from olmo_core.nn.transformer import TransformerConfig
 
 from ..memory import MemoryImpl, NeuralMemory
-from ..models import MirasMemoryConfig, MirasModelConfig, tiny_miras
+from ..memory import PRESETS
+from ..models import MirasMemoryConfig, tiny_miras
 from .harness import evaluate_examples, resolve_device
 from .scoring import CellScore, EvalResults, format_table
 from .tasks import IGNORE_INDEX, EvalExample, MQARTokenSpec, mqar_token_examples
@@ -115,6 +119,8 @@ def parse_variants(spec: str) -> List[Variant]:
         preset = preset or "titans"
         if block not in ("mal", "mag", "mac", "lm2"):
             raise ValueError(f"unknown variant {item!r}: use 'window' or '<mal|mag|mac|lm2>[:<preset>]'")
+        if preset not in PRESETS:
+            raise ValueError(f"unknown memory preset {preset!r} in {item!r}; valid: {', '.join(PRESETS)}")
         out.append(Variant(name=f"{block}:{preset}" if block != "lm2" else "lm2", block_type=block, preset=preset))
     if not out:
         raise ValueError(f"no variants in {spec!r}")
@@ -159,19 +165,27 @@ class RecallExperimentConfig(Config):
     """Smallest training gap (``None``: the attention's receptive field + 1, so no training
     example can be solved without the memory)."""
     curriculum_start_gap: int = 256
+    """At curriculum level 0 gaps are at most this long; at level 1 as long as a sequence allows."""
     curriculum_start_pairs: int = 1
-    """The curriculum starts with at most this many pairs (1: learn to write, keep and read a
-    value before having to tell keys apart) and widens to ``train_pairs``."""
-    curriculum_frac: float = 0.3
+    """At level 0 at most this many pairs (1: learn to write, keep and read a value before having
+    to tell keys apart); at level 1 ``train_pairs``."""
+    curriculum_threshold: float = 0.85
+    """Adaptive curriculum: raise the level by ``curriculum_level_step`` whenever the training
+    answer accuracy over the last ``curriculum_check_every`` steps reaches this."""
+    curriculum_level_step: float = 0.1
+    curriculum_check_every: int = 20
+    curriculum_frac: float = 0.6
+    """Floor of the level: ``(progress / curriculum_frac)²``, so the full task is reached by this
+    fraction of the run even if the accuracy threshold is not (``1``: no floor until the end)."""
 
     # optimisation
-    steps: int = 3000
-    batch_size: int = 32
+    steps: int = 4000
+    batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     grad_clip: float = 1.0
-    time_budget_s: float = 450.0
+    time_budget_s: float = 420.0
     """Wall clock for the whole run (all models, their evals, writing outputs)."""
     eval_reserve_s: float = 25.0
     """Of the budget, kept per model for its evaluation."""
@@ -268,6 +282,8 @@ class RecallExperimentConfig(Config):
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0 < self.curriculum_frac <= 1:
             raise ValueError(f"curriculum_frac={self.curriculum_frac} must be in (0, 1]")
+        if not 0 < self.curriculum_level_step <= 1 or self.curriculum_check_every < 1:
+            raise ValueError("curriculum_level_step must be in (0, 1] and curriculum_check_every >= 1")
         if self.time_budget_s <= 0:
             raise ValueError(f"time_budget_s={self.time_budget_s} must be > 0")
         for m in self.memory_layers:
@@ -408,30 +424,34 @@ def mqar_batch(
     return ids[:, :t].to(device, non_blocking=True), labels[:, :t].to(device, non_blocking=True)
 
 
-def _gap_cap(cfg: RecallExperimentConfig, progress: float) -> int:
-    """The curriculum: the largest training gap at ``progress`` (0 -> 1)."""
-    ramp = min(1.0, progress / cfg.curriculum_frac)
-    return int(cfg.curriculum_start_gap + ramp * max(0, cfg.seq_len - cfg.curriculum_start_gap))
+def _gap_cap(cfg: RecallExperimentConfig, level: float) -> int:
+    """The largest training gap at curriculum ``level`` (0 -> 1)."""
+    start = min(cfg.curriculum_start_gap, cfg.seq_len)
+    return int(start + min(1.0, level) * (cfg.seq_len - start))
 
 
-def _pairs_range(cfg: RecallExperimentConfig, progress: float) -> Tuple[int, int]:
-    """The curriculum: pairs per sequence at ``progress``, from ``[1, start]`` to ``train_pairs``."""
+def _pairs_range(cfg: RecallExperimentConfig, level: float) -> Tuple[int, int]:
+    """Pairs per sequence at curriculum ``level``: from ``[1, start]`` to ``train_pairs``."""
     lo, hi = cfg.train_pairs
-    ramp = min(1.0, progress / cfg.curriculum_frac)
     start = min(cfg.curriculum_start_pairs, hi)
-    cur_hi = int(round(start + ramp * (hi - start)))
+    cur_hi = int(round(start + min(1.0, level) * (hi - start)))
     return min(lo, cur_hi), cur_hi
 
 
+def _level_floor(cfg: RecallExperimentConfig, progress: float) -> float:
+    return min(1.0, progress / cfg.curriculum_frac) ** 2
+
+
 def _draw_batch(
-    cfg: RecallExperimentConfig, progress: float, generator: torch.Generator, device: torch.device
+    cfg: RecallExperimentConfig, level: float, generator: torch.Generator, device: torch.device
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = _pairs_range(cfg, progress)
+    """A training batch at curriculum ``level``: pairs and gaps uniform up to the level's caps."""
+    lo, hi = _pairs_range(cfg, level)
     b = cfg.batch_size
     n = torch.randint(lo, hi + 1, (b,), generator=generator)
     gap_lo = cfg.resolved_gap_min()
     room = cfg.seq_len - 4 * n  # the largest gap each row can hold
-    cap = _gap_cap(cfg, progress)
+    cap = _gap_cap(cfg, level)
     hi_gap = torch.clamp(torch.minimum(room, torch.full_like(room, cap)), min=gap_lo)
     u = torch.rand(b, generator=generator)
     gaps = (gap_lo + u * (hi_gap - gap_lo + 1).float()).long().clamp(max=hi_gap)
@@ -501,6 +521,10 @@ def _answer_acc(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return hit.sum().float() / mask.sum().clamp(min=1).float()
 
 
+_FALLBACK = {"graphed": "compiled", "compiled": "chunked"}
+"""If a fused memory path fails (compiler missing, capture error), train on with the next one."""
+
+
 def _set_memory_impl(model: nn.Module, impl: str) -> None:
     for m in model.modules():
         if isinstance(m, NeuralMemory):
@@ -537,6 +561,9 @@ def train_variant(
     run_acc = torch.zeros((), device=device)
     run_n = 0
     step = 0
+    level = 0.0
+    cur_acc = torch.zeros((), device=device)
+    cur_n = 0
     stopped_by = "steps"
     fallback_note: Optional[str] = None
     printer(
@@ -555,7 +582,8 @@ def train_variant(
         lr = cfg.lr * _lr_factor(progress, step, cfg.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
-        ids, labels = _draw_batch(cfg, progress, gen, device)
+        level = max(level, _level_floor(cfg, progress))
+        ids, labels = _draw_batch(cfg, level, gen, device)
         try:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_ac):
                 logits = model(ids)
@@ -564,22 +592,34 @@ def train_variant(
             )
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        except Exception as e:  # noqa: BLE001 - compiled/graphed memory paths: fall back once
-            if step < 3 and impl in ("graphed", "compiled"):
-                fallback_note = f"memory impl {impl} failed at step {step} ({type(e).__name__}: {e}); using chunked"
-                printer(f"[recall] WARNING: {fallback_note}")
-                impl = "chunked"
+        except Exception as e:  # noqa: BLE001 - fused memory paths: graphed -> compiled -> chunked
+            if impl in _FALLBACK:
+                note = f"memory impl {impl} failed at step {step} ({type(e).__name__}: {str(e)[:300]}); using {_FALLBACK[impl]}"
+                fallback_note = note if fallback_note is None else f"{fallback_note}; {note}"
+                printer(f"[recall] WARNING: {note}")
+                impl = _FALLBACK[impl]
                 _set_memory_impl(model, impl)
                 opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 continue
             raise
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         step += 1
         with torch.no_grad():
+            acc = _answer_acc(logits.detach(), labels)
             run_loss += loss.detach()
-            run_acc += _answer_acc(logits.detach(), labels)
+            run_acc += acc
+            cur_acc += acc
         run_n += 1
+        cur_n += 1
+        if cur_n >= cfg.curriculum_check_every:
+            # adaptive curriculum: harder once the current mix is mostly solved (one sync)
+            if float(cur_acc) / cur_n >= cfg.curriculum_threshold and level < 1.0:
+                level = min(1.0, level + cfg.curriculum_level_step)
+            cur_acc.zero_()
+            cur_n = 0
         if step % cfg.log_every == 0 or step == 1:
             elapsed = time.monotonic() - t0
             rec = {
@@ -588,14 +628,16 @@ def train_variant(
                 "loss": float(run_loss) / run_n,
                 "answer_acc": float(run_acc) / run_n,
                 "lr": lr,
-                "max_gap": _gap_cap(cfg, progress),
-                "pairs": list(_pairs_range(cfg, progress)),
+                "level": round(level, 3),
+                "max_gap": _gap_cap(cfg, level),
+                "pairs": list(_pairs_range(cfg, level)),
                 "progress": round(progress, 4),
             }
             history.append(rec)
             printer(
                 f"[recall] {variant.name} step {step:>5d}  {elapsed:7.1f}s  loss {rec['loss']:.4f}  "
-                f"answer acc {rec['answer_acc']:.3f}  lr {lr:.2e}  gap <= {rec['max_gap']}  pairs {rec['pairs']}"
+                f"answer acc {rec['answer_acc']:.3f}  lr {lr:.2e}  level {level:.2f} (gap <= {rec['max_gap']}, "
+                f"pairs {rec['pairs'][0]}-{rec['pairs'][1]})"
             )
             run_loss.zero_()
             run_acc.zero_()
@@ -608,6 +650,7 @@ def train_variant(
         "steps_per_s": round(step / max(elapsed, 1e-9), 3),
         "n_params": n_params,
         "memory_impl": impl,
+        "final_level": round(level, 3),
         "history": history,
     }
     if fallback_note:
@@ -750,11 +793,11 @@ def run_experiment(cfg: RecallExperimentConfig, printer: Any = print) -> Dict[st
             if variant.block_type is not None:
                 n_mem_left = len(memory) - k
                 reserve = cfg.control_budget_s * len(controls) + cfg.eval_reserve_s * left
-                deadline = now + max((deadline_all - now - reserve) / n_mem_left, 5.0)
+                deadline = now + max((deadline_all - now - reserve) / n_mem_left, 1.0)
             else:
                 if trained_steps:
                     steps = max(trained_steps)
-                deadline = now + max((deadline_all - now - cfg.eval_reserve_s * left) / (len(controls) - (k - len(memory))), 5.0)
+                deadline = now + max((deadline_all - now - cfg.eval_reserve_s * left) / (len(controls) - (k - len(memory))), 1.0)
             entry = results["models"][variant.name]
             try:
                 model, mc, info = train_variant(cfg, variant, device, deadline, stop, printer, steps=steps)
@@ -834,7 +877,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-pairs", type=_ints, help="'lo hi' pairs per training sequence")
     p.add_argument("--curriculum-start-gap", type=int)
     p.add_argument("--curriculum-start-pairs", type=int)
-    p.add_argument("--curriculum-frac", type=float)
+    p.add_argument("--curriculum-frac", type=float, help="the curriculum is complete by this fraction of the run")
+    p.add_argument("--curriculum-threshold", type=float, help="training answer accuracy that raises the level")
     p.add_argument("--d-model", type=int)
     p.add_argument("--layers", type=int, dest="n_layers")
     p.add_argument("--heads", type=int, dest="n_heads")
@@ -859,7 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_FIELDS = (
     "seed", "steps", "time_budget_s", "batch_size", "lr", "weight_decay", "warmup_steps", "log_every",
-    "seq_len", "train_pairs", "curriculum_start_gap", "curriculum_start_pairs", "curriculum_frac", "d_model", "n_layers", "n_heads",
+    "seq_len", "train_pairs", "curriculum_start_gap", "curriculum_start_pairs", "curriculum_frac", "curriculum_threshold", "d_model", "n_layers", "n_heads",
     "window", "memory_layers", "memory_chunk_size", "memory_impl", "memory_heads", "memory_depth",
     "alpha_init", "theta_init", "eval_distances", "eval_pairs", "eval_pairs_sweep", "eval_pairs_distance",
     "eval_n_per_cell", "eval_length", "eval_segment_len",

@@ -34,6 +34,10 @@ try:
     AutoModelForCausalLM.register(OlmoMirasConfig, OlmoMirasForCausalLM)
 except ValueError:  # already registered (module reloaded)
     pass
+# save_pretrained() of these classes then copies their code files next to the weights and keeps
+# auto_map, so a re-saved model still loads with trust_remote_code.
+OlmoMirasConfig.register_for_auto_class("AutoConfig")
+OlmoMirasForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
 __all__ = [
     "CheckpointError",

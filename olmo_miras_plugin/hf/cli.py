@@ -179,7 +179,7 @@ def load_tokenizer(spec: Optional[str], model_path: str, kind: str, info: Any, v
     raise FileNotFoundError(f"no tokenizer found for {model_path} (trained with {ident!r}); pass --tokenizer DIR")
 
 
-def _iter_text_tokens(path: Path, tok: _Tokenizer, block_bytes: int = 1 << 20) -> Iterator[Tuple[List[int], int]]:
+def _iter_text_tokens(path: Path, tok: _Tokenizer, block_bytes: int = 1 << 18) -> Iterator[Tuple[List[int], int]]:
     """``(token ids, bytes consumed)`` of a text file, a block at a time (constant memory). The
     byte tokenizer is exact on any split; other tokenizers get blocks cut at line ends."""
     with open(path, "rb") as f:
@@ -204,14 +204,16 @@ def _iter_text_tokens(path: Path, tok: _Tokenizer, block_bytes: int = 1 << 20) -
 
 
 def _segments(chunks: Iterator[List[int]], segment_len: int, device: torch.device) -> Iterator[torch.Tensor]:
-    buf: List[int] = []
+    """Re-cut token blocks into ``(1, segment_len)`` tensors (the last one shorter)."""
+    rest = torch.empty(0, dtype=torch.long)
     for ids in chunks:
-        buf.extend(ids)
-        while len(buf) >= segment_len:
-            yield torch.tensor([buf[:segment_len]], dtype=torch.long, device=device)
-            buf = buf[segment_len:]
-    if buf:
-        yield torch.tensor([buf], dtype=torch.long, device=device)
+        block = torch.cat([rest, torch.tensor(ids, dtype=torch.long)])
+        n_full = block.shape[0] // segment_len
+        for i in range(n_full):
+            yield block[i * segment_len : (i + 1) * segment_len].unsqueeze(0).to(device)
+        rest = block[n_full * segment_len :].clone()
+    if rest.numel():
+        yield rest.unsqueeze(0).to(device)
 
 
 def _rss_bytes() -> int:

@@ -30,6 +30,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -405,6 +406,7 @@ def convert_to_hf(
     config: Optional[MirasModelConfig] = None,
     dtype: Optional[torch.dtype] = None,
     tokenizer: Optional[Union[str, Path]] = None,
+    tokenizer_config: Optional[Any] = None,
     max_position_embeddings: Optional[int] = None,
     prefill_chunk_size: Optional[int] = None,
     validate: bool = True,
@@ -416,14 +418,18 @@ def convert_to_hf(
         ``config`` is required).
     :param dtype: cast every weight (default: keep the checkpoint's).
     :param tokenizer: a directory with ``tokenizer.json`` to include (default: the checkpoint's, if any).
+    :param tokenizer_config: for an in-memory model, the OLMo-core ``TokenizerConfig`` (or its dict)
+        it was trained with (special token ids; the byte tokenizer's is exported as files).
     :param prefill_chunk_size: ``generate()``'s default prompt segment (memory written as it goes);
         default: the training segment or sequence length.
     :param validate: load the result with transformers and compare logits with the OLMo-core model.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
     if isinstance(source, (str, Path)):
-        if config is not None:
-            raise ValueError("config is read from the checkpoint directory; don't pass one")
+        if config is not None or tokenizer_config is not None:
+            raise ValueError("config and tokenizer_config are read from the checkpoint directory; don't pass them")
         ckpt = load_miras_checkpoint(source)
     else:
         if config is None:
@@ -433,7 +439,12 @@ def convert_to_hf(
         state = source.state_dict() if isinstance(source, nn.Module) else dict(source)
         state = {k: v.detach().to("cpu") for k, v in state.items()}
         check_state_matches(config, state, where="the given model")
-        ckpt = LoadedCheckpoint(config=config, state=state)
+        experiment: Dict[str, Any] = {}
+        if tokenizer_config is not None:
+            tc = tokenizer_config if isinstance(tokenizer_config, dict) else tokenizer_config.as_config_dict()
+            experiment["tokenizer"] = tc
+        ckpt = LoadedCheckpoint(config=config, state=state, experiment=experiment)
+    src = _tokenizer_source(ckpt, tokenizer)
     _prepare_output_dir(out_dir, overwrite)
 
     tok_cfg = ckpt.tokenizer_config() or {}
@@ -450,9 +461,12 @@ def convert_to_hf(
     if dtype is not None:
         hf_config.dtype = dtype
     hf_state = olmo_core_to_hf_state(hf_config, state)
+    del state
+    if not validate:
+        ckpt.state = {}  # only the converted copy is needed from here: halves peak memory on big models
     _write_hf_dir(out_dir, hf_config, hf_state, prefill_chunk_size or ckpt.segment_length() or ckpt.sequence_length())
+    del hf_state
 
-    src = _tokenizer_source(ckpt, tokenizer)
     if src is not None:
         log.info("tokenizer files from %s: %s", src, ", ".join(_copy_tokenizer(src, out_dir)))
     elif identifier == BYTE_TOKENIZER_ID:
@@ -612,16 +626,19 @@ def convert_from_hf(
     if hf_state and "lm_head.weight" not in hf_state and getattr(hf_config, "tie_word_embeddings", False):
         hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"]
     state = hf_to_olmo_core_state(hf_config, hf_state)
+    del hf_state
     check_state_matches(config, state, where=f"{hf_dir} (converted to OLMo-core names)")
     _prepare_output_dir(out_dir, overwrite)
 
+    # Built on the meta device and given the converted tensors themselves (no second copy).
     model = config.build(init_device="meta")
-    model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)
     mo = out_dir / "model_and_optim"
     if mo.exists():
         shutil.rmtree(mo)
-    save_model_and_optim_state(str(mo), model)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        save_model_and_optim_state(str(mo), model)
 
     experiment: Dict[str, Any] = {"model": config.as_config_dict()}
     tok = _tokenizer_config_from_hf(hf_config)

@@ -134,6 +134,14 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
+def _call_in_own_dtype(module: nn.Module, x: torch.Tensor, *args: Any) -> Any:
+    """``module(x, *args)`` with ``x`` cast to the module's parameter dtype. The neural memory keeps
+    float32 weights (``NeuralMemoryConfig.dtype``) even when transformers loads the rest of the
+    model in bfloat16; its inner state is float32 anyway."""
+    p = next(module.parameters(), None)
+    return module(x if p is None else x.to(p.dtype), *args)
+
+
 # ---------------------------------------------------------------------------------------------- cache
 class CappedKVLayer(DynamicLayer):
     """The cache of a full-attention layer that keeps only its last ``keep`` keys/values between
@@ -179,11 +187,15 @@ class MirasCache(DynamicCache):
     ``(batch, kv_heads, len, head_dim)`` layout, its ``kv`` unused: the keys/values are here).
 
     :param max_kv_context: full-attention layers keep at most this many past keys/values
-        (:class:`CappedKVLayer`; ``None``: all, exact but growing with the text).
+        (:class:`CappedKVLayer`). ``None``: the model's own ``max_kv_context`` (from
+        ``miras_config``; normally unset: all of them, exact but growing with the text).
     """
 
     def __init__(self, *args: Any, max_kv_context: Optional[int] = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        config = kwargs.get("config", args[1] if len(args) > 1 else None)
+        if max_kv_context is None and config is not None:
+            max_kv_context = (getattr(config, "miras_config", None) or {}).get("max_kv_context")
         self.memory_states: Dict[int, MirasBlockState] = {}
         self.max_kv_context = max_kv_context
         if max_kv_context is not None:
@@ -269,12 +281,14 @@ class OlmoMirasMemoryLayer(nn.Module):
             raise ValueError(f"carried memory state has batch size {start.batch_size} but the input has {b}")
         pos = 0 if start is None else start.position
 
-        xm = parts.norm(x) if parts.norm is not None else None
+        xm = _call_in_own_dtype(parts.norm, x) if parts.norm is not None else None
         mem_y = lm2_y = mem_state = lm2_state = None
         if parts.memory is not None:
-            mem_y, mem_state = parts.memory(xm, None if start is None else start.memory)
+            mem_y, mem_state = _call_in_own_dtype(parts.memory, xm, None if start is None else start.memory)
+            mem_y = mem_y.to(x.dtype)
         if parts.lm2 is not None:
-            lm2_y, lm2_state = parts.lm2(xm, None if start is None else start.lm2)
+            lm2_y, lm2_state = _call_in_own_dtype(parts.lm2, xm, None if start is None else start.lm2)
+            lm2_y = lm2_y.to(x.dtype)
         if self.block_type == MemoryBlockType.mal:
             x = x + mem_y
 
@@ -298,7 +312,7 @@ class OlmoMirasMemoryLayer(nn.Module):
                 **kwargs,
             )
         if self.block_type == MemoryBlockType.mag:
-            att = att + torch.sigmoid(parts.gate(xm)) * mem_y
+            att = att + torch.sigmoid(_call_in_own_dtype(parts.gate, xm)).to(att.dtype) * mem_y
         elif self.block_type == MemoryBlockType.lm2:
             att = att + lm2_y
 
