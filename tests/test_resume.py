@@ -238,9 +238,16 @@ def test_pretrained_hugging_face_checkpoint(corpus_dir: Path, tmp_path: Path) ->
     hf.save_pretrained(hf_dir)
 
     config = experiment(
-        corpus_dir, tmp_path / "run", "hf", f"--pretrained.path={hf_dir}", "--pretrained.format=hf", "--trainer.max_duration.value=1"
+        corpus_dir,
+        tmp_path / "run",
+        "hf",
+        f"--pretrained.path={hf_dir}",
+        "--pretrained.format=hf",
+        "--trainer.max_duration.value=1",
     )
-    config.model = tiny_miras(window=None, memory=MirasMemoryConfig(layers=[1], chunk_size=32), freeze_base=True)  # OLMo 2
+    config.model = tiny_miras(
+        window=None, memory=MirasMemoryConfig(layers=[1], chunk_size=32), freeze_base=True
+    )  # OLMo 2
     config.trainer.callbacks["snapshot"] = Snapshot()
     train(config)
 

@@ -152,14 +152,21 @@ class LongContextSuiteConfig(Config):
         return out
 
     def build_examples(self, tokenizer: Optional[TokenizerLike] = None) -> List[EvalExample]:
-        """Every example of every task, in task order (deterministic; see ``tasks.py``)."""
+        """Every example of every task, in task order (deterministic; see ``tasks.py``).
+
+        MQAR grids are built length by length, leaving out the (length, distance) cells whose
+        pairs, gap and queries don't fit (logged), so one distance list can span short and long
+        contexts: long contexts get the long distances that are the point of measuring them.
+        """
         self.validate()
         examples: List[EvalExample] = []
         for name, cfg in self.task_configs():
-            if name == "mqar_tokens":
-                assert isinstance(cfg, MQARTaskConfig)
-                cfg = dataclasses.replace(cfg, token_form=True)
-            examples.extend(cfg.build(tokenizer))  # type: ignore[attr-defined]
+            if isinstance(cfg, MQARTaskConfig):
+                if name == "mqar_tokens":
+                    cfg = dataclasses.replace(cfg, token_form=True)
+                examples.extend(_mqar_fitting_cells(cfg, tokenizer))
+            else:
+                examples.extend(cfg.build(tokenizer))  # type: ignore[attr-defined]
         return examples
 
     def max_length(self) -> int:
@@ -171,12 +178,41 @@ class LongContextSuiteConfig(Config):
         return max(lengths)
 
 
-def _mqar_token_distances(lengths: Sequence[int], n_pairs: int) -> Tuple[int, ...]:
-    """Distances that fit the shortest length: 1/8, 1/4 and 1/2 of it (powers of two)."""
-    shortest = min(lengths)
-    room = shortest - 4 * n_pairs
-    out = sorted({max(1, shortest // 8), max(1, shortest // 4), max(1, shortest // 2)})
-    return tuple(d for d in out if d <= room) or (max(0, room),)
+def _mqar_fitting_cells(cfg: MQARTaskConfig, tokenizer: Optional[TokenizerLike]) -> List[EvalExample]:
+    out: List[EvalExample] = []
+    skipped = []
+    for length in cfg.lengths:
+        for n in cfg.n_pairs:
+            for d in cfg.distances:
+                cell = dataclasses.replace(cfg, lengths=(length,), n_pairs=(n,), distances=(d,))
+                try:
+                    out.extend(cell.build(tokenizer))
+                except ValueError as e:
+                    if "too short" not in str(e):
+                        raise
+                    skipped.append((length, n, d))
+    if skipped:
+        log.info("%s: skipped (length, n_pairs, distance) cells that don't fit: %s",
+                 "mqar_tokens" if cfg.token_form else "mqar", skipped)
+    if not out:
+        raise ValueError(
+            f"no MQAR cell fits: lengths {tuple(cfg.lengths)} are too short for n_pairs "
+            f"{tuple(cfg.n_pairs)} at distances {tuple(cfg.distances)}"
+        )
+    return out
+
+
+def _pow2_distances(lengths: Sequence[int]) -> Tuple[int, ...]:
+    """Powers of two from ``max(64, shortest / 16)`` to ``longest / 2``: each length is scored at
+    every distance that fits it (see ``build_examples``)."""
+    d = 64
+    while d < min(lengths) // 16:
+        d *= 2
+    out = []
+    while d <= max(lengths) // 2:
+        out.append(d)
+        d *= 2
+    return tuple(out) or (max(1, min(lengths) // 4),)
 
 
 def suite_preset(
@@ -204,7 +240,7 @@ def suite_preset(
         mqar_tokens=MQARTaskConfig(
             lengths=lengths,
             n_pairs=(n_pairs,),
-            distances=_mqar_token_distances(lengths, n_pairs),
+            distances=_pow2_distances(lengths),
             n_per_cell=n,
             token_form=True,
         ),
@@ -806,10 +842,9 @@ def _select_tasks(suite: LongContextSuiteConfig, tasks: Sequence[str]) -> LongCo
             lengths = getattr(ref, "lengths", (1024, 2048, 4096))
             n = getattr(ref, "n_per_cell", 5)
             if name == "mqar":
-                # text pairs take ~10 tokens each with a byte tokenizer: 8 pairs, short distances
-                shortest = min(lengths)
+                # text pairs take ~10 tokens each with a byte tokenizer: 8 pairs
                 setattr(new, name, MQARTaskConfig(lengths=tuple(lengths), n_per_cell=n, n_pairs=(8,),
-                                                  distances=tuple(sorted({shortest // 8, shortest // 4}))))
+                                                  distances=_pow2_distances(lengths)))
             elif name == "babilong_qa2":
                 setattr(new, name, BabilongTaskConfig(task="qa2", lengths=tuple(lengths), n_per_cell=n))
             elif name == "babilong_qa1":
@@ -818,7 +853,7 @@ def _select_tasks(suite: LongContextSuiteConfig, tasks: Sequence[str]) -> LongCo
                 setattr(new, name, PasskeyTaskConfig(lengths=tuple(lengths), n_per_cell=n))
             else:
                 setattr(new, name, MQARTaskConfig(lengths=tuple(lengths), n_per_cell=n, token_form=True,
-                                                  distances=_mqar_token_distances(lengths, 16)))
+                                                  distances=_pow2_distances(lengths)))
     return new
 
 

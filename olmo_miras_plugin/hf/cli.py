@@ -168,13 +168,16 @@ def load_tokenizer(spec: Optional[str], model_path: str, kind: str, info: Any, v
         return _Tokenizer(ByteTokenizer(), "bytes")
     if spec is not None:
         return hf_tok(Path(spec))
+    ident = getattr(info, "miras_tokenizer", None) if kind == "hf" else (info.tokenizer_config() or {}).get("identifier")
+    if ident == ByteTokenizer.identifier:
+        # The exported tokenizer.json is equivalent; the byte tokenizer splits a stream exactly anywhere.
+        return _Tokenizer(ByteTokenizer(), "bytes")
     p = Path(model_path)
     candidates = [p] if kind == "hf" else [p / "tokenizer", p, p.parent / "tokenizer"]
     for d in candidates:
         if (d / "tokenizer.json").is_file():
             return hf_tok(d)
-    ident = getattr(info, "miras_tokenizer", None) if kind == "hf" else (info.tokenizer_config() or {}).get("identifier")
-    if ident == ByteTokenizer.identifier or (ident is None and vocab_size == ByteTokenizer.vocab_size):
+    if ident is None and vocab_size == ByteTokenizer.vocab_size:
         return _Tokenizer(ByteTokenizer(), "bytes")
     raise FileNotFoundError(f"no tokenizer found for {model_path} (trained with {ident!r}); pass --tokenizer DIR")
 
