@@ -31,10 +31,17 @@ class MemoryImpl(StrEnum):
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Titans (Behrouz et al., 2024): ℓ = ½‖M(k) − v‖²; S_t = η_t S_{t−1} − θ_t ∇ℓ;
     # M_t = (1 − α_t) M_{t−1} + S_t; M an MLP of depth 2.
+    # Step size: with momentum the effective inner learning rate is θ/(1 − η). At θ = 0.1,
+    # η = 0.9 (effective 1.0) the forward stays finite (gradient clipping) but the *outer*
+    # gradients through 16–64 chunks explode (gate weights 1e3× the output projection's at
+    # OLMo2-1B shapes, T = 1k; a 1B training run diverged at step 2). θ starts at 0.01 and is
+    # capped at 0.1 (effective 0.1 at init), where outer gradients stay at their natural scale.
     "titans": dict(
         objective=AttentionalBiasConfig(name=ObjectiveName.l2),
         retention=RetentionConfig(name=RetentionName.decay),
         optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.momentum),
+        theta_init=0.01,
+        theta_max=0.1,
     ),
     # Moneta (MIRAS): ℓ = (1/p)‖M(k) − v‖_p^p with p = 3; ℓq retention (mirror descent):
     # A_t = (1 − α_t) A_{t−1} − θ_t ∇ℓ;  W_t = A_t / ‖A_t‖_q^{q−2}.
