@@ -17,18 +17,11 @@ Memory on layers 1, 5, 9, 13. From Hugging Face weights: ``--pretrained.path=all
 
 from typing import List
 
-from olmo_core.data import NumpyDataLoaderConfig, TokenizerConfig
-from olmo_core.optim import AdamWConfig, LinearWithWarmup, OptimGroupOverride
-from olmo_core.train import Duration, TrainerConfig
+from olmo_core.data import TokenizerConfig
 
 from olmo_miras_plugin.models import MirasMemoryConfig, miras_from_preset
-from olmo_miras_plugin.train import MirasExperimentConfig, MirasTrainModuleConfig, PretrainedConfig
-from olmo_miras_plugin.train.recipes import (
-    fsdp_bf16,
-    full_activation_checkpointing,
-    longmino_dataset,
-    pretrained_run_callbacks,
-)
+from olmo_miras_plugin.train import MirasExperimentConfig
+from olmo_miras_plugin.train.recipes import frozen_base_memory_experiment
 
 RUN_NAME = "olmo2_1b_miras"
 SEQUENCE_LENGTH = 32_768  # tokens per instance
@@ -47,41 +40,17 @@ def build_experiment(overrides: List[str]) -> MirasExperimentConfig:
         freeze_base=True,
         max_kv_context=SEGMENT_LENGTH,
     )
-    train_module = MirasTrainModuleConfig(
-        rank_microbatch_size=SEQUENCE_LENGTH,  # one instance per rank per micro-batch
-        max_sequence_length=SEQUENCE_LENGTH,
-        optim=AdamWConfig(
-            lr=4e-5,  # the base's LR, only used with --model.freeze_base=false
-            weight_decay=0.1,
-            betas=(0.9, 0.95),
-            group_overrides=[OptimGroupOverride(params=["embeddings.weight"], opts=dict(weight_decay=0.0))],
-        ),
-        memory_lr=1e-3,
-        memory_weight_decay=0.1,
-        gate_lr=1e-3,
-        gate_weight_decay=0.0,
-        scheduler=LinearWithWarmup(warmup=100, alpha_f=0.1),
-        max_grad_norm=1.0,
-        z_loss_multiplier=1e-5,
-        dp_config=fsdp_bf16(),
-        ac_config=full_activation_checkpointing(),
-        compile_model=False,  # the memory scan's Python loops don't compile cleanly yet
+    return frozen_base_memory_experiment(
+        RUN_NAME,
+        model,
+        tokenizer=tokenizer,
+        sequence_length=SEQUENCE_LENGTH,
         segment_length=SEGMENT_LENGTH,
+        global_batch_size=GLOBAL_BATCH_SIZE,
+        max_tokens=MAX_TOKENS,
+        base_lr=4e-5,
+        memory_lr=1e-3,
         bptt_segments=4,
-    )
-    trainer = TrainerConfig(
-        save_folder=f"runs/{RUN_NAME}",
-        metrics_collect_interval=10,
-        cancel_check_interval=10,
-        max_duration=Duration.tokens(MAX_TOKENS),
-        callbacks=pretrained_run_callbacks(RUN_NAME, save_interval=500, ephemeral_save_interval=100),
-    )
-    return MirasExperimentConfig(
-        run_name=RUN_NAME,
-        model=model,
-        dataset=longmino_dataset(SEQUENCE_LENGTH, tokenizer=tokenizer),
-        data_loader=NumpyDataLoaderConfig(global_batch_size=GLOBAL_BATCH_SIZE, seed=4123, num_workers=8),
-        train_module=train_module,
-        trainer=trainer,
-        pretrained=PretrainedConfig(required=True),
+        save_interval=500,
+        ephemeral_save_interval=100,
     )

@@ -6,7 +6,7 @@ piece is a plain OLMo-core config object that the CLI overrides can still change
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import TYPE_CHECKING, Dict
 
 from olmo_core.config import DType
 from olmo_core.data import (
@@ -33,8 +33,13 @@ from olmo_core.train.train_module import (
 
 from .callbacks import MemoryDiagnosticsCallback, MirasWandBCallback
 
+if TYPE_CHECKING:
+    from ..models import MirasModelConfig
+    from .experiment import MirasExperimentConfig
+
 __all__ = [
     "DEFAULT_MIX_BASE_DIR",
+    "frozen_base_memory_experiment",
     "full_activation_checkpointing",
     "fsdp_bf16",
     "longmino_dataset",
@@ -113,3 +118,73 @@ def pretrained_run_callbacks(
         "profiler": ProfilerCallback(enabled=False),
         "wandb": MirasWandBCallback(enabled=True, name=run_name, project=wandb_project, cancel_check_interval=10),
     }
+
+
+def frozen_base_memory_experiment(
+    run_name: str,
+    model: "MirasModelConfig",
+    *,
+    tokenizer: TokenizerConfig,
+    sequence_length: int,
+    segment_length: int,
+    global_batch_size: int,
+    max_tokens: int,
+    base_lr: float,
+    memory_lr: float,
+    bptt_segments: int,
+    save_interval: int,
+    ephemeral_save_interval: int,
+) -> "MirasExperimentConfig":
+    """A pretrained OLMo with memory, trained on longmino with the base frozen: the experiment the
+    1B / 7B / 32B files share. Instances of ``sequence_length`` tokens are read as segments of
+    ``segment_length`` with the memory state carried; FSDP (bf16 params, fp32 reduce), full
+    activation checkpointing, AdamW with warmup then linear decay, z-loss, grad clipping; memory
+    weights and gates get their own LR (``memory_lr``; gates without weight decay).
+    ``base_lr`` only matters with ``--model.freeze_base=false``."""
+    from olmo_core.data import NumpyDataLoaderConfig
+    from olmo_core.optim import AdamWConfig, LinearWithWarmup, OptimGroupOverride
+    from olmo_core.train import Duration, TrainerConfig
+
+    from .experiment import MirasExperimentConfig, PretrainedConfig
+    from .train_module import MirasTrainModuleConfig
+
+    train_module = MirasTrainModuleConfig(
+        rank_microbatch_size=sequence_length,  # one instance per rank per micro-batch
+        max_sequence_length=sequence_length,
+        optim=AdamWConfig(
+            lr=base_lr,
+            weight_decay=0.1,
+            betas=(0.9, 0.95),
+            group_overrides=[OptimGroupOverride(params=["embeddings.weight"], opts=dict(weight_decay=0.0))],
+        ),
+        memory_lr=memory_lr,
+        memory_weight_decay=0.1,
+        gate_lr=memory_lr,
+        gate_weight_decay=0.0,
+        scheduler=LinearWithWarmup(warmup=100, alpha_f=0.1),
+        max_grad_norm=1.0,
+        z_loss_multiplier=1e-5,
+        dp_config=fsdp_bf16(),
+        ac_config=full_activation_checkpointing(),
+        compile_model=False,  # the memory scan's Python loops don't compile cleanly yet
+        segment_length=segment_length,
+        bptt_segments=bptt_segments,
+    )
+    trainer = TrainerConfig(
+        save_folder=f"runs/{run_name}",
+        metrics_collect_interval=10,
+        cancel_check_interval=10,
+        max_duration=Duration.tokens(max_tokens),
+        callbacks=pretrained_run_callbacks(
+            run_name, save_interval=save_interval, ephemeral_save_interval=ephemeral_save_interval
+        ),
+    )
+    return MirasExperimentConfig(
+        run_name=run_name,
+        model=model,
+        dataset=longmino_dataset(sequence_length, tokenizer=tokenizer),
+        data_loader=NumpyDataLoaderConfig(global_batch_size=global_batch_size, seed=4123, num_workers=8),
+        train_module=train_module,
+        trainer=trainer,
+        pretrained=PretrainedConfig(required=True),
+    )
