@@ -116,9 +116,14 @@ def test_generation_state_is_per_call_and_eos_stops():
     x = prompt(batch=1)
     first = generate(model, x, 6, segment_len=5)
     assert torch.equal(generate(model, x, 6, segment_len=11), first)  # state reset, segmenting irrelevant
-    eos = int(first[0, 32])  # the third new token
+    # EOS = the last new token whose value did not come up earlier in the continuation: generation
+    # must stop right after producing it (the first occurrence).
+    new = first[0, x.shape[1] :].tolist()
+    j = max(i for i, tok in enumerate(new) if tok not in new[:i])
+    eos = new[j]
     out = generate(model, x, 6, segment_len=5, eos_token_id=eos)
-    assert out.shape[1] == 33 and int(out[0, -1]) == eos
+    assert out.shape[1] == x.shape[1] + j + 1 and int(out[0, -1]) == eos
+    assert torch.equal(out, first[:, : x.shape[1] + j + 1])
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     s1 = generate(model, x, 8, temperature=1.0, top_k=20, generator=g1)
     assert torch.equal(s1, generate(model, x, 8, temperature=1.0, top_k=20, generator=g2))

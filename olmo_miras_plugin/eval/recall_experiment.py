@@ -158,6 +158,9 @@ class RecallExperimentConfig(Config):
     alpha_init: Optional[float] = 1e-3
     """Initial forget rate per token (``None``: the preset's; titans 1e-2)."""
     theta_init: Optional[float] = None
+    """Initial memory learning rate θ (``None``: the preset's; titans 0.1)."""
+    eta_init: Optional[float] = None
+    """Initial momentum η (``None``: the preset's; titans 0.9)."""
 
     # data
     spec: MQARTokenSpec = field(default_factory=MQARTokenSpec)
@@ -338,7 +341,7 @@ def build_model_config(cfg: RecallExperimentConfig, variant: Variant, impl: Opti
 
 
 def _tune_memory(model: nn.Module, cfg: RecallExperimentConfig) -> None:
-    """Apply ``alpha_init`` / ``theta_init`` to every neural memory (gate biases, in place).
+    """Apply ``alpha_init`` / ``theta_init`` / ``eta_init`` to every neural memory (gate biases).
 
     Done on the built model because ``MirasMemoryConfig`` exposes only the preset; the saved
     config then carries the preset's values, which is fine: the biases are trained parameters.
@@ -350,10 +353,15 @@ def _tune_memory(model: nn.Module, cfg: RecallExperimentConfig) -> None:
                 c.alpha_init = cfg.alpha_init
             if cfg.theta_init is not None:
                 c.theta_init = cfg.theta_init
+            if cfg.eta_init is not None:
+                c.eta_init = cfg.eta_init
+            c.validate()
             b = c.gate_biases()
             with torch.no_grad():
                 m.w_alpha.bias.fill_(b["alpha"])
                 m.w_theta.bias.fill_(b["theta"])
+                if m.w_eta is not None:
+                    m.w_eta.bias.fill_(b["eta"])
 
 
 def build_model(cfg: RecallExperimentConfig, variant: Variant, device: torch.device, impl: Optional[str]) -> Tuple[nn.Module, Any]:
@@ -893,6 +901,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-depth", type=int)
     p.add_argument("--alpha-init", type=float, help="initial forget rate (titans preset: 0.01)")
     p.add_argument("--theta-init", type=float, help="initial memory learning rate (titans preset: 0.1)")
+    p.add_argument("--eta-init", type=float, help="initial memory momentum (titans preset: 0.9)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 training on CUDA")
     p.add_argument("--eval-distances", type=_ints)
     p.add_argument("--eval-pairs", type=int)
@@ -901,6 +910,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-n-per-cell", type=int)
     p.add_argument("--eval-length", type=int)
     p.add_argument("--eval-segment-len", type=int, help="stream eval sequences in segments of this length")
+    for action in p._actions:  # show the config's defaults (flags default to None = "keep the config's")
+        if action.dest in _FLAG_FIELDS and hasattr(d, action.dest):
+            v = getattr(d, action.dest)
+            shown = " ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
+            action.help = f"{action.help + '; ' if action.help else ''}default: {shown}"
     return p
 
 
@@ -908,7 +922,7 @@ _FLAG_FIELDS = (
     "seed", "steps", "time_budget_s", "batch_size", "lr", "weight_decay", "warmup_steps", "log_every",
     "seq_len", "train_pairs", "curriculum_start_gap", "curriculum_start_pairs", "curriculum_frac", "curriculum_threshold", "d_model", "n_layers", "n_heads",
     "window", "memory_layers", "memory_chunk_size", "memory_impl", "memory_heads", "memory_depth",
-    "alpha_init", "theta_init", "eval_distances", "eval_pairs", "eval_pairs_sweep", "eval_pairs_distance",
+    "alpha_init", "theta_init", "eta_init", "eval_distances", "eval_pairs", "eval_pairs_sweep", "eval_pairs_distance",
     "eval_n_per_cell", "eval_length", "eval_segment_len",
 )
 
