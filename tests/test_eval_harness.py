@@ -239,9 +239,10 @@ def test_evaluate_cli_on_a_saved_tiny_checkpoint(tmp_path: Path, capsys: pytest.
     assert (out / "accuracy_vs_length.png").stat().st_size > 1000
     assert (out / "loss_by_position.png").stat().st_size > 1000
 
-    assert evaluate_main([str(tmp_path / "missing"), "--device", "cpu"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    assert evaluate_main([str(ckpt), "--tasks", "nope", "--device", "cpu"]) == 2
+    missing_out = tmp_path / "missing_out"
+    assert evaluate_main([str(tmp_path / "missing"), "--device", "cpu", "--output-dir", str(missing_out)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing_out.exists()
+    assert evaluate_main([str(ckpt), "--tasks", "nope", "--device", "cpu", "--output-dir", str(missing_out)]) == 2
     assert "unknown task" in capsys.readouterr().err
 
 
@@ -304,13 +305,14 @@ def test_recall_experiment_time_budget_and_interrupt(tmp_path: Path) -> None:
 
     out = tmp_path / "interrupted"
     cfg = RecallExperimentConfig.quick(output_dir=str(out), steps=50, log_every=1)
+    before = signal.getsignal(signal.SIGINT)
     res = run_experiment(cfg, printer=printer)
     saved = json.loads((out / "results.json").read_text())
     assert saved["status"] == res["status"] == "interrupted"
     assert saved["models"]["mag:titans"]["train"]["stopped_by"] == "signal"
     assert saved["models"]["mag:titans"]["cells"]
     assert "interrupted" in saved["models"]["window"]["error"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_recall_experiment_falls_back_from_fused_memory_paths(

@@ -39,7 +39,8 @@ from olmo_core.config import Config
 
 from ..blocks import carry_memory_states, memory_state_modules
 from ..tokenizer import ByteTokenizer
-from .scoring import EvalResults, LogitsFn, PositionBucket, logits_fn_from_module, score_examples
+from .scoring import EvalResults, ExampleScore, LogitsFn, PositionBucket, logits_fn_from_module, score_examples
+from .scoring import _aggregate  # per-cell aggregation exactly as score_examples does it
 from .tasks import (
     BabilongTaskConfig,
     EvalExample,
@@ -428,7 +429,7 @@ def evaluate_examples(
             raise ValueError(f"example {ex.task}/{ex.index} has an empty prompt")
         groups.setdefault(len(ex.full_ids), []).append(i)
 
-    rows: Dict[int, torch.Tensor] = {}
+    scores: List[Optional[ExampleScore]] = [None] * len(examples)
     bar = _Progress(len(examples), desc, progress)
     try:
         with _eval_mode(model, dev, autocast):
@@ -454,20 +455,29 @@ def evaluate_examples(
                             if sel.numel():
                                 got[r].append(logits[r].index_select(0, sel.to(logits.device)).float().cpu())
                         del logits
-                    for r, i in enumerate(chunk):
-                        rows[i] = torch.cat(got[r], dim=0)
+                    rows = {i: torch.cat(got[r], dim=0) for r, i in enumerate(chunk)}
+                    # score this batch now: kept rows are n_answers x vocab floats per example
+                    batch_res = score_examples(_lookup(rows), [_compact(examples[i], i) for i in chunk],
+                                               batch_size=len(chunk))
+                    for i, sc in zip(chunk, batch_res.examples):
+                        scores[i] = sc
+                    del rows, got
                     bar.update(len(chunk))
     finally:
         bar.close()
+    done = [sc for sc in scores if sc is not None]
+    return EvalResults(examples=done, cells=_aggregate(examples, done))
 
-    compact = [_compact(ex, i) for i, ex in enumerate(examples)]
 
-    def lookup(ids: torch.Tensor) -> torch.Tensor:
-        # ids[:, 0] holds each compact example's index; the last row predicts nothing
+def _lookup(rows: Dict[int, torch.Tensor]) -> LogitsFn:
+    """A ``logits_fn`` for compact examples: ``ids[:, 0]`` holds each one's example index; the row
+    after the last answer token predicts nothing and is zeros."""
+
+    def fn(ids: torch.Tensor) -> torch.Tensor:
         out = torch.stack([rows[int(k)] for k in ids[:, 0].tolist()])
         return torch.cat([out, out.new_zeros(out.shape[0], 1, out.shape[2])], dim=1)
 
-    return score_examples(lookup, compact, batch_size=max(1, len(compact)))
+    return fn
 
 
 def _check_logits_shape(logits: Any, batch: int, seq: Optional[int]) -> None:
@@ -914,11 +924,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.output_dir or Path("runs/eval") / _label(args.checkpoints[0]).replace("/", "_"))
-    out.mkdir(parents=True, exist_ok=True)
     all_results: Dict[str, Any] = {"suite": suite.as_config_dict(), "device": str(device), "models": {}}
     for k, ckpt in enumerate(args.checkpoints):
-        name = args.name[k] if args.name else _label(ckpt)
-        print(f"== {name}: loading {ckpt}", file=sys.stderr, flush=True)
+        print(f"== loading {ckpt}", file=sys.stderr, flush=True)
         try:
             loaded = load_model_for_eval(ckpt, device, max_seq_len=suite.max_length())
             spec = args.tokenizer or loaded.tokenizer_spec
@@ -929,6 +937,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001 - e.g. OLMoConfigurationError from the tokenizer
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
+        name = args.name[k] if args.name else _label(loaded.path)
         run = suite
         if tok is None:
             dropped = [t for t in TEXT_TASKS if (t == "ppl" and run.perplexity is not None) or
@@ -938,6 +947,10 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
                       file=sys.stderr)
                 run = _select_tasks(run, [t for t in TASK_NAMES if t not in TEXT_TASKS and
                                           getattr(run, t, None) is not None])
+        if not run.task_configs() and run.perplexity is None:
+            print(f"error: nothing left to evaluate for {ckpt} (text tasks need a tokenizer: --tokenizer)",
+                  file=sys.stderr)
+            return 2
         streamed = run.segment_len is not None and supports_streaming(loaded.model)
         print(f"== {name}: {loaded.kind} model, {sum(p.numel() for p in loaded.model.parameters()):,d} params, "
               f"{'streamed in segments of ' + str(run.segment_len) if streamed else 'whole sequences'}",
@@ -959,6 +972,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         del loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves nothing behind
     (out / "results.json").write_text(json.dumps(all_results, indent=1, default=str))
     written = [out / "results.json"]
     try:
