@@ -26,6 +26,11 @@ class MemoryImpl(StrEnum):
     graphed = "graphed"
     """``compiled``, with the whole forward+backward captured as CUDA graphs per input shape
     (CUDA only; see ``cuda_graphs.py`` for when it falls back to ``compiled``)."""
+    triton = "triton"
+    """Fused Triton kernels for the linear memory (``architecture.depth=1``, l2 objective, decay
+    retention, momentum; the ``titans`` rule): one program per (batch, head) runs every chunk with
+    the state on chip. Partial chunks, other rules, CPU tensors or a missing ``triton`` fall back
+    to ``compiled`` (CUDA) / ``chunked`` (CPU); see ``triton_linear.py``."""
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

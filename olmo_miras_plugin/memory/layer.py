@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from . import triton_linear
 from .config import MemoryImpl, NeuralMemoryConfig
 from .conv import ShortCausalConv
 from .cuda_graphs import GraphedChunkedScan
@@ -173,6 +174,8 @@ class NeuralMemory(nn.Module):
                 y, new = reference_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
             elif self.impl == MemoryImpl.graphed:
                 y, new = self._graphed_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
+            elif self.impl == MemoryImpl.triton:
+                y, new = triton_linear.scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
             else:
                 compiled = self.impl == MemoryImpl.compiled
                 y, new = chunked_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size, compiled=compiled)

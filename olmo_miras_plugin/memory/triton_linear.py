@@ -1,0 +1,547 @@
+"""Triton kernels for the linear memory (``impl="triton"``): the whole chunk loop in one program.
+
+What it computes is exactly :func:`~.scan.chunked_scan` for one rule: a linear memory (depth 1,
+``M_W(x) = W x`` with one ``d × d`` matrix per head), ℓ2 attentional bias, ``decay`` retention
+(φ(A) = A) and gradient descent with momentum and per-token clipping (the ``titans`` preset with
+``architecture.depth = 1``). For that rule a chunk of C tokens (keys K, values V, queries Q as
+``C × d`` rows; A, S the accumulator and momentum at the chunk start) is
+
+    Y  = Q Aᵀ                                  read-out (strictly causal: chunk-start weights)
+    E  = K Aᵀ − V                              ∂ℓ/∂pred; the gradient of token t is G_t = e_t ⊗ k_t
+    σ_t = min(1, τ / sqrt(‖e_t‖²‖k_t‖² + 1e-12))   clip factor (‖e ⊗ k‖ = ‖e‖·‖k‖)
+    A' = a_keep A + a_mom S − Eᵀ diag(σ ∘ w_A) K
+    S' = s_keep S − Eᵀ diag(σ ∘ w_S) K
+
+where ``a_keep, a_mom, s_keep`` (one per chunk) and ``w_A, w_S`` (one per token, θ included) are
+:meth:`~.optimizer.MomentumGD.chunk_coefficients`. Those depend only on the gates, so they are
+computed beforehand in PyTorch (cheap, parallel over chunks, and autograd carries their gradient
+back to θ, log η, log(1 − α)); the kernels take them as inputs and return their gradients.
+
+Why a kernel: the PyTorch chunked scan launches a dozen small kernels per chunk, one chunk after
+another, so at T = 32k and C = 64 it is 512 sequential steps of launch overhead. Here one program
+per (batch, head) runs all chunks, with A and S held on chip in float32 for the whole sequence;
+only K, V, Q (read) and Y (written) touch memory per chunk.
+
+Layout and memory:
+- ``k, v, q, y``: ``(batch, heads, T, d)`` with any strides whose last one is 1 (the layer's
+  ``b t (h d) -> b h t d`` view is used without a copy). Any float dtype; math is float32.
+- State ``A, S``: ``(batch, heads, d, d)`` float32, row = output feature (``M(x) = A x``).
+- ``d`` is padded to a power of two ≥ 16 (``BD``) with masks; C must be a power of two.
+- Backward: the forward also saves A and S at the start of every chunk (``2 · N · d² · 4`` bytes
+  per (batch, head), what the PyTorch chunked scan keeps for backward anyway) and E of every
+  token, only when a gradient is needed. :func:`_bwd_kernel` walks the chunks in reverse carrying
+  only the state adjoints dA, dS on chip (the one truly sequential part) and saves them per chunk;
+  everything else — dK, dQ, dV and the coefficients' gradients — is then chunk-parallel and done
+  with batched matmuls in :func:`_bwd_parallel`. (Doing it all in the sequential kernel needed
+  600 KiB of shared memory at d = 128.)
+- Resources (compiled offline for sm_90 with triton 3.6, ``num_stages=1``): at d = 128, C = 64
+  the forward uses 160 KiB and the backward 224 KiB of shared memory (an H100 block may have
+  227 KiB); both spill registers there. Larger ``head_dim × chunk`` is refused (falls back).
+
+Scope: the kernel needs the state at a chunk boundary whose read weights are the accumulator
+itself, and whole chunks. :func:`scan` (the dispatcher used by ``impl="triton"``) runs any partial
+head/tail chunk through :func:`~.scan.chunked_scan` and the whole chunks in between through the
+kernel; for anything else (another rule, no CUDA, Triton missing, float64, head_dim > 128, ...) it
+falls back to the ``compiled`` (CUDA) or ``chunked`` (CPU) path. :func:`linear_scan` is the
+kernel entry point itself and raises ``ValueError`` with the reason when it cannot run.
+
+Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` = ``tf32`` (default on GPU)
+/ ``tf32x3`` / ``ieee`` for the ``tl.dot`` inputs; ``OLMO_MIRAS_TRITON_WARPS`` (default 4 for
+d ≤ 32, 8 above); ``OLMO_MIRAS_TRITON_STAGES`` (default 1). With ``TRITON_INTERPRET=1`` set
+before ``triton`` is first imported, the kernels run in Triton's interpreter, also on CPU
+tensors (that is how the tests check them without a GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import List, Optional, Tuple
+
+import torch
+
+from .objective import ObjectiveName
+from .optimizer import MomentumGD
+from .scan import Gates, MemoryRule, ScanState, chunked_scan
+
+try:  # Triton is optional: without it every call falls back to the PyTorch scan.
+    import triton
+    import triton.language as tl
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - exercised where triton is not installed
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+
+    class OutOfResources(Exception):  # type: ignore[no-redef]
+        pass
+
+__all__ = ["available", "unsupported_reason", "supports", "linear_scan", "scan"]
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_DIM = 128
+MAX_CHUNK = 128
+_EPS = 1e-12  # as in MemoryOptimizer.clip_scale
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _interpreted() -> bool:
+    """Whether the kernels were built for Triton's interpreter (``TRITON_INTERPRET=1`` at import)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_fwd_kernel, InterpretedFunction)
+
+
+def _pow2(n: int) -> bool:
+    return n > 0 and (n & (n - 1)) == 0
+
+
+# ---------------------------------------------------------------------------------------- kernels
+if triton is not None:
+
+    @triton.jit
+    def _fwd_kernel(
+        k_ptr, v_ptr, q_ptr, y_ptr,
+        sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sy_b, sy_h, sy_t,
+        ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr,  # (BH, N), (BH, N), (BH, N), (BH, N, C), (BH, N, C)
+        a0_ptr, s0_ptr, a_out_ptr, s_out_ptr,  # (BH, D, D)
+        a_save_ptr, s_save_ptr,  # (BH, N, D, D): A, S at the start of each chunk
+        e_save_ptr,  # (BH, T, D): E = K Aᵀ − V of every token
+        H, N, D, tau,
+        C: tl.constexpr, BD: tl.constexpr, CLIP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // H
+        h = pid % H
+        rc = tl.arange(0, C)
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        row_mask = dmask[None, :]  # (C, BD) tiles: padded features read as 0
+        mat_off = rd[:, None] * D + rd[None, :]
+        mat_mask = dmask[:, None] & dmask[None, :]
+        dd = D * D
+        A = tl.load(a0_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
+        S = tl.load(s0_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        q_base = q_ptr + b * sq_b + h * sq_h
+        y_base = y_ptr + b * sy_b + h * sy_h
+        for c in range(N):
+            cc = pid * N + c  # this chunk's row in the coefficient / saved-state arrays
+            if SAVE:
+                tl.store(a_save_ptr + cc * dd + mat_off, A, mask=mat_mask)
+                tl.store(s_save_ptr + cc * dd + mat_off, S, mask=mat_mask)
+            rows = (c * C + rc).to(tl.int64)  # int64: rows × stride may pass 2³¹
+            K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            V = tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            At = tl.trans(A)
+            Y = tl.dot(Q, At, input_precision=PREC)
+            tl.store(y_base + rows[:, None] * sy_t + rd[None, :], Y.to(y_ptr.dtype.element_ty), mask=row_mask)
+            E = tl.dot(K, At, input_precision=PREC) - V
+            if SAVE:
+                tl.store(e_save_ptr + (pid * N * C + rows[:, None]) * D + rd[None, :], E, mask=row_mask)
+            wa = tl.load(wa_ptr + cc * C + rc)
+            ws = tl.load(ws_ptr + cc * C + rc)
+            if CLIP:
+                sq = tl.sum(E * E, axis=1) * tl.sum(K * K, axis=1)
+                scale = tl.minimum(tau * tl.rsqrt(sq + 1e-12), 1.0)
+                wa = wa * scale
+                ws = ws * scale
+            a_keep = tl.load(ak_ptr + cc)
+            a_mom = tl.load(am_ptr + cc)
+            s_keep = tl.load(sk_ptr + cc)
+            # A' = a_keep A + a_mom S − Eᵀ diag(w_A) K, accumulated in place (one d×d temporary).
+            A = tl.dot(tl.trans(E * (-wa)[:, None]), K, acc=a_keep * A + a_mom * S, input_precision=PREC)
+            S = tl.dot(tl.trans(E * (-ws)[:, None]), K, acc=s_keep * S, input_precision=PREC)
+        tl.store(a_out_ptr + pid * dd + mat_off, A, mask=mat_mask)
+        tl.store(s_out_ptr + pid * dd + mat_off, S, mask=mat_mask)
+
+    @triton.jit
+    def _bwd_chunk(
+        dA, dS, c, pid, k_base, q_base, dy_base, sk_t, sq_t, sdy_t,
+        ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr, e_save_ptr, da_save_ptr, ds_save_ptr, dw0_ptr,
+        N, D, tau,
+        C: tl.constexpr, BD: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr,
+    ):
+        """Chunk c in reverse: save dA, dS of its end state, return those of its start state.
+
+        Only the state recurrence is here; everything else (dK, dQ, dV, the coefficients'
+        gradients) is chunk-parallel given these saved adjoints (:func:`_bwd_parallel`).
+        ``FIRST`` (chunk 0): the read weights are a separate input (``read_weights``, equal in
+        value to A), so the read-path adjoint dR goes to ``dw0`` instead of into dA.
+        """
+        rc = tl.arange(0, C)
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        row_mask = dmask[None, :]
+        mat_off = rd[:, None] * D + rd[None, :]
+        mat_mask = dmask[:, None] & dmask[None, :]
+        dd = D * D
+        cc = pid * N + c
+        tl.store(da_save_ptr + cc * dd + mat_off, dA, mask=mat_mask)
+        tl.store(ds_save_ptr + cc * dd + mat_off, dS, mask=mat_mask)
+        rows = (c * C + rc).to(tl.int64)  # int64: rows × stride may pass 2³¹
+        K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        E = tl.load(e_save_ptr + (pid * N * C + rows[:, None]) * D + rd[None, :], mask=row_mask, other=0.0)
+        wa0 = tl.load(wa_ptr + cc * C + rc)
+        ws0 = tl.load(ws_ptr + cc * C + rc)
+        # U_A = K dGaᵀ = −K dA'ᵀ, U_S = −K dS'ᵀ (dGa = −dA', dGm = −dS' for A' = … − Ga, S' = … − Gm)
+        Ua = -tl.dot(K, tl.trans(dA), input_precision=PREC)
+        Us = -tl.dot(K, tl.trans(dS), input_precision=PREC)
+        if CLIP:
+            kk = tl.sum(K * K, axis=1)
+            ee = tl.sum(E * E, axis=1)
+            nrm = ee * kk + 1e-12
+            raw = tau * tl.rsqrt(nrm)
+            scale = tl.minimum(raw, 1.0)
+            dE = (wa0 * scale)[:, None] * Ua + (ws0 * scale)[:, None] * Us
+            d_scale = tl.sum(E * Ua, axis=1) * wa0 + tl.sum(E * Us, axis=1) * ws0
+            # σ = min(raw, 1): the gradient passes where raw ≤ 1 (as torch.clamp); d raw/dn = −raw/(2n)
+            d_n = tl.where(raw <= 1.0, d_scale * (-0.5) * raw / nrm, 0.0)
+            dE += (2.0 * d_n * kk)[:, None] * E
+        else:
+            dE = wa0[:, None] * Ua + ws0[:, None] * Us
+        Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        dY = tl.load(dy_base + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        a_keep = tl.load(ak_ptr + cc)
+        a_mom = tl.load(am_ptr + cc)
+        s_keep = tl.load(sk_ptr + cc)
+        dS = a_mom * dA + s_keep * dS
+        # dR = dEᵀ K + dYᵀ Q: E = K Rᵀ − V and Y = Q Rᵀ
+        if FIRST:
+            dR = tl.dot(tl.trans(dY), Q, acc=tl.dot(tl.trans(dE), K, input_precision=PREC), input_precision=PREC)
+            tl.store(dw0_ptr + pid * dd + mat_off, dR, mask=mat_mask)
+            dA = a_keep * dA
+        else:  # chunk c > 0 reads A_c itself: dA_c = a_keep dA' + dR
+            dA = tl.dot(tl.trans(dE), K, acc=a_keep * dA, input_precision=PREC)
+            dA = tl.dot(tl.trans(dY), Q, acc=dA, input_precision=PREC)
+        return dA, dS
+
+    @triton.jit
+    def _bwd_kernel(
+        k_ptr, q_ptr, dy_ptr,
+        sk_b, sk_h, sk_t, sq_b, sq_h, sq_t, sdy_b, sdy_h, sdy_t,
+        ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr,
+        e_save_ptr,  # (BH, T, D): E from the forward
+        da_save_ptr, ds_save_ptr,  # (BH, N, D, D): out, dA and dS of each chunk's end state
+        da_out_ptr, ds_out_ptr, dw0_ptr, da0_ptr, ds0_ptr,  # (BH, D, D)
+        H, N, D, tau,
+        C: tl.constexpr, BD: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // H
+        h = pid % H
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        mat_off = rd[:, None] * D + rd[None, :]
+        mat_mask = dmask[:, None] & dmask[None, :]
+        dd = D * D
+        dA = tl.load(da_out_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
+        dS = tl.load(ds_out_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
+        k_base = k_ptr + b * sk_b + h * sk_h
+        q_base = q_ptr + b * sq_b + h * sq_h
+        dy_base = dy_ptr + b * sdy_b + h * sdy_h
+        for i in range(N - 1):
+            dA, dS = _bwd_chunk(
+                dA, dS, N - 1 - i, pid, k_base, q_base, dy_base, sk_t, sq_t, sdy_t,
+                ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr, e_save_ptr, da_save_ptr, ds_save_ptr, dw0_ptr,
+                N, D, tau, C, BD, CLIP, PREC, False,
+            )
+        dA, dS = _bwd_chunk(
+            dA, dS, 0, pid, k_base, q_base, dy_base, sk_t, sq_t, sdy_t,
+            ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr, e_save_ptr, da_save_ptr, ds_save_ptr, dw0_ptr,
+            N, D, tau, C, BD, CLIP, PREC, True,
+        )
+        tl.store(da0_ptr + pid * dd + mat_off, dA, mask=mat_mask)
+        tl.store(ds0_ptr + pid * dd + mat_off, dS, mask=mat_mask)
+
+
+def _bwd_parallel(k, e, q, dy, a_keep, a_mom, s_keep, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau):
+    """Gradients of the per-chunk inputs, all chunks at once (batched matmuls), from the saved
+    chunk-start states and the adjoints of each chunk's end state (from :func:`_bwd_kernel`).
+
+    Per chunk, with dA', dS' those adjoints and R = A the chunk-start state:
+      U_A = −K dA'ᵀ, U_S = −K dS'ᵀ;  ∂/∂(σ w_A)_t = ⟨e_t, U_A,t⟩;  dE = σ w_A ∘ U_A + σ w_S ∘ U_S (+ clip);
+      dK = −(σ w_A ∘ E) dA' − (σ w_S ∘ E) dS' (+ clip) + dE R;  dQ = dY R;  dV = −dE;
+      d a_keep = ⟨dA', A⟩, d a_mom = ⟨dA', S⟩, d s_keep = ⟨dS', S⟩.
+    """
+    b, h, t, d = k.shape
+    n = t // chunk
+    f = lambda x: x.reshape(b, h, n, chunk, d).float()  # noqa: E731
+    K, E, Q, dY = f(k), f(e), f(q), f(dy)
+    Ua = -(K @ da_save.transpose(-1, -2))
+    Us = -(K @ ds_save.transpose(-1, -2))
+    g_wa = (E * Ua).sum(-1)
+    g_ws = (E * Us).sum(-1)
+    if tau is not None:
+        kk = (K * K).sum(-1)
+        ee = (E * E).sum(-1)
+        nrm = ee * kk + _EPS
+        raw = tau * torch.rsqrt(nrm)
+        scale = raw.clamp(max=1.0)
+        wa, ws = w_a * scale, w_s * scale
+        d_wa, d_ws = g_wa * scale, g_ws * scale
+        d_n = torch.where(raw <= 1.0, (g_wa * w_a + g_ws * w_s) * (-0.5) * raw / nrm, 0.0)
+    else:
+        wa, ws, d_wa, d_ws = w_a, w_s, g_wa, g_ws
+    dE = wa[..., None] * Ua + ws[..., None] * Us
+    dK = -((E * wa[..., None]) @ da_save) - (E * ws[..., None]) @ ds_save
+    if tau is not None:
+        dE = dE + (2.0 * d_n * kk)[..., None] * E
+        dK = dK + (2.0 * d_n * ee)[..., None] * K
+    dK = dK + dE @ a_save
+    dQ = dY @ a_save
+
+    def inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # ⟨x, y⟩ per chunk, no d×d temporary
+        return (x.reshape(-1, 1, d * d) @ y.reshape(-1, d * d, 1)).reshape(b, h, n)
+
+    d_coefs = (inner(da_save, a_save), inner(da_save, s_save), inner(ds_save, s_save), d_wa, d_ws)
+    g = lambda x, like: x.reshape(like.shape).to(like.dtype)  # noqa: E731
+    return g(dK, k), -dE.reshape(b, h, t, d), g(dQ, q), d_coefs
+
+
+# ---------------------------------------------------------------------------------------- launch
+def _precision(device: torch.device) -> str:
+    env = os.environ.get("OLMO_MIRAS_TRITON_PRECISION")
+    if env:
+        if env not in ("tf32", "tf32x3", "ieee"):
+            raise ValueError(f"OLMO_MIRAS_TRITON_PRECISION must be tf32, tf32x3 or ieee, got {env!r}")
+        return env
+    return "ieee" if _interpreted() else "tf32"
+
+
+def _launch_opts(head_dim: int) -> dict:
+    if _interpreted():
+        return {}
+    warps = int(os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if head_dim <= 32 else "8"))
+    stages = int(os.environ.get("OLMO_MIRAS_TRITON_STAGES", "1"))
+    return dict(num_warps=warps, num_stages=stages)
+
+
+def _bd(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _strides(x: torch.Tensor) -> Tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """Unit stride on the feature axis (the kernels index features contiguously)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, k, v, q, a_keep, a_mom, s_keep, w_a, w_s, read0, accum0, mom0, chunk, tau
+    ):
+        b, h, t, d = k.shape
+        n = t // chunk
+        k, v, q = _rows(k), _rows(v), _rows(q)
+        coefs = [x.detach().float().contiguous() for x in (a_keep, a_mom, s_keep, w_a, w_s)]
+        a0 = accum0.detach().float().contiguous()
+        s0 = mom0.detach().float().contiguous()
+        y = torch.empty_like(q)
+        a_out = torch.empty_like(a0)
+        s_out = torch.empty_like(s0)
+        save = any(ctx.needs_input_grad)
+        if save:
+            a_save = torch.empty(b, h, n, d, d, device=k.device, dtype=torch.float32)
+            s_save = torch.empty_like(a_save)
+            e_save = torch.empty(b, h, t, d, device=k.device, dtype=torch.float32)
+        else:
+            a_save = s_save = e_save = a_out  # never written (SAVE=False)
+        clip = tau is not None
+        prec = _precision(k.device)
+        _fwd_kernel[(b * h,)](
+            k, v, q, y, *_strides(k), *_strides(v), *_strides(q), *_strides(y),
+            *coefs, a0, s0, a_out, s_out, a_save, s_save, e_save,
+            h, n, d, float(tau) if clip else 1.0,
+            C=chunk, BD=_bd(d), CLIP=clip, SAVE=save, PREC=prec, **_launch_opts(d),
+        )
+        if save:
+            ctx.save_for_backward(k, e_save, q, *coefs, a_save, s_save)
+            ctx.meta = (chunk, tau, prec, v.dtype, read0.dtype, accum0.dtype, mom0.dtype,
+                        [x.dtype for x in (a_keep, a_mom, s_keep, w_a, w_s)])
+        return y, a_out, s_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, da_out, ds_out):  # type: ignore[override]
+        k, e_save, q, a_keep, a_mom, s_keep, w_a, w_s, a_save, s_save = ctx.saved_tensors
+        chunk, tau, prec, v_dt, read_dt, accum_dt, mom_dt, coef_dts = ctx.meta
+        b, h, t, d = k.shape
+        n = t // chunk
+        dy = torch.zeros_like(q) if dy is None else _rows(dy)
+        zeros = lambda: torch.zeros(b, h, d, d, device=k.device, dtype=torch.float32)  # noqa: E731
+        da_out = zeros() if da_out is None else da_out.float().contiguous()
+        ds_out = zeros() if ds_out is None else ds_out.float().contiguous()
+        da_save, ds_save = torch.empty_like(a_save), torch.empty_like(s_save)
+        dw0, da0, ds0 = zeros(), zeros(), zeros()
+        _bwd_kernel[(b * h,)](
+            k, q, dy, *_strides(k), *_strides(q), *_strides(dy),
+            a_keep, a_mom, s_keep, w_a, w_s, e_save, da_save, ds_save,
+            da_out, ds_out, dw0, da0, ds0,
+            h, n, d, float(tau) if tau is not None else 1.0,
+            C=chunk, BD=_bd(d), CLIP=tau is not None, PREC=prec, **_launch_opts(d),
+        )
+        dk, dv, dq, d_coefs = _bwd_parallel(
+            k, e_save, q, dy, a_keep, a_mom, s_keep, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau
+        )
+        del da_save, ds_save
+        d_coefs = [g.to(dt) for g, dt in zip(d_coefs, coef_dts)]
+        return dk, dv.to(v_dt), dq, *d_coefs, dw0.to(read_dt), da0.to(accum_dt), ds0.to(mom_dt), None, None
+
+
+# ---------------------------------------------------------------------------------------- dispatch
+def _rule_reason(rule: MemoryRule) -> Optional[str]:
+    arch, objective, retention, optimizer = rule
+    if arch.depth != 1 or arch.config.residual_norm:
+        return "the triton kernel needs a linear memory (architecture depth 1, no residual_norm)"
+    if objective.name != ObjectiveName.l2:
+        return f"the triton kernel needs the l2 attentional bias, not {objective.name.value!r}"
+    if not retention.is_identity:
+        return f"the triton kernel needs decay retention, not {retention.name.value!r}"
+    if type(optimizer) is not MomentumGD or not optimizer.uses_momentum:
+        return "the triton kernel needs the momentum optimizer"
+    return None
+
+
+def unsupported_reason(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, chunk_size: int, v: Optional[torch.Tensor] = None,
+    q: Optional[torch.Tensor] = None,
+) -> Optional[str]:
+    """Why the kernel cannot run this rule on these tensors at all (None: it can), independent of
+    where the piece starts and ends (see :func:`linear_scan` for that)."""
+    if triton is None:
+        return "triton is not installed"
+    reason = _rule_reason(rule)
+    if reason is not None:
+        return reason
+    if not (k.is_cuda or _interpreted()):
+        return "the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 when this module is imported)"
+    if k.ndim != 4:
+        return f"expected (batch, heads, seq, head_dim) inputs, got shape {tuple(k.shape)}"
+    for x in (k, v, q):
+        if x is not None and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"the triton kernel takes float32/bfloat16/float16 inputs, got {x.dtype}"
+    if state.momentum is None:
+        return "the triton kernel needs a momentum state"
+    for s in (*state.accum, *state.momentum):
+        if s.dtype != torch.float32:
+            return f"the triton kernel keeps a float32 state, got {s.dtype}"
+    d = k.shape[-1]
+    if d > MAX_HEAD_DIM:
+        return f"the triton kernel supports head_dim ≤ {MAX_HEAD_DIM}, got {d}"
+    if not _pow2(chunk_size) or chunk_size > MAX_CHUNK or (chunk_size < 16 and not _interpreted()):
+        return f"the triton kernel needs a power-of-two chunk size in 16..{MAX_CHUNK}, got {chunk_size}"
+    if _bd(d) * chunk_size > 8192 and not _interpreted():
+        # Shared memory of the backward (sm_90, triton 3.6, compiled offline): 224 KiB at d = 128,
+        # C = 64, the most an H100 block can have; C = 128 needs 320 KiB.
+        return f"the triton kernel supports head_dim × chunk ≤ 8192 (padded), got {d} × {chunk_size}"
+    return None
+
+
+def supports(rule: MemoryRule, state: ScanState, k: torch.Tensor, chunk_size: int) -> bool:
+    """Whether :func:`scan` will run (the whole chunks of) this call through the kernel."""
+    return unsupported_reason(rule, state, k, chunk_size) is None
+
+
+def _reads_accum(state: ScanState) -> bool:
+    """The read weights are the accumulator itself (same storage), as every state that this package
+    produces at a chunk boundary has for an identity retention; then chunk 0 may read A."""
+    r, a = state.read_weights[0], state.accum[0]
+    return r is a or (
+        r.data_ptr() == a.data_ptr() and r.shape == a.shape and r.stride() == a.stride() and r.dtype == a.dtype
+    )
+
+
+def linear_scan(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
+) -> Tuple[torch.Tensor, ScanState]:
+    """The kernel itself: whole chunks from a chunk boundary. Same contract as ``chunked_scan``.
+
+    Raises ``ValueError`` (with the reason) where the kernel cannot compute this call.
+    """
+    reason = unsupported_reason(rule, state, k, chunk_size, v, q)
+    c, t = chunk_size, k.shape[2]
+    if reason is None and state.position % c != 0:
+        reason = f"the triton kernel starts at a chunk boundary; position {state.position} is not a multiple of {c}"
+    if reason is None and (t == 0 or t % c != 0):
+        reason = f"the triton kernel takes whole chunks; {t} tokens is not a positive multiple of {c}"
+    if reason is None and not _reads_accum(state):
+        reason = "the triton kernel needs a state whose read_weights are its accum (as produced at chunk boundaries)"
+    if reason is not None:
+        raise ValueError(reason)
+    n = t // c
+    coef = rule.optimizer.chunk_coefficients(
+        *(g.reshape(*g.shape[:2], n, c) for g in (gates.theta, gates.log_eta, gates.log_keep)),
+        torch.ones(1, device=k.device, dtype=gates.theta.dtype).expand(*gates.theta.shape[:2], n, c),
+    )
+    assert state.momentum is not None
+    y, a_new, s_new = _LinearScan.apply(
+        k, v, q,
+        coef.accum_keep, coef.accum_from_momentum, coef.momentum_keep,
+        coef.accum_token_weight, coef.momentum_token_weight,
+        state.read_weights[0], state.accum[0], state.momentum[0],
+        c, rule.optimizer.max_grad_norm,
+    )
+    # decay retention: the next chunk reads A itself
+    return y, ScanState([a_new], [s_new], [a_new], state.position + t)
+
+
+_LOGGED: set = set()
+_FAILED: set = set()  # (device type, head_dim, chunk) whose kernel ran out of resources
+
+
+def scan(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
+) -> Tuple[torch.Tensor, ScanState]:
+    """``impl="triton"``: whole chunks through the kernel, the rest through ``chunked_scan``.
+
+    A piece that starts inside a chunk (or from a state whose read weights are not its accumulator)
+    runs up to the next boundary in PyTorch; a partial last chunk too. Where the kernel cannot run
+    at all (see :func:`unsupported_reason`) everything goes to ``chunked_scan`` (``compiled`` on CUDA).
+    """
+    reason = unsupported_reason(rule, state, k, chunk_size, v, q)
+    if reason is None and (k.device.type, k.shape[-1], chunk_size) in _FAILED:
+        reason = "the triton kernel failed to launch for this shape before (see the log)"
+    if reason is not None:
+        if reason not in _LOGGED:
+            _LOGGED.add(reason)
+            log.info("impl='triton' falls back to the PyTorch chunked scan: %s", reason)
+        return chunked_scan(rule, state, k, v, q, gates, chunk_size, compiled=k.is_cuda)
+    c, t = chunk_size, k.shape[2]
+    head = min(t, (c - state.position % c) % c)
+    if head == 0 and t >= c and not _reads_accum(state):
+        head = c
+    n_full = (t - head) // c
+    # (start, stop, through the kernel?)
+    pieces = [(0, head, False), (head, head + n_full * c, True), (head + n_full * c, t, False)]
+    outs: List[torch.Tensor] = []
+    for start, stop, kernel in pieces:
+        if stop <= start:
+            continue
+        sub = Gates(*(g[:, :, start:stop] for g in gates))
+        args = (rule, state, k[:, :, start:stop], v[:, :, start:stop], q[:, :, start:stop], sub, c)
+        if kernel:
+            try:
+                y, new = linear_scan(*args)
+            except OutOfResources as e:  # a safety net: see unsupported_reason
+                log.warning("impl='triton': %s; using the PyTorch chunked scan for this shape", e)
+                _FAILED.add((k.device.type, k.shape[-1], c))
+                y, new = chunked_scan(*args, compiled=k.is_cuda)
+        else:
+            y, new = chunked_scan(*args)
+        state = new
+        outs.append(y)
+    if not outs:  # zero tokens
+        return chunked_scan(rule, state, k, v, q, gates, chunk_size)
+    return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]), state
