@@ -124,7 +124,7 @@ def run(fn, rule, inputs, chunk, segments=None, separate_read=False):
     y = torch.cat(outs, dim=2)
     results = [y, state.accum[0], state.momentum[0], state.read_weights[0]]
     g = torch.Generator().manual_seed(1)
-    loss = sum((r * torch.randn(r.shape, generator=g)).sum() for r in results)
+    loss = sum((r * torch.randn(r.shape, generator=g).to(r.device)).sum() for r in results)
     grads = torch.autograd.grad(loss, inputs)
     return results, grads, state.position
 

@@ -13,12 +13,15 @@ its documented hooks are overridden:
   tokens) a second, joint attention over [memory tokens | the layer's normal context] is mixed in
   per head by ``context_gate`` (0 at init).
 
-Memory-context attention is position-free: its scores are ``q·k`` without RoPE (the memory
-tokens have no position), computed in the same softmax as the RoPE'd base scores by concatenating
-``[q_rope | q]`` against ``[k_rope | 0]`` for base keys and ``[0 | k]`` for memory keys. MAC's
-read-out of token j is visible to query i iff both lie in the same segment (absolute positions
-``// segment_len``) and ``j ≤ i`` — read-outs depend on the reading token's query, so letting
-earlier tokens see later tokens' read-outs would leak the future.
+Persistent tokens have no position: their scores are ``q·k`` without RoPE, computed in the same
+softmax as the RoPE'd base scores by concatenating ``[q_rope | q]`` against ``[k_rope | 0]`` for
+base keys and ``[0 | k]`` for persistent keys. MAC's read-out of token j *does* have a position,
+j's own: its key is RoPE'd like a base key (``[k_rope | 0]``), so a query can pick out its own
+read-out (offset 0) among the segment's others — with position-free read-outs it could not, since
+a read-out carries the recalled value but nothing of the token that asked for it (a MAC recall
+model stayed at chance that way). The read-out of token j is visible to query i iff both lie in
+the same segment (absolute positions ``// segment_len``) and ``j ≤ i`` — read-outs depend on the
+reading token's query, so letting earlier tokens see later tokens' read-outs would leak the future.
 """
 
 from __future__ import annotations
@@ -400,15 +403,20 @@ class MirasAttention(Attention, StatefulMixer):
         assert parts is not None and parts.context_gate is not None and call.q_nope is not None
         b, t, _, d = q.shape
         device = q.device
+        # keys as [rope'd half | position-free half], see the module docstring
         mem_k, mem_v, masks = [], [], []
         if parts.persistent is not None:
             kp, vp = self._project_kv(parts.persistent.unsqueeze(0))
-            mem_k.append(kp.expand(b, -1, -1, -1))
+            kp = kp.expand(b, -1, -1, -1)
+            mem_k.append(torch.cat([torch.zeros_like(kp), kp], dim=-1))
             mem_v.append(vp.expand(b, -1, -1, -1))
             masks.append(torch.ones(t, kp.shape[1], dtype=torch.bool, device=device))
         if self.memory_block == MemoryBlockType.mac:
             assert call.readout is not None
             kr, vr = self._project_kv(call.readout)
+            if self.rope is not None:
+                # the read-outs sit at their tokens' positions (carried ones were RoPE'd when made)
+                _, kr = self._apply_rope(kr, kr, call.position if call.carry else None, None, None, None, None)
             lr = 0
             if call.readout_kv_in is not None:
                 lr = call.readout_kv_in[0].shape[1]
@@ -418,7 +426,8 @@ class MirasAttention(Attention, StatefulMixer):
             qpos = torch.arange(pos, pos + t, device=device)
             kpos = torch.arange(pos - lr, pos + t, device=device)
             masks.append((kpos[None, :] <= qpos[:, None]) & (kpos[None, :] // seg == qpos[:, None] // seg))
-            mem_k.append(kr)
+            halves = [kr, torch.zeros_like(kr)] if self.rope is not None else [torch.zeros_like(kr), kr]
+            mem_k.append(torch.cat(halves, dim=-1))
             mem_v.append(vr)
             if call.carry:
                 keep = (pos + t) % seg  # read-outs of the unfinished segment
@@ -427,12 +436,9 @@ class MirasAttention(Attention, StatefulMixer):
         k_mem = torch.cat(mem_k, dim=1).to(k_all.dtype)
         v_mem = torch.cat(mem_v, dim=1).to(v_all.dtype)
         q_nope = call.q_nope.to(q.dtype)
-        # shape: (batch, len, heads, 2 * head_dim): position-free memory scores, RoPE'd base scores
+        # shape: (batch, len, heads, 2 * head_dim): RoPE'd scores, position-free scores
         qq = torch.cat([q, q_nope], dim=-1)
-        kk = torch.cat(
-            [torch.cat([torch.zeros_like(k_mem), k_mem], dim=-1), torch.cat([k_all, torch.zeros_like(k_all)], dim=-1)],
-            dim=1,
-        )
+        kk = torch.cat([k_mem, torch.cat([k_all, torch.zeros_like(k_all)], dim=-1)], dim=1)
         vv = torch.cat([v_mem, v_all], dim=1)
         mask = torch.cat(masks + [self._base_mask(t, lc, device)], dim=1)
         scale = self.backend.scale if self.backend.scale is not None else d**-0.5

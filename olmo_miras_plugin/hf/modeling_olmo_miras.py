@@ -335,8 +335,9 @@ class OlmoMirasMemoryLayer(nn.Module):
     ) -> Tuple[torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """The decoder layer's attention (same projections, QK-norm, RoPE and cache) with memory
         tokens: ``att + g_h · (joint − att)``, ``joint`` one softmax over [persistent tokens | MAC
-        read-outs | the base keys]. Memory scores are ``q·k`` without RoPE (memory tokens have no
-        position): ``[q_rope | q]`` against ``[0 | k_mem]`` and ``[k_rope | 0]``. Query i sees the
+        read-outs | the base keys]. Persistent-token scores are ``q·k`` without RoPE (they have no
+        position): ``[q_rope | q]`` against ``[0 | k_p]``; base keys and MAC read-outs (which sit at
+        their tokens' positions) are ``[k_rope | 0]`` — as in ``blocks/attention.py``. Query i sees the
         read-out of token j iff both are in the same segment and j ≤ i (a read-out depends on its
         own token's query, so later ones would leak the future)."""
         attn = self.self_attn
@@ -376,12 +377,14 @@ class OlmoMirasMemoryLayer(nn.Module):
         masks: List[torch.Tensor] = []
         if parts.persistent is not None:
             kp, vp = project_kv(parts.persistent.unsqueeze(0).to(x.dtype))
-            mem_k.append(kp.expand(b, -1, -1, -1))
+            kp = kp.expand(b, -1, -1, -1)
+            mem_k.append(torch.cat([torch.zeros_like(kp), kp], dim=-1))
             mem_v.append(vp.expand(b, -1, -1, -1))
             masks.append(torch.ones(t, kp.shape[2], dtype=torch.bool, device=device))
         readout_kv_out = None
         if readout is not None:
             kr, vr = project_kv(readout)
+            _, kr = self._apply_rotary(kr, kr, cos, sin)  # carried read-outs were RoPE'd when made
             lr = 0
             if readout_kv_in is not None:
                 lr = readout_kv_in[0].shape[2]
@@ -390,17 +393,14 @@ class OlmoMirasMemoryLayer(nn.Module):
             seg = self.segment_len
             rpos = torch.arange(pos - lr, end, device=device)
             masks.append((rpos[None, :] <= qpos[:, None]) & (rpos[None, :] // seg == qpos[:, None] // seg))
-            mem_k.append(kr)
+            mem_k.append(torch.cat([kr, torch.zeros_like(kr)], dim=-1))
             mem_v.append(vr)
             keep, nr = end % seg, kr.shape[2]  # read-outs of the unfinished segment
             readout_kv_out = (kr[:, :, nr - keep :], vr[:, :, nr - keep :])
         k_mem = torch.cat(mem_k, dim=2).to(k_all.dtype)
         v_mem = torch.cat(mem_v, dim=2).to(v_all.dtype)
         qq = torch.cat([q, q_nope.to(q.dtype)], dim=-1)
-        kk = torch.cat(
-            [torch.cat([torch.zeros_like(k_mem), k_mem], dim=-1), torch.cat([k_all, torch.zeros_like(k_all)], dim=-1)],
-            dim=2,
-        )
+        kk = torch.cat([k_mem, torch.cat([k_all, torch.zeros_like(k_all)], dim=-1)], dim=2)
         vv = torch.cat([v_mem, v_all], dim=2)
         joint = _sdpa(qq, kk, vv, torch.cat(masks + [base_mask], dim=1), attn.scaling)
         g = parts.context_gate.to(att.dtype).view(1, -1, 1, 1)
