@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -79,6 +80,17 @@ class MirasMemoryConfig(Config):
     depth: Optional[int] = None
     """Memory MLP depth; ``None`` keeps the preset's."""
     expansion: Optional[float] = None
+    theta_init: Optional[float] = None
+    """Initial inner learning rate θ (gate bias); ``None`` keeps the preset's (titans: 0.01)."""
+    eta_init: Optional[float] = None
+    """Initial momentum η; ``None`` keeps the preset's (0.9; presets without momentum ignore it)."""
+    alpha_init: Optional[float] = None
+    """Initial forget rate α; ``None`` keeps the preset's (titans 1e-2, moneta 1e-3). Small values
+    let early training see gradients from writes far back (e⁻²⁰ of a write survives 2,000 tokens at
+    1e-2)."""
+    max_grad_norm: Optional[float] = None
+    """Per-token clip of the *inner* (surprise) gradient; ``None`` keeps the default (1.0),
+    ``math.inf`` turns clipping off."""
     check_finite: bool = True
     """Memory refuses NaN/Inf inputs (one device sync per layer call)."""
     impl: Optional[MemoryImpl] = None
@@ -135,6 +147,9 @@ class MirasMemoryConfig(Config):
         )
         if self.impl is not None:
             kwargs["impl"] = self.impl
+        for name in ("theta_init", "eta_init", "alpha_init"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
         if self.depth is not None or self.expansion is not None:
             arch = MemoryArchitectureConfig()
             kwargs["architecture"] = dataclasses.replace(
@@ -144,6 +159,10 @@ class MirasMemoryConfig(Config):
             )
         try:
             config = NeuralMemoryConfig.from_preset(self.preset, d_model=d_model, **kwargs)
+            if self.max_grad_norm is not None:
+                if not self.max_grad_norm > 0:
+                    raise ValueError(f"max_grad_norm must be > 0 (math.inf: no clipping), got {self.max_grad_norm!r}")
+                config.optimizer.max_grad_norm = None if math.isinf(self.max_grad_norm) else float(self.max_grad_norm)
             config.validate()
         except ValueError as e:
             raise OLMoConfigurationError(f"memory: {e}") from e

@@ -241,6 +241,8 @@ def test_parameter_report_logged_and_freeze_base(caplog):
         (["memory.preset=atlas"], "unknown memory preset 'atlas'; valid presets: titans, moneta, yaad, memora"),
         (["memory.n_heads=3"], "memory: d_model=32 is not divisible by n_heads=3"),
         (["memory.block_type=lm2", "memory.lm2.n_heads=5"], "LM2 memory: d_model=32 is not divisible by n_heads=5"),
+        (["memory.alpha_init=1.5"], r"alpha_init must be in \(0, 1\)"),
+        (["memory.max_grad_norm=0"], r"max_grad_norm must be > 0 \(math.inf: no clipping\), got 0"),
     ],
 )
 def test_bad_model_config_errors(change: List[str], match: str):
@@ -251,3 +253,24 @@ def test_bad_model_config_errors(change: List[str], match: str):
 def test_tiny_heads_must_divide():
     with pytest.raises(OLMoConfigurationError, match="d_model=30 is not divisible by n_heads=4"):
         tiny_miras(d_model=30, n_heads=4)
+
+
+def test_memory_gate_inits_and_inner_clip_reach_every_memory_layer():
+    """The gate-init and inner-clip fields set what the memory computes: the gates at step 0 (from
+    the biases, before any training) and the optimizer's per-token clip, on every memory layer."""
+    from olmo_miras_plugin.memory import NeuralMemory
+
+    model = small("mag", theta_init=0.02, eta_init=0.5, alpha_init=1e-3, max_grad_norm=float("inf")).build()
+    model.init_weights(max_seq_len=64, device=torch.device("cpu"))
+    mems = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    assert len(mems) == 2
+    for m in mems:
+        with torch.no_grad():
+            theta = torch.sigmoid(m.w_theta.bias) * m.config.theta_max
+            eta, alpha = torch.sigmoid(m.w_eta.bias), torch.sigmoid(m.w_alpha.bias)
+        torch.testing.assert_close(theta, torch.full_like(theta, 0.02))
+        torch.testing.assert_close(eta, torch.full_like(eta, 0.5))
+        torch.testing.assert_close(alpha, torch.full_like(alpha, 1e-3))
+        assert m.rule.optimizer.max_grad_norm is None  # inf: no clipping
+    default = [m for m in small("mag", max_grad_norm=0.5).build().modules() if isinstance(m, NeuralMemory)]
+    assert all(m.rule.optimizer.max_grad_norm == 0.5 for m in default)

@@ -329,6 +329,9 @@ def build_model_config(cfg: RecallExperimentConfig, variant: Variant, impl: Opti
         chunk_size=cfg.memory_chunk_size,
         n_heads=cfg.memory_heads,
         depth=cfg.memory_depth,
+        theta_init=cfg.theta_init,
+        eta_init=cfg.eta_init,
+        alpha_init=cfg.alpha_init,
         check_finite=False,
         impl=None if impl is None else MemoryImpl(impl),
     )
@@ -347,37 +350,12 @@ def build_model_config(cfg: RecallExperimentConfig, variant: Variant, impl: Opti
     return mc
 
 
-def _tune_memory(model: nn.Module, cfg: RecallExperimentConfig) -> None:
-    """Apply ``alpha_init`` / ``theta_init`` / ``eta_init`` to every neural memory (gate biases).
-
-    Done on the built model because ``MirasMemoryConfig`` exposes only the preset; the saved
-    config then carries the preset's values, which is fine: the biases are trained parameters.
-    """
-    for m in model.modules():
-        if isinstance(m, NeuralMemory):
-            c = m.config
-            if cfg.alpha_init is not None:
-                c.alpha_init = cfg.alpha_init
-            if cfg.theta_init is not None:
-                c.theta_init = cfg.theta_init
-            if cfg.eta_init is not None:
-                c.eta_init = cfg.eta_init
-            c.validate()
-            b = c.gate_biases()
-            with torch.no_grad():
-                m.w_alpha.bias.fill_(b["alpha"])
-                m.w_theta.bias.fill_(b["theta"])
-                if m.w_eta is not None:
-                    m.w_eta.bias.fill_(b["eta"])
-
-
 def build_model(cfg: RecallExperimentConfig, variant: Variant, device: torch.device, impl: Optional[str]) -> Tuple[nn.Module, Any]:
     """The initialised model of ``variant`` on ``device`` (OLMo-core ``init_weights``: the memory
     output starts at zero) and its config."""
     mc = build_model_config(cfg, variant, impl)
     model = mc.build(init_device="cpu")
     model.init_weights(max_seq_len=max(cfg.seq_len, cfg.resolved_eval_length()), device=device)
-    _tune_memory(model, cfg)
     return model.to(device), mc
 
 
