@@ -385,3 +385,36 @@ def test_unsupported_base_block_and_doc_masking():
     block = build(miras_block_config("mag"))
     with pytest.raises(ValueError, match="intra-document masking"):
         block(torch.randn(1, 8, D), cu_doc_lens=torch.tensor([0, 4, 8]), max_doc_len=4)
+
+
+@torch.no_grad()
+def test_mac_readouts_are_positioned_so_a_query_can_find_its_own():
+    """A MAC read-out sits at its token's position: swapping two read-outs of the segment changes
+    what the segment's last query reads (with position-free read-outs it could not — the query
+    would see the same set — and a MAC recall model stayed at chance); swapping two read-outs of
+    an earlier segment changes nothing for it (the segment mask)."""
+    block = build(miras_block_config("mac", window=None, chunk=4))
+    activate_memory(block)
+    att = block.attention
+    memory = att.miras.memory
+    x = torch.randn(2, 12, D, generator=torch.Generator().manual_seed(0))
+    forced = torch.randn(2, 12, D, generator=torch.Generator().manual_seed(1))
+
+    def last_query_output(readout: torch.Tensor) -> torch.Tensor:
+        original = memory.forward
+        memory.forward = lambda h, state=None: (readout, original(h, state)[1])
+        try:
+            return block(x)[:, -1]
+        finally:
+            del memory.forward
+
+    def swapped(i: int, j: int) -> torch.Tensor:
+        r = forced.clone()
+        r[:, [i, j]] = forced[:, [j, i]]
+        return r
+
+    ref = last_query_output(forced)
+    # positions 8..11 are the last segment (segment_len = chunk = 4): both swapped read-outs are visible
+    assert not torch.allclose(last_query_output(swapped(8, 9)), ref, atol=1e-4)
+    # positions 0, 1: another segment, invisible to query 11
+    torch.testing.assert_close(last_query_output(swapped(0, 1)), ref)
