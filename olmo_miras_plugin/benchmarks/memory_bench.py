@@ -192,7 +192,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--no-sdpa", action="store_true")
     p.add_argument("--check", action="store_true", help="compare against the reference on fresh random inputs first")
-    p.add_argument("--json", default="bench_memory.json")
+    p.add_argument("--json", default="runs/bench/bench_memory.json", help="where the JSON goes (default: %(default)s)")
     p.add_argument("--stream-tokens", type=int, default=0, help="also stream this many tokens (inference)")
     p.add_argument("--stream-segment", type=int, default=4096)
     args = p.parse_args(argv)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -89,5 +91,10 @@ def format_table(rows: List[Measurement], columns: List[str]) -> str:
 
 
 def write_json(path: str, rows: List[Measurement], meta: Dict[str, Any]) -> None:
-    with open(path, "w") as f:
+    """Write the table as JSON (parent folders created), replacing ``path`` atomically."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    with open(tmp, "w") as f:
         json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
+    os.replace(tmp, target)

@@ -156,6 +156,6 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--impl", default="graphed", choices=[i.value for i in MemoryImpl])
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
-    p.add_argument("--json", default="bench_train.json")
+    p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")
     args = p.parse_args(argv)
     fsdp(args) if args.fsdp else single_device(args)
