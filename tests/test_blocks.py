@@ -33,6 +33,8 @@ from olmo_miras_plugin.blocks import (
 )
 from olmo_miras_plugin.memory import NeuralMemoryConfig
 
+from miras_test_utils import activate_memory
+
 # Tiny tensors: one thread avoids OpenMP spin-waits, which dominate on a shared 2-core machine.
 torch.set_num_threads(1)
 
@@ -97,18 +99,6 @@ def miras_block_config(
 def build(config: TransformerBlockConfig, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return config.build(d_model=D, block_idx=1, n_layers=4)
-
-
-@torch.no_grad()
-def activate_memory(block: torch.nn.Module, seed: int = 1) -> None:
-    """Move every memory parameter off its zero-init so the memory visibly changes the output."""
-    g = torch.Generator().manual_seed(seed)
-    for name, p in block.named_parameters():
-        if ".miras." in f".{name}":
-            if "context_gate" in name:
-                p.fill_(0.7)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def run_pieces(block: torch.nn.Module, x: torch.Tensor, bounds: List[int]) -> torch.Tensor:

@@ -22,8 +22,10 @@ from olmo_miras_plugin.generation import (
 )
 from olmo_miras_plugin.hf import OlmoMirasForCausalLM, convert_to_hf, hf_config_from_miras, olmo_core_to_hf_state
 from olmo_miras_plugin.hf.cli import generate_main
-from olmo_miras_plugin.models import MirasMemoryConfig, MirasModelConfig, is_memory_param, tiny_miras
+from olmo_miras_plugin.models import MirasMemoryConfig, MirasModelConfig, tiny_miras
 from olmo_miras_plugin.tokenizer import ByteTokenizer, byte_tokenizer_config
+
+from miras_test_utils import activate_memory
 
 torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared 2-core machine
 
@@ -39,15 +41,7 @@ def build(cfg: MirasModelConfig, seed: int = 1) -> torch.nn.Module:
     """OLMo-core model with the memory moved off its zero init (so it matters)."""
     model = cfg.build()
     model.init_weights(max_seq_len=64)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if is_memory_param(name):
-                if "context_gate" in name:
-                    p.fill_(0.7)
-                else:
-                    p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return model.eval()
+    return activate_memory(model, seed).eval()
 
 
 def hf_of(cfg: MirasModelConfig, model: torch.nn.Module) -> OlmoMirasForCausalLM:

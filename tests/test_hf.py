@@ -34,6 +34,8 @@ from olmo_miras_plugin.hf.cli import convert_from_hf_main, convert_to_hf_main
 from olmo_miras_plugin.models import MirasMemoryConfig, MirasModelConfig, is_memory_param, tiny_miras
 from olmo_miras_plugin.tokenizer import ByteTokenizer, byte_tokenizer_config
 
+from miras_test_utils import activate_memory
+
 torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared 2-core machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,14 +66,7 @@ def build(cfg: MirasModelConfig, *, active: bool = True, seed: int = 1) -> torch
     model = cfg.build()
     model.init_weights(max_seq_len=64)
     if active:
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if is_memory_param(name):
-                    if "context_gate" in name:
-                        p.fill_(0.7)
-                    else:
-                        p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        activate_memory(model, seed)
     return model.eval()
 
 

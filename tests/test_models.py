@@ -28,6 +28,8 @@ from olmo_miras_plugin.models import (
     tiny_miras,
 )
 
+from miras_test_utils import activate_memory
+
 torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared 2-core machine
 
 BLOCK_TYPES = ["mal", "mag", "mac", "lm2"]
@@ -38,17 +40,6 @@ def small(block_type: str = "mag", window=8, **memory_kwargs) -> MirasModelConfi
     memory_kwargs.setdefault("chunk_size", 4)
     memory = MirasMemoryConfig(block_type=block_type, **memory_kwargs)
     return tiny_miras(d_model=32, n_layers=4, n_heads=4, window=window, memory=memory)
-
-
-@torch.no_grad()
-def activate_memory(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if is_memory_param(name):
-            if "context_gate" in name:
-                p.fill_(0.7)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def tokens(batch: int = 2, length: int = 40, seed: int = 0) -> torch.Tensor:

@@ -23,7 +23,9 @@ from olmo_core.nn.transformer import (
 )
 
 from olmo_miras_plugin.blocks import carry_memory_states, detach_memory_states
-from olmo_miras_plugin.models import MirasMemoryConfig, MirasModelConfig, is_memory_param, tiny_miras
+from olmo_miras_plugin.models import MirasMemoryConfig, MirasModelConfig, tiny_miras
+
+from miras_test_utils import activate_memory
 
 torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared 2-core machine
 
@@ -67,15 +69,6 @@ def train(model: torch.nn.Module, x: torch.Tensor, reduce=None) -> List[float]:
     return losses
 
 
-@torch.no_grad()
-def activate_memory(model: torch.nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    for name, p in model.named_parameters():
-        if is_memory_param(name):
-            if "context_gate" in name:
-                p.fill_(0.7)
-            else:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 # ---------------------------------------------------------------------------------------------- FSDP

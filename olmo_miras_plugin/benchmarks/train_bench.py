@@ -40,12 +40,9 @@ def build_model(args, memory: bool, device: str):
     return miras_from_preset(args.preset, args.vocab_size, memory=mem).build(init_device=device)
 
 
-def time_train_steps(model, seq: int, steps: int, vocab: int, device: torch.device) -> tuple[float, float, List[float]]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
-    x = torch.randint(0, vocab, (1, seq), device=device)
+def train_steps(model, opt, x: torch.Tensor, steps: int, device: torch.device) -> tuple[List[float], List[float]]:
+    """``steps`` next-token training steps on the fixed batch ``x`` (1, T): seconds and loss of each."""
     times, losses = [], []
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(steps):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -59,6 +56,15 @@ def time_train_steps(model, seq: int, steps: int, vocab: int, device: torch.devi
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    return times, losses
+
+
+def time_train_steps(model, seq: int, steps: int, vocab: int, device: torch.device) -> tuple[float, float, List[float]]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
+    x = torch.randint(0, vocab, (1, seq), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, losses = train_steps(model, opt, x, steps, device)
     warm = sorted(times[min(3, steps - 1):])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return statistics.median(warm), peak, losses
@@ -113,20 +119,7 @@ def fsdp(args) -> None:
     seq = args.seq[0]
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, args.vocab_size, (1, seq), generator=g).to(device)
-    losses, times = [], []
-    for step in range(args.steps):
-        if use_cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        logits = model(x)
-        loss = F.cross_entropy(logits[0, :-1].float(), x[0, 1:])
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if use_cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
+    times, losses = train_steps(model, opt, x, args.steps, device)
     sec = statistics.median(times[min(2, len(times) - 1):])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else float("nan")
     line = (f"rank {rank}/{world}: {args.preset} + {args.block_type} every {args.every}, FSDP2, T={seq}, "

@@ -61,9 +61,7 @@ class MirasReorderedNormTransformerBlock(ReorderedNormTransformerBlock):
         **kwargs: Any,
     ) -> torch.Tensor:
         del loss_div_factor
-        if self._mal:
-            x, att = self.attention(x, state_key=x, **kwargs)
-        else:
-            att = self.attention(x, state_key=x, **kwargs)
+        out = self.attention(x, state_key=x, **kwargs)
+        x, att = out if self._mal else (x, out)  # MAL also returns the memory-updated stream
         h = self.attention_residual_stream(x, self.attention_norm(att))
         return self.feed_forward_residual_stream(h, self.feed_forward_norm(self.feed_forward(h)))

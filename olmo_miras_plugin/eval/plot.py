@@ -31,6 +31,15 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(plt: Any, fig: Any, path: Union[str, Path]) -> Path:
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def cells_of(results: Cells) -> CellDicts:
     """Cell dicts from ``EvalResults``, a results dict (``{"cells": [...]}``) or a list of cells."""
     if isinstance(results, EvalResults):
@@ -121,12 +130,7 @@ def plot_accuracy(
         axes[k // cols][k % cols].axis("off")
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
 
 
 def plot_position_loss(
@@ -153,9 +157,4 @@ def plot_position_loss(
     ax.set_title(title or "loss by position")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, path)
