@@ -299,3 +299,25 @@ def test_token_by_token_streaming_equals_whole():
             y, state = m(x[:, i : i + 1], state)
             outs.append(y)
     assert rel_err(torch.cat(outs, 1), y_whole) <= 1e-5
+
+
+def test_short_conv_matches_conv1d_and_continues_across_pieces():
+    """The token-major shifted-sum conv against ``F.conv1d`` (a different algorithm and layout),
+    value and gradients, and split into two pieces with the context carried."""
+    from olmo_miras_plugin.memory.conv import ShortCausalConv
+
+    torch.manual_seed(3)
+    conv = ShortCausalConv(6, 4).double()
+    x = torch.randn(2, 11, 6, dtype=torch.float64, requires_grad=True)
+    y, ctx = conv(x, None)
+    # Reference: left-pad K−1 zeros, depthwise conv1d in (batch, channels, seq).
+    xp = torch.nn.functional.pad(x.transpose(1, 2), (3, 0))
+    ref = torch.nn.functional.silu(torch.nn.functional.conv1d(xp, conv.weight.unsqueeze(1), groups=6)).transpose(1, 2)
+    assert rel_err(y, ref) <= 1e-12
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, conv.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, conv.weight), g)
+    assert rel_err(gx, rx) <= 1e-12 and rel_err(gw, rw) <= 1e-12
+    y1, ctx1 = conv(x[:, :5], None)
+    y2, ctx2 = conv(x[:, 5:], ctx1)
+    assert rel_err(torch.cat([y1, y2], 1), y) <= 1e-12 and torch.equal(ctx2, ctx)

@@ -162,6 +162,32 @@ def test_kernel_matches_chunked(head_dim: int, chunk: int, tau):
 
 
 @interpreted
+@pytest.mark.parametrize("head_dim,block_rows", [(32, 16), (40, 16), (64, 32)])
+def test_row_split_kernel_matches_chunked(monkeypatch, head_dim: int, block_rows: int):
+    """Without the clip, each program owns ``block_rows`` rows of the state (40: the last row
+    block is partly padding); outputs, state and every gradient equal the chunked scan."""
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_BLOCK_ROWS", str(block_rows))
+    rule = linear_titans(head_dim, 8, None)
+    inputs = make_inputs(2, 2, 32, head_dim)
+    want = run(chunked_scan, rule, inputs, 8)
+    got = run(triton_linear.linear_scan, rule, inputs, 8)
+    assert_close(got, want)
+
+
+def test_block_rows_choice(monkeypatch):
+    """The clip couples all rows of a token's error: whole rows then, whatever is asked for."""
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_BLOCK_ROWS", "16")
+    assert triton_linear._block_rows(128, 16, cpu, clip=True) == 128
+    assert triton_linear._block_rows(128, 16, cpu, clip=False) == 16
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_BLOCK_ROWS", "24")
+    with pytest.raises(ValueError, match="power of two in 16..128, got '24'"):
+        triton_linear._block_rows(128, 16, cpu, clip=False)
+    monkeypatch.delenv("OLMO_MIRAS_TRITON_BLOCK_ROWS")
+    assert triton_linear._block_rows(128, 16, cpu, clip=False) == 128  # one "SM": no split
+
+
+@interpreted
 def test_clip_cases_are_what_they_claim():
     """The parametrisation above covers active and inactive clipping (checked on the oracle)."""
     inputs = make_inputs(2, 2, 32, 32)
@@ -310,12 +336,16 @@ def test_layer_impl_triton(monkeypatch, depth: int, max_grad_norm):
 # ---------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
-@pytest.mark.parametrize("head_dim,chunk,precision,tol", [(64, 16, "ieee", 1e-4), (128, 64, "tf32", 2e-2)])
-def test_gpu_kernel_matches_chunked(monkeypatch, head_dim: int, chunk: int, precision: str, tol: float):
-    """The compiled kernels on the GPU (fp32 inputs), against the chunked scan in fp32."""
+@pytest.mark.parametrize(
+    "head_dim,chunk,precision,tol,tau",
+    [(64, 16, "ieee", 1e-4, 1.0), (128, 64, "tf32", 2e-2, 1.0), (128, 64, "ieee", 1e-4, None), (128, 64, "tf32", 2e-2, None)],
+)
+def test_gpu_kernel_matches_chunked(monkeypatch, head_dim: int, chunk: int, precision: str, tol: float, tau):
+    """The compiled kernels on the GPU (fp32 inputs), against the chunked scan in fp32; without
+    the clip (``tau=None``) the row-split launch (several programs per head)."""
     monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    rule = linear_titans(head_dim, chunk, 1.0)
+    rule = linear_titans(head_dim, chunk, tau)
     inputs = [x.detach().cuda().requires_grad_() for x in make_inputs(2, 4, 8 * chunk, head_dim)]
     want = run(chunked_scan, rule, inputs, chunk)
     got = run(triton_linear.linear_scan, rule, inputs, chunk)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import math
 from typing import List, Optional
 
 import torch
@@ -34,6 +35,8 @@ def bench_miras(args, seq: int, impl: str, device: torch.device) -> Measurement:
         impl=impl,
         check_finite=False,
     )
+    if args.max_grad_norm is not None:  # math.inf: no per-token clip (the row-split Triton kernel)
+        cfg.optimizer.max_grad_norm = None if math.isinf(args.max_grad_norm) else args.max_grad_norm
     cfg.architecture.depth = args.depth
     cfg.architecture.expansion = args.expansion
     layer = cfg.build(init_device=str(device))
@@ -47,7 +50,13 @@ def bench_miras(args, seq: int, impl: str, device: torch.device) -> Measurement:
         x.grad = None
         layer.zero_grad(set_to_none=True)
 
+    if args.scan_only:
+        params["layer"] += " (scan only)"
+        step = _scan_step(layer, args, seq, device)
+
     try:
+        if args.profile:
+            profile_step(step, f"miras/{impl} T={seq}")
         ms, peak = measure(step, device)
         return Measurement("miras", params, ms, peak)
     except Exception as e:  # report OOMs and unsupported configs in the table instead of dying
@@ -59,6 +68,29 @@ def bench_miras(args, seq: int, impl: str, device: torch.device) -> Measurement:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _scan_step(layer, args, seq: int, device: torch.device):
+    """Forward+backward of the memory scan alone (what fla's kernel computes: normalised q, k and
+    v, per-token gates in, read-outs out), without the layer's projections, conv and norms."""
+    from ..memory.scan import ScanState
+
+    b, h, d = args.batch, layer.n_heads, layer.head_dim
+    q, k = (F.normalize(torch.randn(b, h, seq, d, device=device), dim=-1).requires_grad_() for _ in range(2))
+    v = torch.randn(b, h, seq, d, device=device, requires_grad=True)
+    logits = torch.randn(b, seq, 3 * h, device=device, requires_grad=True)
+    inputs = [q, k, v, logits]
+
+    def step():
+        gates = layer._gates_from_logits(torch.float32, *logits.chunk(3, dim=-1))
+        s = layer.init_state(b, device)
+        y, _ = layer.scan(ScanState(s.accum, s.momentum, s.read_weights, s.position), k, v, q, gates)
+        y.sum().backward()
+        for t in inputs:
+            t.grad = None
+        layer.zero_grad(set_to_none=True)
+
+    return step
 
 
 def bench_sdpa(args, seq: int, device: torch.device) -> Measurement:
@@ -79,6 +111,49 @@ def bench_sdpa(args, seq: int, device: torch.device) -> Measurement:
         if not _oom(e):
             raise
         return Measurement("sdpa", params, None, None, error="OOM")
+
+
+def bench_fla(args, seq: int, device: torch.device) -> Optional[Measurement]:
+    """fla's ``chunk_delta_rule`` (the yardstick for the linear memory), when fla is installed."""
+    try:
+        from fla.ops.delta_rule import chunk_delta_rule  # type: ignore
+    except ImportError:
+        return None
+    params = dict(layer="fla chunk_delta_rule", seq=seq, batch=args.batch, chunk=64)
+    dtype = DTYPES[args.dtype]
+    shape = (args.batch, seq, args.heads, args.head_dim or args.d_model // args.heads)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    beta = torch.rand(shape[:3], device=device, dtype=dtype).requires_grad_()
+
+    def step():
+        o = chunk_delta_rule(q, k, v, beta, use_qk_l2norm_in_kernel=True)[0]
+        o.float().sum().backward()
+        q.grad = k.grad = v.grad = beta.grad = None
+
+    try:
+        if args.profile:
+            profile_step(step, f"fla T={seq}")
+        ms, peak = measure(step, device)
+        return Measurement("fla", params, ms, peak)
+    except Exception as e:  # an fla/triton mismatch is reported, not fatal
+        return Measurement("fla", params, None, None, error=f"{type(e).__name__}: {str(e)[:80]}")
+
+
+def profile_step(step, label: str, top: int = 15) -> None:
+    """Print where one step's GPU time goes: the top kernels and kernel time vs. wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total_us = sum(e.self_device_time_total for e in events)
+    launches = sum(e.count for e in events)
+    print(f"profile {label}: {launches} GPU ops, {total_us / 1e3:.2f} ms of GPU time")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
+        print(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
 
 
 def bench_titans_pytorch(args, seq: int, device: torch.device) -> Optional[Measurement]:
@@ -150,11 +225,24 @@ def bench_streaming(args, device: torch.device) -> List[Measurement]:
 
 
 def check_against_reference(
-    preset: str, device: torch.device, impl: str = "chunked", dtype: torch.dtype = torch.bfloat16
+    preset: str,
+    device: torch.device,
+    impl: str = "chunked",
+    dtype: torch.dtype = torch.bfloat16,
+    depth: Optional[int] = None,
+    max_grad_norm: Optional[float] = None,
 ) -> dict:
-    """Fresh random inputs: ``impl`` under ``dtype`` autocast vs the fp32 reference loop on ``device``."""
+    """Fresh random inputs: ``impl`` under ``dtype`` autocast vs the fp32 reference loop on ``device``.
+
+    ``depth`` / ``max_grad_norm`` (``math.inf``: no clip) override the preset's, so the check covers
+    the configuration being benchmarked (e.g. the linear memory that ``impl="triton"`` runs).
+    """
     torch.manual_seed(torch.seed() % 2**31)
     cfg = NeuralMemoryConfig.from_preset(preset, d_model=64, n_heads=4, chunk_size=16, impl="reference")
+    if depth is not None:
+        cfg.architecture.depth = depth
+    if max_grad_norm is not None:
+        cfg.optimizer.max_grad_norm = None if math.isinf(max_grad_norm) else max_grad_norm
     ref = cfg.build(init_device=str(device))
     x = torch.randn(2, 75, 64, device=device, requires_grad=True)
     y_ref, _ = ref(x)
@@ -169,6 +257,8 @@ def check_against_reference(
     return {
         "preset": preset,
         "impl": impl,
+        "depth": cfg.architecture.depth,
+        "max_grad_norm": cfg.optimizer.max_grad_norm,
         "dtype": str(dtype),
         "out_rel_err": rel(y, y_ref),
         "grad_rel_err": rel(g, g_ref),
@@ -191,6 +281,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--impl", nargs="+", default=["chunked"])
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--no-sdpa", action="store_true")
+    p.add_argument("--scan-only", action="store_true", help="time the memory scan alone (no projections/conv/norm)")
+    p.add_argument("--fla", action="store_true", help="also time fla's chunk_delta_rule (linear-memory yardstick)")
+    p.add_argument(
+        "--max-grad-norm", type=float, default=None,
+        help="per-token inner-gradient clip (default: the preset's; inf turns it off)",
+    )
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one step per row (CUDA)")
     p.add_argument("--check", action="store_true", help="compare against the reference on fresh random inputs first")
     p.add_argument("--json", default="runs/bench/bench_memory.json", help="where the JSON goes (default: %(default)s)")
     p.add_argument("--stream-tokens", type=int, default=0, help="also stream this many tokens (inference)")
@@ -203,7 +300,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.check:
         for impl in args.impl:
             for preset in ("titans", "moneta", "yaad", "memora"):
-                c = check_against_reference(preset, device, impl)
+                c = check_against_reference(preset, device, impl, depth=args.depth, max_grad_norm=args.max_grad_norm)
                 checks.append(c)
                 print(
                     f"check {impl}/{preset}: output rel err {c['out_rel_err']:.2e}, "
@@ -215,6 +312,13 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(format_table(rows[-1:], ["layer", "seq"]).splitlines()[-1], flush=True)
         if not args.no_sdpa:
             rows.append(bench_sdpa(args, seq, device))
+        if args.fla:
+            f = bench_fla(args, seq, device)
+            if f is None:
+                print("--fla: fla (flash-linear-attention) is not installed; no fla row")
+            else:
+                rows.append(f)
+                print(format_table(rows[-1:], ["layer", "seq"]).splitlines()[-1], flush=True)
         t = bench_titans_pytorch(args, seq, device)
         if t is not None:
             rows.append(t)

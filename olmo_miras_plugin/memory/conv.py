@@ -2,17 +2,22 @@
 
 OLMo-core's ``CausalConv1d`` dispatches to flash-linear-attention kernels and keeps no
 state between calls; the memory needs both a CPU path and exact continuation across pieces, so
-this is a plain ``conv1d`` over ``[previous kernel−1 inputs | new inputs]``.
+this convolves ``[previous kernel−1 inputs | new inputs]`` itself.
+
+Why a sum of shifted products and not ``F.conv1d``: conv1d wants ``(batch, channels, seq)``, so
+the ``(batch, seq, channels)`` activations were transposed in and out (two strided copies each
+way) around ATen's generic depthwise kernel: ~4 ms forward+backward at T = 16k, 6144 channels on
+an H100. The shifted sum works in place in the token-major layout, and on CUDA ``torch.compile``
+fuses it with the SiLU into one kernel each way.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 __all__ = ["ShortCausalConv"]
 
@@ -41,7 +46,27 @@ class ShortCausalConv(nn.Module):
         if context is None:
             context = self.empty_context(x.shape[0], x.device, x.dtype)
         xx = torch.cat([context.to(x.dtype), x], dim=1)
-        # shape: (batch, channels, seq)
-        y = F.conv1d(rearrange(xx, "b t c -> b c t"), self.weight.to(x.dtype).unsqueeze(1), groups=self.channels)
         new_context = xx[:, xx.shape[1] - (self.kernel_size - 1) :]
-        return F.silu(rearrange(y, "b c t -> b t c")), new_context
+        weight = self.weight.to(x.dtype)
+        fused = x.is_cuda and not torch.compiler.is_compiling()
+        return (_compiled_conv_silu() if fused else causal_conv_silu)(xx, weight), new_context
+
+
+def causal_conv_silu(xx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``SiLU(Σ_j w[:, j] · xx[t + j])``: ``xx`` ``(batch, K−1+T, channels)`` → ``(batch, T, channels)``."""
+    k = weight.shape[1]
+    t = xx.shape[1] - k + 1
+    y = xx[:, :t] * weight[:, 0]
+    for j in range(1, k):
+        y = y + xx[:, j : j + t] * weight[:, j]
+    return F.silu(y)
+
+
+_COMPILED: Optional[Callable] = None
+
+
+def _compiled_conv_silu() -> Callable:
+    global _COMPILED
+    if _COMPILED is None:  # dynamic: one kernel for every sequence length and batch size
+        _COMPILED = torch.compile(causal_conv_silu, dynamic=True)
+    return _COMPILED

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -128,14 +128,41 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"memory state has batch size {state.batch_size} but the input has {x.shape[0]}")
 
     # ------------------------------------------------------------------ forward
+    def _input_projections(self) -> List[nn.Linear]:
+        """q, k, v, then the gate projections θ, α (, η), in the order :meth:`_project` splits."""
+        gates = [self.w_theta, self.w_alpha] + ([self.w_eta] if self.w_eta is not None else [])
+        return [self.w_q, self.w_k, self.w_v, *gates]
+
+    def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """``[q | k | v]`` ``(batch, seq, 3·heads·head_dim)`` and the gate logits ``(batch, seq, heads)``.
+
+        One GEMM for all of them (weights concatenated on the fly; the parameters stay separate
+        for checkpoints and optimizer groups). Separately, the three ``d_model → heads`` gate
+        projections cost more than q, k, v together on a GPU: their weight gradients are
+        ``heads × T`` by ``T × d_model`` products that cuBLAS runs on a handful of SMs.
+        """
+        lins = self._input_projections()
+        weight = torch.cat([lin.weight for lin in lins])
+        zeros = lambda lin: torch.zeros(lin.out_features, dtype=lins[-1].bias.dtype, device=lins[-1].bias.device)  # noqa: E731
+        bias = torch.cat([lin.bias if lin.bias is not None else zeros(lin) for lin in lins])
+        z = F.linear(x, weight, bias)
+        qkv, *gate_logits = z.split([3 * self.n_heads * self.head_dim] + [lin.out_features for lin in lins[3:]], dim=-1)
+        return qkv, gate_logits
+
     def gates(self, x: torch.Tensor) -> Gates:
         """Per-token gates ``(batch, heads, seq)`` in float32."""
-        dt = _inner_dtype(x.dtype)
+        z_eta = self.w_eta(x) if self.w_eta is not None else None
+        return self._gates_from_logits(x.dtype, self.w_theta(x), self.w_alpha(x), z_eta)
+
+    def _gates_from_logits(
+        self, dtype: torch.dtype, z_theta: torch.Tensor, z_alpha: torch.Tensor, z_eta: Optional[torch.Tensor]
+    ) -> Gates:
+        dt = _inner_dtype(dtype)
         to_bht = lambda z: rearrange(z.to(dt), "b t h -> b h t")  # noqa: E731
-        z_theta, z_alpha = to_bht(self.w_theta(x)), to_bht(self.w_alpha(x))
+        z_theta, z_alpha = to_bht(z_theta), to_bht(z_alpha)
         theta = self.config.theta_max * torch.sigmoid(z_theta)
-        if self.w_eta is not None:
-            z_eta = to_bht(self.w_eta(x))
+        if z_eta is not None:
+            z_eta = to_bht(z_eta)
             eta, log_eta = torch.sigmoid(z_eta), F.logsigmoid(z_eta)
         else:
             eta = log_eta = torch.zeros_like(z_theta)
@@ -155,13 +182,13 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 0:
             return x.new_zeros(x.shape), state
 
-        q, k, v = self.w_q(x), self.w_k(x), self.w_v(x)
+        qkv, gate_logits = self._project(x)
         conv_ctx = state.conv
         if self.conv is not None:
-            qkv, conv_ctx = self.conv(torch.cat([q, k, v], dim=-1), state.conv)
+            qkv, conv_ctx = self.conv(qkv, state.conv)
             conv_ctx = conv_ctx.to(_inner_dtype(x.dtype))
-            q, k, v = qkv.chunk(3, dim=-1)
-        gates = self.gates(x)
+        q, k, v = qkv.chunk(3, dim=-1)
+        gates = self._gates_from_logits(x.dtype, *gate_logits[:2], gate_logits[2] if len(gate_logits) > 2 else None)
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             # shape: (batch, heads, seq, head_dim)
@@ -170,15 +197,7 @@ class NeuralMemory(nn.Module):
             if self.config.qk_norm:
                 q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
             scan_state = ScanState(state.accum, state.momentum, state.read_weights, state.position)
-            if self.impl == MemoryImpl.reference:
-                y, new = reference_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
-            elif self.impl == MemoryImpl.graphed:
-                y, new = self._graphed_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
-            elif self.impl == MemoryImpl.triton:
-                y, new = triton_linear.scan(self.rule, scan_state, k, v, q, gates, self.chunk_size)
-            else:
-                compiled = self.impl == MemoryImpl.compiled
-                y, new = chunked_scan(self.rule, scan_state, k, v, q, gates, self.chunk_size, compiled=compiled)
+            y, new = self.scan(scan_state, k, v, q, gates)
             y = F.rms_norm(y, (self.head_dim,), weight=self.o_norm_weight.to(dt), eps=1e-6)
 
         if self.record_diagnostics:
@@ -186,6 +205,20 @@ class NeuralMemory(nn.Module):
         y = rearrange(y, "b h t d -> b t (h d)").to(x.dtype)
         new_state = MemoryState(new.accum, new.momentum, new.read_weights, conv_ctx, new.position, self.signature)
         return self.w_out(y), new_state
+
+    def scan(
+        self, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates
+    ) -> Tuple[torch.Tensor, ScanState]:
+        """The memory read/write over ``(batch, heads, seq, head_dim)`` inputs with ``self.impl``
+        (everything of :meth:`forward` between the projections and the output norm)."""
+        if self.impl == MemoryImpl.reference:
+            return reference_scan(self.rule, state, k, v, q, gates, self.chunk_size)
+        if self.impl == MemoryImpl.graphed:
+            return self._graphed_scan(self.rule, state, k, v, q, gates, self.chunk_size)
+        if self.impl == MemoryImpl.triton:
+            return triton_linear.scan(self.rule, state, k, v, q, gates, self.chunk_size)
+        compiled = self.impl == MemoryImpl.compiled
+        return chunked_scan(self.rule, state, k, v, q, gates, self.chunk_size, compiled=compiled)
 
     @torch.no_grad()
     def _diagnostics(self, gates: Gates, state: ScanState) -> Dict[str, torch.Tensor]:

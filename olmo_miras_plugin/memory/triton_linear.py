@@ -113,17 +113,25 @@ if triton is not None:
         a_save_ptr, s_save_ptr,  # (BH, N, D, D): A, S at the start of each chunk
         e_save_ptr,  # (BH, T, D): E = K Aᵀ − V of every token
         H, N, D, tau,
-        C: tl.constexpr, BD: tl.constexpr, CLIP: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
+        C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, CLIP: tl.constexpr, SAVE: tl.constexpr,
+        PREC: tl.constexpr,
     ):
+        # Program (pid, pv) owns rows pv·BV … pv·BV + BV − 1 of A and S (output features) for one
+        # (batch, head); K and Q are read whole. Rows never interact without the clip, whose
+        # norm ‖e_t‖ needs them all: with CLIP the host launches BV = BD (one program per head).
         pid = tl.program_id(0).to(tl.int64)
+        pv = tl.program_id(1)
         b = pid // H
         h = pid % H
         rc = tl.arange(0, C)
         rd = tl.arange(0, BD)
+        rv = pv * BV + tl.arange(0, BV)
         dmask = rd < D
+        vmask = rv < D
         row_mask = dmask[None, :]  # (C, BD) tiles: padded features read as 0
-        mat_off = rd[:, None] * D + rd[None, :]
-        mat_mask = dmask[:, None] & dmask[None, :]
+        col_mask = vmask[None, :]  # (C, BV) tiles: this program's output features
+        mat_off = rv[:, None] * D + rd[None, :]
+        mat_mask = vmask[:, None] & dmask[None, :]
         dd = D * D
         A = tl.load(a0_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
         S = tl.load(s0_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
@@ -137,15 +145,15 @@ if triton is not None:
                 tl.store(a_save_ptr + cc * dd + mat_off, A, mask=mat_mask)
                 tl.store(s_save_ptr + cc * dd + mat_off, S, mask=mat_mask)
             rows = (c * C + rc).to(tl.int64)  # int64: rows × stride may pass 2³¹
-            K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
-            V = tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
             Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
             At = tl.trans(A)
             Y = tl.dot(Q, At, input_precision=PREC)
-            tl.store(y_base + rows[:, None] * sy_t + rd[None, :], Y.to(y_ptr.dtype.element_ty), mask=row_mask)
+            tl.store(y_base + rows[:, None] * sy_t + rv[None, :], Y.to(y_ptr.dtype.element_ty), mask=col_mask)
+            K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            V = tl.load(v_base + rows[:, None] * sv_t + rv[None, :], mask=col_mask, other=0.0).to(tl.float32)
             E = tl.dot(K, At, input_precision=PREC) - V
             if SAVE:
-                tl.store(e_save_ptr + (pid * N * C + rows[:, None]) * D + rd[None, :], E, mask=row_mask)
+                tl.store(e_save_ptr + (pid * N * C + rows[:, None]) * D + rv[None, :], E, mask=col_mask)
             wa = tl.load(wa_ptr + cc * C + rc)
             ws = tl.load(ws_ptr + cc * C + rc)
             if CLIP:
@@ -166,8 +174,9 @@ if triton is not None:
     def _bwd_chunk(
         dA, dS, c, pid, k_base, q_base, dy_base, sk_t, sq_t, sdy_t,
         ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr, e_save_ptr, da_save_ptr, ds_save_ptr, dw0_ptr,
-        N, D, tau,
-        C: tl.constexpr, BD: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr, FIRST: tl.constexpr,
+        N, D, tau, pv,
+        C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+        FIRST: tl.constexpr,
     ):
         """Chunk c in reverse: save dA, dS of its end state, return those of its start state.
 
@@ -178,17 +187,20 @@ if triton is not None:
         """
         rc = tl.arange(0, C)
         rd = tl.arange(0, BD)
+        rv = pv * BV + tl.arange(0, BV)  # this program's rows of dA, dS (see _fwd_kernel)
         dmask = rd < D
+        vmask = rv < D
         row_mask = dmask[None, :]
-        mat_off = rd[:, None] * D + rd[None, :]
-        mat_mask = dmask[:, None] & dmask[None, :]
+        col_mask = vmask[None, :]
+        mat_off = rv[:, None] * D + rd[None, :]
+        mat_mask = vmask[:, None] & dmask[None, :]
         dd = D * D
         cc = pid * N + c
         tl.store(da_save_ptr + cc * dd + mat_off, dA, mask=mat_mask)
         tl.store(ds_save_ptr + cc * dd + mat_off, dS, mask=mat_mask)
         rows = (c * C + rc).to(tl.int64)  # int64: rows × stride may pass 2³¹
         K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
-        E = tl.load(e_save_ptr + (pid * N * C + rows[:, None]) * D + rd[None, :], mask=row_mask, other=0.0)
+        E = tl.load(e_save_ptr + (pid * N * C + rows[:, None]) * D + rv[None, :], mask=col_mask, other=0.0)
         wa0 = tl.load(wa_ptr + cc * C + rc)
         ws0 = tl.load(ws_ptr + cc * C + rc)
         # U_A = K dGaᵀ = −K dA'ᵀ, U_S = −K dS'ᵀ (dGa = −dA', dGm = −dS' for A' = … − Ga, S' = … − Gm)
@@ -208,7 +220,7 @@ if triton is not None:
         else:
             dE = wa0[:, None] * Ua + ws0[:, None] * Us
         Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
-        dY = tl.load(dy_base + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        dY = tl.load(dy_base + rows[:, None] * sdy_t + rv[None, :], mask=col_mask, other=0.0).to(tl.float32)
         a_keep = tl.load(ak_ptr + cc)
         a_mom = tl.load(am_ptr + cc)
         s_keep = tl.load(sk_ptr + cc)
@@ -232,15 +244,18 @@ if triton is not None:
         da_save_ptr, ds_save_ptr,  # (BH, N, D, D): out, dA and dS of each chunk's end state
         da_out_ptr, ds_out_ptr, dw0_ptr, da0_ptr, ds0_ptr,  # (BH, D, D)
         H, N, D, tau,
-        C: tl.constexpr, BD: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+        C: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
+        pv = tl.program_id(1)
         b = pid // H
         h = pid % H
         rd = tl.arange(0, BD)
+        rv = pv * BV + tl.arange(0, BV)
         dmask = rd < D
-        mat_off = rd[:, None] * D + rd[None, :]
-        mat_mask = dmask[:, None] & dmask[None, :]
+        vmask = rv < D
+        mat_off = rv[:, None] * D + rd[None, :]
+        mat_mask = vmask[:, None] & dmask[None, :]
         dd = D * D
         dA = tl.load(da_out_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
         dS = tl.load(ds_out_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
@@ -251,12 +266,12 @@ if triton is not None:
             dA, dS = _bwd_chunk(
                 dA, dS, N - 1 - i, pid, k_base, q_base, dy_base, sk_t, sq_t, sdy_t,
                 ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr, e_save_ptr, da_save_ptr, ds_save_ptr, dw0_ptr,
-                N, D, tau, C, BD, CLIP, PREC, False,
+                N, D, tau, pv, C, BD, BV, CLIP, PREC, False,
             )
         dA, dS = _bwd_chunk(
             dA, dS, 0, pid, k_base, q_base, dy_base, sk_t, sq_t, sdy_t,
             ak_ptr, am_ptr, sk_ptr, wa_ptr, ws_ptr, e_save_ptr, da_save_ptr, ds_save_ptr, dw0_ptr,
-            N, D, tau, C, BD, CLIP, PREC, True,
+            N, D, tau, pv, C, BD, BV, CLIP, PREC, True,
         )
         tl.store(da0_ptr + pid * dd + mat_off, dA, mask=mat_mask)
         tl.store(ds0_ptr + pid * dd + mat_off, dS, mask=mat_mask)
@@ -316,10 +331,28 @@ def _precision(device: torch.device) -> str:
     return "ieee" if _interpreted() else "tf32"
 
 
-def _launch_opts(head_dim: int) -> dict:
+def _block_rows(bd: int, programs: int, device: torch.device, clip: bool) -> int:
+    """Rows of the state per program (``BV``). The clip needs whole rows (one program per head);
+    without it, split rows until the grid covers the GPU's SMs (16-row minimum: ``tl.dot``'s)."""
+    env = os.environ.get("OLMO_MIRAS_TRITON_BLOCK_ROWS")
+    if clip:
+        return bd
+    if env:
+        bv = int(env)
+        if not (_pow2(bv) and 16 <= bv <= bd):
+            raise ValueError(f"OLMO_MIRAS_TRITON_BLOCK_ROWS must be a power of two in 16..{bd}, got {env!r}")
+        return bv
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    bv = bd
+    while bv > 16 and programs * (bd // bv) < sms:
+        bv //= 2
+    return bv
+
+
+def _launch_opts(block_rows: int) -> dict:
     if _interpreted():
         return {}
-    warps = int(os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if head_dim <= 32 else "8"))
+    warps = int(os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if block_rows <= 32 else "8"))
     stages = int(os.environ.get("OLMO_MIRAS_TRITON_STAGES", "1"))
     return dict(num_warps=warps, num_stages=stages)
 
@@ -360,15 +393,17 @@ class _LinearScan(torch.autograd.Function):
             a_save = s_save = e_save = a_out  # never written (SAVE=False)
         clip = tau is not None
         prec = _precision(k.device)
-        _fwd_kernel[(b * h,)](
+        bd = _bd(d)
+        bv = _block_rows(bd, b * h, k.device, clip)
+        _fwd_kernel[(b * h, bd // bv)](
             k, v, q, y, *_strides(k), *_strides(v), *_strides(q), *_strides(y),
             *coefs, a0, s0, a_out, s_out, a_save, s_save, e_save,
             h, n, d, float(tau) if clip else 1.0,
-            C=chunk, BD=_bd(d), CLIP=clip, SAVE=save, PREC=prec, **_launch_opts(d),
+            C=chunk, BD=bd, BV=bv, CLIP=clip, SAVE=save, PREC=prec, **_launch_opts(bv),
         )
         if save:
             ctx.save_for_backward(k, e_save, q, *coefs, a_save, s_save)
-            ctx.meta = (chunk, tau, prec, v.dtype, read0.dtype, accum0.dtype, mom0.dtype,
+            ctx.meta = (chunk, tau, prec, bv, v.dtype, read0.dtype, accum0.dtype, mom0.dtype,
                         [x.dtype for x in (a_keep, a_mom, s_keep, w_a, w_s)])
         return y, a_out, s_out
 
@@ -376,7 +411,7 @@ class _LinearScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, da_out, ds_out):  # type: ignore[override]
         k, e_save, q, a_keep, a_mom, s_keep, w_a, w_s, a_save, s_save = ctx.saved_tensors
-        chunk, tau, prec, v_dt, read_dt, accum_dt, mom_dt, coef_dts = ctx.meta
+        chunk, tau, prec, bv, v_dt, read_dt, accum_dt, mom_dt, coef_dts = ctx.meta
         b, h, t, d = k.shape
         n = t // chunk
         dy = torch.zeros_like(q) if dy is None else _rows(dy)
@@ -385,12 +420,13 @@ class _LinearScan(torch.autograd.Function):
         ds_out = zeros() if ds_out is None else ds_out.float().contiguous()
         da_save, ds_save = torch.empty_like(a_save), torch.empty_like(s_save)
         dw0, da0, ds0 = zeros(), zeros(), zeros()
-        _bwd_kernel[(b * h,)](
+        bd = _bd(d)
+        _bwd_kernel[(b * h, bd // bv)](
             k, q, dy, *_strides(k), *_strides(q), *_strides(dy),
             a_keep, a_mom, s_keep, w_a, w_s, e_save, da_save, ds_save,
             da_out, ds_out, dw0, da0, ds0,
             h, n, d, float(tau) if tau is not None else 1.0,
-            C=chunk, BD=_bd(d), CLIP=tau is not None, PREC=prec, **_launch_opts(d),
+            C=chunk, BD=bd, BV=bv, CLIP=tau is not None, PREC=prec, **_launch_opts(bv),
         )
         dk, dv, dq, d_coefs = _bwd_parallel(
             k, e_save, q, dy, a_keep, a_mom, s_keep, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau
