@@ -151,6 +151,7 @@ def assert_close(got, want, tol=1e-4):
         (16, 8, None),  # no clipping
         (16, 4, 100.0),  # clipping never active
         (24, 8, 0.3),  # head_dim padded to 32 inside the kernel
+        (64, 8, 0.3),  # the backward visits the state's rows in two blocks, with the clip
     ],
 )
 def test_kernel_matches_chunked(head_dim: int, chunk: int, tau):
@@ -290,10 +291,12 @@ def test_cpu_needs_interpreter():
 
 
 @interpreted
+@pytest.mark.parametrize("kernel_impl", ["triton", "triton_graphed"])
 @pytest.mark.parametrize("depth,max_grad_norm", [(1, 1.0), (2, 1.0)])
-def test_layer_impl_triton(monkeypatch, depth: int, max_grad_norm):
+def test_layer_impl_triton(monkeypatch, depth: int, max_grad_norm, kernel_impl: str):
     """``NeuralMemoryConfig(impl="triton")``: the linear titans layer equals ``chunked`` (outputs,
-    carried state, parameter gradients); a depth-2 memory falls back to ``chunked``."""
+    carried state, parameter gradients); a depth-2 memory falls back to ``chunked``. (Off CUDA,
+    ``triton_graphed`` runs the same kernels without graphs.)"""
 
     def build(impl: str):
         torch.manual_seed(0)
@@ -313,7 +316,7 @@ def test_layer_impl_triton(monkeypatch, depth: int, max_grad_norm):
     monkeypatch.setattr(triton_linear, "linear_scan", lambda *a: calls.append(a[4].shape[2]) or kernel(*a))
     x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(3))
     results = {}
-    for impl in ("chunked", "triton"):
+    for impl in ("chunked", kernel_impl):
         m = build(impl)
         assert m.impl == MemoryImpl(impl)
         y1, st = m(x[:, :13])
@@ -324,7 +327,7 @@ def test_layer_impl_triton(monkeypatch, depth: int, max_grad_norm):
         results[impl] = (y, st, {n: p.grad for n, p in m.named_parameters()})
     # 13 + 16 tokens, C = 8: the kernel gets [0, 8) and [16, 24); the rest is partial chunks
     assert calls == ([8, 8] if depth == 1 else [])
-    (y_c, s_c, g_c), (y_t, s_t, g_t) = results["chunked"], results["triton"]
+    (y_c, s_c, g_c), (y_t, s_t, g_t) = results["chunked"], results[kernel_impl]
     assert rel_err(y_t, y_c) <= 1e-5
     for a, b in zip(s_t.tensors(), s_c.tensors()):
         assert rel_err(a, b) <= 1e-5

@@ -287,6 +287,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--max-grad-norm", type=float, default=None,
         help="per-token inner-gradient clip (default: the preset's; inf turns it off)",
     )
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (torch.backends.cuda.matmul)")
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one step per row (CUDA)")
     p.add_argument("--check", action="store_true", help="compare against the reference on fresh random inputs first")
     p.add_argument("--json", default="runs/bench/bench_memory.json", help="where the JSON goes (default: %(default)s)")
@@ -294,6 +295,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--stream-segment", type=int, default=4096)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
 
     rows: List[Measurement] = []
     checks = []

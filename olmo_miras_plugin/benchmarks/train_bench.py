@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import statistics
 import time
@@ -36,6 +37,7 @@ def build_model(args, memory: bool, device: str):
     mem = MirasMemoryConfig(
         block_type=args.block_type, every=args.every, offset=args.every - 1, preset=args.memory_preset,
         chunk_size=args.chunk, impl=MemoryImpl(args.impl), check_finite=False,
+        depth=args.memory_depth, max_grad_norm=args.memory_max_grad_norm,
     )
     return miras_from_preset(args.preset, args.vocab_size, memory=mem).build(init_device=device)
 
@@ -70,6 +72,15 @@ def time_train_steps(model, seq: int, steps: int, vocab: int, device: torch.devi
     return statistics.median(warm), peak, losses
 
 
+def _memory_desc(args) -> str:
+    parts = [args.impl]
+    if args.memory_depth is not None:
+        parts.append("linear" if args.memory_depth == 1 else f"depth {args.memory_depth}")
+    if args.memory_max_grad_norm is not None:
+        parts.append("no clip" if math.isinf(args.memory_max_grad_norm) else f"clip {args.memory_max_grad_norm:g}")
+    return ", ".join(parts)
+
+
 def single_device(args) -> None:
     device = torch.device(args.device)
     rows: List[Measurement] = []
@@ -78,7 +89,7 @@ def single_device(args) -> None:
             torch.manual_seed(0)
             model = build_model(args, memory, str(device)).to(torch.bfloat16)
             counts = parameter_report(model)
-            name = f"{args.preset} + {args.block_type} every {args.every} ({args.impl})" if memory else f"{args.preset} base"
+            name = f"{args.preset} + {args.block_type} every {args.every} ({_memory_desc(args)})" if memory else f"{args.preset} base"
             sec, peak, losses = time_train_steps(model, seq, args.steps, args.vocab_size, device)
             rows.append(
                 Measurement(
@@ -148,6 +159,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--memory-preset", default="titans")
     p.add_argument("--chunk", type=int, default=64)
     p.add_argument("--impl", default="graphed", choices=[i.value for i in MemoryImpl])
+    p.add_argument("--memory-depth", type=int, default=None, help="memory MLP depth (1: linear memory); default: the preset's")
+    p.add_argument(
+        "--memory-max-grad-norm", type=float, default=None, help="inner-gradient clip (inf: off); default: the preset's"
+    )
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
     p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")
     args = p.parse_args(argv)

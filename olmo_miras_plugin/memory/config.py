@@ -31,6 +31,10 @@ class MemoryImpl(StrEnum):
     retention, momentum; the ``titans`` rule): one program per (batch, head) runs every chunk with
     the state on chip. Partial chunks, other rules, CPU tensors or a missing ``triton`` fall back
     to ``compiled`` (CUDA) / ``chunked`` (CPU); see ``triton_linear.py``."""
+    triton_graphed = "triton_graphed"
+    """``triton``, with the forward+backward captured as CUDA graphs per input shape (as ``graphed``
+    does for ``compiled``): removes the ~3 ms of Python/launch overhead per call that dominates at
+    4k tokens. For fixed-shape training loops (each new shape captures and keeps a graph)."""
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

@@ -1,4 +1,5 @@
-"""CUDA-graph capture of the chunked scan (``impl="graphed"``).
+"""CUDA-graph capture of a scan (``impl="graphed"``: the compiled chunked scan; ``impl="triton_graphed"``:
+the Triton kernels).
 
 The chunked scan is a loop of T / C small steps; on a GPU its cost is kernel-launch and Python
 overhead, not arithmetic. Capturing the whole forward and backward once per input signature
@@ -19,7 +20,7 @@ graphs are only used when gradients are being recorded).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Hashable, List, Set, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Set, Tuple
 
 import torch
 
@@ -28,8 +29,18 @@ from .scan import Gates, MemoryRule, ScanState, chunked_scan
 __all__ = ["GraphedChunkedScan"]
 
 
+ScanFn = Callable[[MemoryRule, ScanState, torch.Tensor, torch.Tensor, torch.Tensor, Gates, int], Tuple[torch.Tensor, ScanState]]
+
+
+def _compiled_chunked_scan(rule, state, k, v, q, gates, chunk_size):
+    return chunked_scan(rule, state, k, v, q, gates, chunk_size, compiled=True)
+
+
 class GraphedChunkedScan:
-    def __init__(self) -> None:
+    """``scan_fn`` (default: the ``torch.compile``d chunked scan) replayed from CUDA graphs."""
+
+    def __init__(self, scan_fn: Optional[ScanFn] = None) -> None:
+        self._scan_fn: ScanFn = scan_fn or _compiled_chunked_scan
         self._graphs: Dict[Hashable, Callable] = {}
         self._busy: Set[Hashable] = set()
 
@@ -38,9 +49,15 @@ class GraphedChunkedScan:
     ) -> Tuple[torch.Tensor, ScanState]:
         n_layers = len(state.accum)
         has_momentum = state.momentum is not None
-        flat: List[torch.Tensor] = [*state.accum, *(state.momentum or []), *state.read_weights, k, v, q]
+        # Read weights that *are* the accumulator (identity retention at a chunk boundary) go in
+        # once and come out once: the scan inside then sees them as one tensor, as the caller
+        # has them (the Triton kernel needs that to start at chunk 0).
+        share_in = all(r is a for r, a in zip(state.read_weights, state.accum))
+        left = state.position % chunk_size
+        share_out = rule.retention.is_identity and (left + k.shape[2]) % chunk_size == 0
+        flat: List[torch.Tensor] = [*state.accum, *(state.momentum or []), *([] if share_in else state.read_weights), k, v, q]
         flat += [gates.theta, gates.log_eta, gates.log_keep]
-        eager = lambda: chunked_scan(rule, state, k, v, q, gates, chunk_size, compiled=True)  # noqa: E731
+        eager = lambda: self._scan_fn(rule, state, k, v, q, gates, chunk_size)  # noqa: E731
         if (
             not k.is_cuda
             or not torch.is_grad_enabled()
@@ -48,8 +65,7 @@ class GraphedChunkedScan:
             or torch.cuda.is_current_stream_capturing()
         ):
             return eager()
-        left = state.position % chunk_size
-        key = (left, chunk_size, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in flat))
+        key = (left, chunk_size, share_in, share_out, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in flat))
         if key in self._busy:
             return eager()
 
@@ -62,11 +78,13 @@ class GraphedChunkedScan:
                 momentum = None
                 if has_momentum:
                     momentum = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
-                read = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
+                read = accum
+                if not share_in:
+                    read = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
                 k_, v_, q_, theta, log_eta, log_keep = ts[i:]
                 g = Gates(theta, theta, theta, log_eta, log_keep)  # the chunked scan reads θ, log η, log(1−α)
-                out, new = chunked_scan(rule, ScanState(accum, momentum, read, left), k_, v_, q_, g, chunk_size, compiled=True)
-                return (out, *new.accum, *(new.momentum or []), *new.read_weights)
+                out, new = self._scan_fn(rule, ScanState(accum, momentum, read, left), k_, v_, q_, g, chunk_size)
+                return (out, *new.accum, *(new.momentum or []), *([] if share_out else new.read_weights))
 
             sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
             graphed = torch.cuda.make_graphed_callables(scan_fn, sample)
@@ -79,5 +97,5 @@ class GraphedChunkedScan:
         out, rest = outs[0], outs[1:]
         accum = rest[:n_layers]
         momentum = rest[n_layers : 2 * n_layers] if has_momentum else None
-        read = rest[-n_layers:]
+        read = accum if share_out else rest[-n_layers:]
         return out, ScanState(accum, momentum, read, state.position + k.shape[2])

@@ -67,6 +67,7 @@ class NeuralMemory(nn.Module):
             architecture, config.objective.build(), config.retention.build(), config.optimizer.build()
         )
         self._graphed_scan = GraphedChunkedScan()
+        self._graphed_triton_scan = GraphedChunkedScan(triton_linear.scan)
         self.last_diagnostics: Optional[Dict[str, torch.Tensor]] = None
         self.record_diagnostics = False
         if init_device != "meta":
@@ -217,6 +218,8 @@ class NeuralMemory(nn.Module):
             return self._graphed_scan(self.rule, state, k, v, q, gates, self.chunk_size)
         if self.impl == MemoryImpl.triton:
             return triton_linear.scan(self.rule, state, k, v, q, gates, self.chunk_size)
+        if self.impl == MemoryImpl.triton_graphed:
+            return self._graphed_triton_scan(self.rule, state, k, v, q, gates, self.chunk_size)
         compiled = self.impl == MemoryImpl.compiled
         return chunked_scan(self.rule, state, k, v, q, gates, self.chunk_size, compiled=compiled)
 

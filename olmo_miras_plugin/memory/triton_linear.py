@@ -18,25 +18,33 @@ computed beforehand in PyTorch (cheap, parallel over chunks, and autograd carrie
 back to θ, log η, log(1 − α)); the kernels take them as inputs and return their gradients.
 
 Why a kernel: the PyTorch chunked scan launches a dozen small kernels per chunk, one chunk after
-another, so at T = 32k and C = 64 it is 512 sequential steps of launch overhead. Here one program
-per (batch, head) runs all chunks, with A and S held on chip in float32 for the whole sequence;
-only K, V, Q (read) and Y (written) touch memory per chunk.
+another, so at T = 32k and C = 64 it is 512 sequential steps of launch overhead. Here the chunk
+loop runs inside the kernel, with the state held on chip in float32 for the whole sequence; only
+K, V, Q (read) and Y (written) touch memory per chunk.
+
+Parallelism: the rows of A and S (output features) never interact *except through the clip*,
+whose factor needs ‖e_t‖ over all rows. So:
+- without the clip (``max_grad_norm=None``; ``math.inf`` in the model config) each program owns
+  ``BV`` rows of one head's state (:func:`_block_rows`: split until the grid covers the SMs; 16
+  rows × 16 heads = 128 programs at d = 128 on an H100);
+- with the clip one program holds a head's whole state (16 programs at batch 1 × 16 heads: the
+  kernel then uses an eighth of an H100 and is ~3× slower at 16k; docs/performance.md).
 
 Layout and memory:
 - ``k, v, q, y``: ``(batch, heads, T, d)`` with any strides whose last one is 1 (the layer's
   ``b t (h d) -> b h t d`` view is used without a copy). Any float dtype; math is float32.
 - State ``A, S``: ``(batch, heads, d, d)`` float32, row = output feature (``M(x) = A x``).
 - ``d`` is padded to a power of two ≥ 16 (``BD``) with masks; C must be a power of two.
-- Backward: the forward also saves A and S at the start of every chunk (``2 · N · d² · 4`` bytes
-  per (batch, head), what the PyTorch chunked scan keeps for backward anyway) and E of every
-  token, only when a gradient is needed. :func:`_bwd_kernel` walks the chunks in reverse carrying
-  only the state adjoints dA, dS on chip (the one truly sequential part) and saves them per chunk;
-  everything else — dK, dQ, dV and the coefficients' gradients — is then chunk-parallel and done
-  with batched matmuls in :func:`_bwd_parallel`. (Doing it all in the sequential kernel needed
-  600 KiB of shared memory at d = 128.)
+- Backward, in three steps: the forward also saves A and S at the start of every chunk
+  (``2 · N · d² · 4`` bytes per (batch, head), what the PyTorch chunked scan keeps for backward
+  anyway) and E of every token, only when a gradient is needed. :func:`_bwd_kernel` walks the
+  chunks in reverse carrying only the state adjoints dA, dS on chip (the one truly sequential
+  part, row-split like the forward) and saves them per chunk. Everything else — dK, dQ, dV and
+  the coefficients' gradients — is chunk-parallel: :func:`_bwd_parallel_kernel`, one program per
+  (batch·head, chunk), visiting the state 16 rows at a time.
 - Resources (compiled offline for sm_90 with triton 3.6, ``num_stages=1``): at d = 128, C = 64
-  the forward uses 160 KiB and the backward 224 KiB of shared memory (an H100 block may have
-  227 KiB); both spill registers there. Larger ``head_dim × chunk`` is refused (falls back).
+  the one-program-per-head forward uses 160 KiB and backward 224 KiB of shared memory (an H100
+  block may have 227 KiB). Larger ``head_dim × chunk`` is refused (falls back).
 
 Scope: the kernel needs the state at a chunk boundary whose read weights are the accumulator
 itself, and whole chunks. :func:`scan` (the dispatcher used by ``impl="triton"``) runs any partial
@@ -46,8 +54,10 @@ falls back to the ``compiled`` (CUDA) or ``chunked`` (CPU) path. :func:`linear_s
 kernel entry point itself and raises ``ValueError`` with the reason when it cannot run.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` = ``tf32`` (default on GPU)
-/ ``tf32x3`` / ``ieee`` for the ``tl.dot`` inputs; ``OLMO_MIRAS_TRITON_WARPS`` (default 4 for
-d ≤ 32, 8 above); ``OLMO_MIRAS_TRITON_STAGES`` (default 1). With ``TRITON_INTERPRET=1`` set
+/ ``tf32x3`` / ``ieee`` for the ``tl.dot`` inputs; ``OLMO_MIRAS_TRITON_WARPS`` (scan kernels;
+default 4 for ≤ 32 rows per program, 8 above); ``OLMO_MIRAS_TRITON_BLOCK_ROWS`` (rows per program
+without the clip); ``OLMO_MIRAS_TRITON_PAR_WARPS`` / ``OLMO_MIRAS_TRITON_PAR_ROWS`` (the parallel
+backward, default 4 / 16); ``OLMO_MIRAS_TRITON_STAGES`` (default 1). With ``TRITON_INTERPRET=1`` set
 before ``triton`` is first imported, the kernels run in Triton's interpreter, also on CPU
 tensors (that is how the tests check them without a GPU).
 """
@@ -181,7 +191,7 @@ if triton is not None:
         """Chunk c in reverse: save dA, dS of its end state, return those of its start state.
 
         Only the state recurrence is here; everything else (dK, dQ, dV, the coefficients'
-        gradients) is chunk-parallel given these saved adjoints (:func:`_bwd_parallel`).
+        gradients) is chunk-parallel given these saved adjoints (:func:`_bwd_parallel_kernel`).
         ``FIRST`` (chunk 0): the read weights are a separate input (``read_weights``, equal in
         value to A), so the read-path adjoint dR goes to ``dw0`` instead of into dA.
         """
@@ -277,48 +287,138 @@ if triton is not None:
         tl.store(ds0_ptr + pid * dd + mat_off, dS, mask=mat_mask)
 
 
-def _bwd_parallel(k, e, q, dy, a_keep, a_mom, s_keep, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau):
-    """Gradients of the per-chunk inputs, all chunks at once (batched matmuls), from the saved
-    chunk-start states and the adjoints of each chunk's end state (from :func:`_bwd_kernel`).
+    @triton.jit
+    def _bwd_parallel_kernel(
+        k_ptr, dy_ptr, sk_b, sk_h, sk_t, sdy_b, sdy_h, sdy_t,
+        wa_ptr, ws_ptr,  # (BH, N, C)
+        e_save_ptr,  # (BH, T, D)
+        a_save_ptr, s_save_ptr, da_save_ptr, ds_save_ptr,  # (BH, N, D, D)
+        dk_ptr, dv_ptr, dq_ptr,  # (BH, T, D) float32
+        d_coef_ptr,  # (3, BH, N) float32: d a_keep, d a_mom, d s_keep
+        d_w_ptr,  # (2, BH, N, C): d w_A, d w_S
+        clip_c_ptr,  # (BH, T): with CLIP, the coefficient c_t of E in dE (the host adds −c∘E to dV)
+        H, N, D, tau,
+        C: tl.constexpr, BD: tl.constexpr, BR: tl.constexpr, CLIP: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """One program per (batch·head, chunk): every gradient of the chunk's inputs, given the
+        saved chunk-start states A, S and the adjoints dA', dS' of its end state. With
+        U_A = −K dA'ᵀ, U_S = −K dS'ᵀ and (σ = the clip factor, 1 without the clip):
 
-    Per chunk, with dA', dS' those adjoints and R = A the chunk-start state:
-      U_A = −K dA'ᵀ, U_S = −K dS'ᵀ;  ∂/∂(σ w_A)_t = ⟨e_t, U_A,t⟩;  dE = σ w_A ∘ U_A + σ w_S ∘ U_S (+ clip);
-      dK = −(σ w_A ∘ E) dA' − (σ w_S ∘ E) dS' (+ clip) + dE R;  dQ = dY R;  dV = −dE;
-      d a_keep = ⟨dA', A⟩, d a_mom = ⟨dA', S⟩, d s_keep = ⟨dS', S⟩.
-    """
+            dE = σw_A∘U_A + σw_S∘U_S (+ c∘E);   dV = −dE;   dQ = dY A
+            dK = −(σw_A∘E) dA' − (σw_S∘E) dS' + dE A (+ (2 d_n ‖e‖²)∘K)
+            d w_A = σ⟨e, U_A⟩,  d w_S = σ⟨e, U_S⟩,  d a_keep = ⟨dA', A⟩, d a_mom = ⟨dA', S⟩, d s_keep = ⟨dS', S⟩
+
+        The state's rows are visited BR at a time, so no d×d matrix is ever held whole.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(1).to(tl.int64)
+        b = pid // H
+        h = pid % H
+        cc = pid * N + c
+        rc = tl.arange(0, C)
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        row_mask = dmask[None, :]
+        rows = (c * C + rc).to(tl.int64)
+        K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        e_base = e_save_ptr + (pid * N * C + rows[:, None]) * D
+        dy_base = dy_ptr + b * sdy_b + h * sdy_h + rows[:, None] * sdy_t
+        w_a = tl.load(wa_ptr + cc * C + rc)
+        w_s = tl.load(ws_ptr + cc * C + rc)
+        kk = tl.sum(K * K, axis=1)
+        if CLIP:  # the clip factor needs ‖e_t‖² over all rows first
+            ee = tl.zeros([C], dtype=tl.float32)
+            for r0 in range(0, D, BR):
+                rr = r0 + tl.arange(0, BR)
+                E = tl.load(e_base + rr[None, :], mask=(rr < D)[None, :], other=0.0)
+                ee += tl.sum(E * E, axis=1)
+            nrm = ee * kk + 1e-12
+            raw = tau * tl.rsqrt(nrm)
+            scale = tl.minimum(raw, 1.0)
+            wa = w_a * scale
+            ws = w_s * scale
+            EA = tl.zeros([C, BD], dtype=tl.float32)
+        else:
+            wa = w_a
+            ws = w_s
+        g_wa = tl.zeros([C], dtype=tl.float32)
+        g_ws = tl.zeros([C], dtype=tl.float32)
+        dK = tl.zeros([C, BD], dtype=tl.float32)
+        dQ = tl.zeros([C, BD], dtype=tl.float32)
+        d_ak = 0.0
+        d_am = 0.0
+        d_sk = 0.0
+        mat_base = cc * D * D
+        for r0 in range(0, D, BR):
+            rr = r0 + tl.arange(0, BR)
+            rmask = rr < D
+            mat_off = mat_base + rr[:, None] * D + rd[None, :]
+            mat_mask = rmask[:, None] & dmask[None, :]
+            A = tl.load(a_save_ptr + mat_off, mask=mat_mask, other=0.0)
+            S = tl.load(s_save_ptr + mat_off, mask=mat_mask, other=0.0)
+            dA = tl.load(da_save_ptr + mat_off, mask=mat_mask, other=0.0)
+            dS = tl.load(ds_save_ptr + mat_off, mask=mat_mask, other=0.0)
+            E = tl.load(e_base + rr[None, :], mask=rmask[None, :], other=0.0)
+            dY = tl.load(dy_base + rr[None, :], mask=rmask[None, :], other=0.0).to(tl.float32)
+            Ua = -tl.dot(K, tl.trans(dA), input_precision=PREC)  # (C, BR)
+            Us = -tl.dot(K, tl.trans(dS), input_precision=PREC)
+            g_wa += tl.sum(E * Ua, axis=1)
+            g_ws += tl.sum(E * Us, axis=1)
+            dE = wa[:, None] * Ua + ws[:, None] * Us
+            tl.store(dv_ptr + (pid * N * C + rows[:, None]) * D + rr[None, :], -dE, mask=rmask[None, :])
+            dK = tl.dot(E * (-wa)[:, None], dA, acc=dK, input_precision=PREC)
+            dK = tl.dot(E * (-ws)[:, None], dS, acc=dK, input_precision=PREC)
+            dK = tl.dot(dE, A, acc=dK, input_precision=PREC)
+            dQ = tl.dot(dY, A, acc=dQ, input_precision=PREC)
+            if CLIP:
+                EA = tl.dot(E, A, acc=EA, input_precision=PREC)
+            d_ak += tl.sum(tl.sum(dA * A, axis=1), axis=0)
+            d_am += tl.sum(tl.sum(dA * S, axis=1), axis=0)
+            d_sk += tl.sum(tl.sum(dS * S, axis=1), axis=0)
+        if CLIP:
+            # σ = min(raw, 1): the gradient passes where raw ≤ 1 (as torch.clamp); d raw/dn = −raw/(2n)
+            d_n = tl.where(raw <= 1.0, (g_wa * w_a + g_ws * w_s) * (-0.5) * raw / nrm, 0.0)
+            cE = 2.0 * d_n * kk  # dE += cE∘E: dK gets cE∘(E A) here, dV gets −cE∘E on the host
+            dK += cE[:, None] * EA + (2.0 * d_n * ee)[:, None] * K
+            tl.store(clip_c_ptr + pid * N * C + rows, cE)
+            g_wa = g_wa * scale
+            g_ws = g_ws * scale
+        out_off = (pid * N * C + rows[:, None]) * D + rd[None, :]
+        tl.store(dk_ptr + out_off, dK, mask=row_mask)
+        tl.store(dq_ptr + out_off, dQ, mask=row_mask)
+        n_all = tl.num_programs(0).to(tl.int64) * N  # chunks over all (batch, head)
+        tl.store(d_w_ptr + cc * C + rc, g_wa)
+        tl.store(d_w_ptr + (n_all + cc) * C + rc, g_ws)
+        tl.store(d_coef_ptr + cc, d_ak)
+        tl.store(d_coef_ptr + n_all + cc, d_am)
+        tl.store(d_coef_ptr + 2 * n_all + cc, d_sk)
+
+
+def _bwd_parallel(k, e, dy, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau, prec):
+    """Gradients of the per-chunk inputs, all chunks at once (:func:`_bwd_parallel_kernel`), from the
+    saved chunk-start states and the adjoints of each chunk's end state (from :func:`_bwd_kernel`)."""
     b, h, t, d = k.shape
     n = t // chunk
-    f = lambda x: x.reshape(b, h, n, chunk, d).float()  # noqa: E731
-    K, E, Q, dY = f(k), f(e), f(q), f(dy)
-    Ua = -(K @ da_save.transpose(-1, -2))
-    Us = -(K @ ds_save.transpose(-1, -2))
-    g_wa = (E * Ua).sum(-1)
-    g_ws = (E * Us).sum(-1)
+    dev = k.device
+    dk, dv, dq = (torch.empty(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
+    d_coef = torch.empty(3, b * h, n, device=dev, dtype=torch.float32)
+    d_w = torch.empty(2, b * h, n, chunk, device=dev, dtype=torch.float32)
+    clip_c = torch.empty(b * h, t, device=dev, dtype=torch.float32) if tau is not None else d_coef
+    bd = _bd(d)
+    _bwd_parallel_kernel[(b * h, n)](
+        k, dy, *_strides(k), *_strides(dy), w_a, w_s, e, a_save, s_save, da_save, ds_save,
+        dk, dv, dq, d_coef, d_w, clip_c,
+        h, n, d, float(tau) if tau is not None else 1.0,
+        # 16 rows × 4 warps: fastest of (4|8 warps) × (16|32|64 rows) on an H100 at T = 16k, d = 128
+        # (5.8 vs 6.5–7.8 ms for the whole scan; docs/performance.md).
+        C=chunk, BD=bd, BR=min(bd, int(os.environ.get("OLMO_MIRAS_TRITON_PAR_ROWS", "16"))), CLIP=tau is not None,
+        PREC=prec, **_launch_opts(bd, os.environ.get("OLMO_MIRAS_TRITON_PAR_WARPS", "4")),
+    )
     if tau is not None:
-        kk = (K * K).sum(-1)
-        ee = (E * E).sum(-1)
-        nrm = ee * kk + _EPS
-        raw = tau * torch.rsqrt(nrm)
-        scale = raw.clamp(max=1.0)
-        wa, ws = w_a * scale, w_s * scale
-        d_wa, d_ws = g_wa * scale, g_ws * scale
-        d_n = torch.where(raw <= 1.0, (g_wa * w_a + g_ws * w_s) * (-0.5) * raw / nrm, 0.0)
-    else:
-        wa, ws, d_wa, d_ws = w_a, w_s, g_wa, g_ws
-    dE = wa[..., None] * Ua + ws[..., None] * Us
-    dK = -((E * wa[..., None]) @ da_save) - (E * ws[..., None]) @ ds_save
-    if tau is not None:
-        dE = dE + (2.0 * d_n * kk)[..., None] * E
-        dK = dK + (2.0 * d_n * ee)[..., None] * K
-    dK = dK + dE @ a_save
-    dQ = dY @ a_save
-
-    def inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # ⟨x, y⟩ per chunk, no d×d temporary
-        return (x.reshape(-1, 1, d * d) @ y.reshape(-1, d * d, 1)).reshape(b, h, n)
-
-    d_coefs = (inner(da_save, a_save), inner(da_save, s_save), inner(ds_save, s_save), d_wa, d_ws)
-    g = lambda x, like: x.reshape(like.shape).to(like.dtype)  # noqa: E731
-    return g(dK, k), -dE.reshape(b, h, t, d), g(dQ, q), d_coefs
+        dv -= clip_c.view(b, h, t, 1) * e.view(b, h, t, d)
+    f = lambda x: x.view(b, h, n)  # noqa: E731
+    d_coefs = (f(d_coef[0]), f(d_coef[1]), f(d_coef[2]), d_w[0].view(b, h, n, chunk), d_w[1].view(b, h, n, chunk))
+    return dk, dv, dq, d_coefs
 
 
 # ---------------------------------------------------------------------------------------- launch
@@ -349,10 +449,10 @@ def _block_rows(bd: int, programs: int, device: torch.device, clip: bool) -> int
     return bv
 
 
-def _launch_opts(block_rows: int) -> dict:
+def _launch_opts(block_rows: int, warps_env: Optional[str] = None) -> dict:
     if _interpreted():
         return {}
-    warps = int(os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if block_rows <= 32 else "8"))
+    warps = int(warps_env or os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if block_rows <= 32 else "8"))
     stages = int(os.environ.get("OLMO_MIRAS_TRITON_STAGES", "1"))
     return dict(num_warps=warps, num_stages=stages)
 
@@ -429,11 +529,11 @@ class _LinearScan(torch.autograd.Function):
             C=chunk, BD=bd, BV=bv, CLIP=tau is not None, PREC=prec, **_launch_opts(bv),
         )
         dk, dv, dq, d_coefs = _bwd_parallel(
-            k, e_save, q, dy, a_keep, a_mom, s_keep, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau
+            k, e_save, dy, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau, prec
         )
         del da_save, ds_save
         d_coefs = [g.to(dt) for g, dt in zip(d_coefs, coef_dts)]
-        return dk, dv.to(v_dt), dq, *d_coefs, dw0.to(read_dt), da0.to(accum_dt), ds0.to(mom_dt), None, None
+        return dk.to(k.dtype), dv.to(v_dt), dq.to(q.dtype), *d_coefs, dw0.to(read_dt), da0.to(accum_dt), ds0.to(mom_dt), None, None
 
 
 # ---------------------------------------------------------------------------------------- dispatch
