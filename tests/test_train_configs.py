@@ -142,3 +142,20 @@ def test_cli_dry_run_of_a_pretrained_experiment() -> None:
     assert "Parameters: total 33,309,318,080" in proc.stdout or "Parameters: total" in proc.stdout
     assert "base 32,234,279,936" in proc.stdout
     assert "Pretrained: REQUIRED" in proc.stdout and "Duration:   1,000 tokens" in proc.stdout
+
+
+def test_fast_linear_memory_overrides() -> None:
+    """The README's fastest-GPU-path overrides reach the built memory: linear, no inner clip, the
+    Triton kernels under CUDA graphs."""
+    import math
+
+    from olmo_miras_plugin.memory import MemoryImpl
+
+    config = load_experiment(
+        "olmo2_1b_miras",
+        ["--model.memory.depth=1", "--model.memory.max_grad_norm=inf", "--model.memory.impl=triton_graphed"],
+    )
+    assert config.model.memory.depth == 1 and math.isinf(config.model.memory.max_grad_norm)
+    nm = config.model.memory.neural_memory(2048, 16)
+    assert nm.architecture.depth == 1 and nm.optimizer.max_grad_norm is None
+    assert MemoryImpl(nm.impl) == MemoryImpl.triton_graphed
