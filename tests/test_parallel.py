@@ -108,8 +108,14 @@ def test_fsdp2_two_processes_match_single_process(tmp_path: Path):
     out = tmp_path / "fsdp.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__, str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # One retry: a 2-core CI machine under load once lost a worker at rendezvous (a launch
+    # failure, not a wrong result; the results below are asserted either way).
+    for attempt in range(2):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            break
+        print(f"torchrun attempt {attempt + 1} failed:\n{proc.stderr[-6000:]}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads(out.read_text())
     for run in BLOCK_TYPES + ["mal/fine_grained"]:
         block_type = run.split("/")[0]
