@@ -4,14 +4,16 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.olmo-miras-installed
 TORCH  ?= torch==2.13.0
+# Triton only for the tests: its interpreter runs the memory kernels on CPU (tests/test_triton_linear.py).
+TRITON ?= triton==3.6.0
 
 .PHONY: setup demo test test-fast bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo ">> installing $(TORCH) and olmo-miras (+dev extras) into $(VENV)"
+	@echo ">> installing $(TORCH), olmo-miras (+dev extras) and $(TRITON) into $(VENV)"
 	$(BIN)/python -m pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e ".[dev]" "$(TRITON)"
 	@touch $(STAMP)
 
 setup: $(STAMP)
