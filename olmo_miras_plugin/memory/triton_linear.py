@@ -56,8 +56,9 @@ kernel entry point itself and raises ``ValueError`` with the reason when it cann
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` = ``tf32`` (default on GPU)
 / ``tf32x3`` / ``ieee`` for the ``tl.dot`` inputs; ``OLMO_MIRAS_TRITON_WARPS`` (scan kernels;
 default 4 for ≤ 32 rows per program, 8 above); ``OLMO_MIRAS_TRITON_BLOCK_ROWS`` (rows per program
-without the clip); ``OLMO_MIRAS_TRITON_PAR_WARPS`` / ``OLMO_MIRAS_TRITON_PAR_ROWS`` (the parallel
-backward, default 4 / 16); ``OLMO_MIRAS_TRITON_STAGES`` (default 1). With ``TRITON_INTERPRET=1`` set
+without the clip); ``OLMO_MIRAS_TRITON_PAR_WARPS`` / ``OLMO_MIRAS_TRITON_PAR_ROWS`` /
+``OLMO_MIRAS_TRITON_PAR_STAGES`` (the parallel backward, default 4 / 16 / 1; stages > 1, which
+would pipeline its row-block loads, are not yet measured); ``OLMO_MIRAS_TRITON_STAGES`` (default 1). With ``TRITON_INTERPRET=1`` set
 before ``triton`` is first imported, the kernels run in Triton's interpreter, also on CPU
 tensors (that is how the tests check them without a GPU).
 """
@@ -412,7 +413,9 @@ def _bwd_parallel(k, e, dy, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, t
         # 16 rows × 4 warps: fastest of (4|8 warps) × (16|32|64 rows) on an H100 at T = 16k, d = 128
         # (5.8 vs 6.5–7.8 ms for the whole scan; docs/performance.md).
         C=chunk, BD=bd, BR=min(bd, int(os.environ.get("OLMO_MIRAS_TRITON_PAR_ROWS", "16"))), CLIP=tau is not None,
-        PREC=prec, **_launch_opts(bd, os.environ.get("OLMO_MIRAS_TRITON_PAR_WARPS", "4")),
+        PREC=prec, **_launch_opts(
+            bd, os.environ.get("OLMO_MIRAS_TRITON_PAR_WARPS", "4"), os.environ.get("OLMO_MIRAS_TRITON_PAR_STAGES", "1")
+        ),
     )
     if tau is not None:
         dv -= clip_c.view(b, h, t, 1) * e.view(b, h, t, d)
@@ -449,11 +452,11 @@ def _block_rows(bd: int, programs: int, device: torch.device, clip: bool) -> int
     return bv
 
 
-def _launch_opts(block_rows: int, warps_env: Optional[str] = None) -> dict:
+def _launch_opts(block_rows: int, warps_env: Optional[str] = None, stages_env: Optional[str] = None) -> dict:
     if _interpreted():
         return {}
     warps = int(warps_env or os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if block_rows <= 32 else "8"))
-    stages = int(os.environ.get("OLMO_MIRAS_TRITON_STAGES", "1"))
+    stages = int(stages_env or os.environ.get("OLMO_MIRAS_TRITON_STAGES", "1"))
     return dict(num_warps=warps, num_stages=stages)
 
 
