@@ -184,6 +184,12 @@ def test_block_rows_choice(monkeypatch):
     monkeypatch.setenv("OLMO_MIRAS_TRITON_BLOCK_ROWS", "24")
     with pytest.raises(ValueError, match="power of two in 16..128, got '24'"):
         triton_linear._block_rows(128, 16, cpu, clip=False)
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_BLOCK_ROWS", "sixteen")
+    with pytest.raises(ValueError, match="got 'sixteen'"):
+        triton_linear._block_rows(128, 16, cpu, clip=False)
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_PAR_ROWS", "256")
+    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_PAR_ROWS must be a power of two in 16..128, got '256'"):
+        triton_linear._env_rows("OLMO_MIRAS_TRITON_PAR_ROWS", 16, 128)
     monkeypatch.delenv("OLMO_MIRAS_TRITON_BLOCK_ROWS")
     assert triton_linear._block_rows(128, 16, cpu, clip=False) == 128  # one "SM": no split
 

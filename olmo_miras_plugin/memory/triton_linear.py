@@ -412,7 +412,7 @@ def _bwd_parallel(k, e, dy, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, t
         h, n, d, float(tau) if tau is not None else 1.0,
         # 16 rows × 4 warps: fastest of (4|8 warps) × (16|32|64 rows) on an H100 at T = 16k, d = 128
         # (5.8 vs 6.5–7.8 ms for the whole scan; docs/performance.md).
-        C=chunk, BD=bd, BR=min(bd, int(os.environ.get("OLMO_MIRAS_TRITON_PAR_ROWS", "16"))), CLIP=tau is not None,
+        C=chunk, BD=bd, BR=_env_rows("OLMO_MIRAS_TRITON_PAR_ROWS", min(bd, 16), bd), CLIP=tau is not None,
         PREC=prec, **_launch_opts(
             bd, os.environ.get("OLMO_MIRAS_TRITON_PAR_WARPS", "4"), os.environ.get("OLMO_MIRAS_TRITON_PAR_STAGES", "1")
         ),
@@ -434,17 +434,24 @@ def _precision(device: torch.device) -> str:
     return "ieee" if _interpreted() else "tf32"
 
 
+def _env_rows(name: str, default: int, bd: int) -> int:
+    """A rows-per-program knob: a power of two from 16 (``tl.dot``'s minimum) to ``bd``."""
+    env = os.environ.get(name)
+    if not env:
+        return default
+    rows = int(env) if env.isdigit() else -1
+    if not (_pow2(rows) and 16 <= rows <= bd):
+        raise ValueError(f"{name} must be a power of two in 16..{bd}, got {env!r}")
+    return rows
+
+
 def _block_rows(bd: int, programs: int, device: torch.device, clip: bool) -> int:
     """Rows of the state per program (``BV``). The clip needs whole rows (one program per head);
     without it, split rows until the grid covers the GPU's SMs (16-row minimum: ``tl.dot``'s)."""
-    env = os.environ.get("OLMO_MIRAS_TRITON_BLOCK_ROWS")
     if clip:
         return bd
-    if env:
-        bv = int(env)
-        if not (_pow2(bv) and 16 <= bv <= bd):
-            raise ValueError(f"OLMO_MIRAS_TRITON_BLOCK_ROWS must be a power of two in 16..{bd}, got {env!r}")
-        return bv
+    if os.environ.get("OLMO_MIRAS_TRITON_BLOCK_ROWS"):
+        return _env_rows("OLMO_MIRAS_TRITON_BLOCK_ROWS", bd, bd)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     bv = bd
     while bv > 16 and programs * (bd // bv) < sms:
