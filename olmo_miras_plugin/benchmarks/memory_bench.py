@@ -82,7 +82,7 @@ def _scan_step(layer, args, seq: int, device: torch.device):
     inputs = [q, k, v, logits]
 
     def step():
-        gates = layer._gates_from_logits(torch.float32, *logits.chunk(3, dim=-1))
+        gates = layer._gates_from_logits(torch.float32, list(logits.chunk(3, dim=-1)))
         s = layer.init_state(b, device)
         y, _ = layer.scan(ScanState(s.accum, s.momentum, s.read_weights, s.position), k, v, q, gates)
         y.sum().backward()

@@ -129,10 +129,9 @@ class NeuralMemory(nn.Module):
             raise ValueError(f"memory state has batch size {state.batch_size} but the input has {x.shape[0]}")
 
     # ------------------------------------------------------------------ forward
-    def _input_projections(self) -> List[nn.Linear]:
-        """q, k, v, then the gate projections θ, α (, η), in the order :meth:`_project` splits."""
-        gates = [self.w_theta, self.w_alpha] + ([self.w_eta] if self.w_eta is not None else [])
-        return [self.w_q, self.w_k, self.w_v, *gates]
+    def _gate_projections(self) -> List[nn.Linear]:
+        """θ, α (, η): the order of the gate logits everywhere below."""
+        return [self.w_theta, self.w_alpha] + ([self.w_eta] if self.w_eta is not None else [])
 
     def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
         """``[q | k | v]`` ``(batch, seq, 3·heads·head_dim)`` and the gate logits ``(batch, seq, heads)``.
@@ -142,29 +141,25 @@ class NeuralMemory(nn.Module):
         projections cost more than q, k, v together on a GPU: their weight gradients are
         ``heads × T`` by ``T × d_model`` products that cuBLAS runs on a handful of SMs.
         """
-        lins = self._input_projections()
-        weight = torch.cat([lin.weight for lin in lins])
-        zeros = lambda lin: torch.zeros(lin.out_features, dtype=lins[-1].bias.dtype, device=lins[-1].bias.device)  # noqa: E731
-        bias = torch.cat([lin.bias if lin.bias is not None else zeros(lin) for lin in lins])
-        z = F.linear(x, weight, bias)
-        qkv, *gate_logits = z.split([3 * self.n_heads * self.head_dim] + [lin.out_features for lin in lins[3:]], dim=-1)
+        gate_lins = self._gate_projections()
+        weight = torch.cat([self.w_q.weight, self.w_k.weight, self.w_v.weight, *(g.weight for g in gate_lins)])
+        n_qkv = 3 * self.n_heads * self.head_dim
+        qkv_bias = torch.zeros(n_qkv, dtype=self.w_theta.bias.dtype, device=self.w_theta.bias.device)
+        z = F.linear(x, weight, torch.cat([qkv_bias, *(g.bias for g in gate_lins)]))
+        qkv, *gate_logits = z.split([n_qkv] + [g.out_features for g in gate_lins], dim=-1)
         return qkv, gate_logits
 
     def gates(self, x: torch.Tensor) -> Gates:
         """Per-token gates ``(batch, heads, seq)`` in float32."""
-        z_eta = self.w_eta(x) if self.w_eta is not None else None
-        return self._gates_from_logits(x.dtype, self.w_theta(x), self.w_alpha(x), z_eta)
+        return self._gates_from_logits(x.dtype, [g(x) for g in self._gate_projections()])
 
-    def _gates_from_logits(
-        self, dtype: torch.dtype, z_theta: torch.Tensor, z_alpha: torch.Tensor, z_eta: Optional[torch.Tensor]
-    ) -> Gates:
+    def _gates_from_logits(self, dtype: torch.dtype, logits: List[torch.Tensor]) -> Gates:
+        """Gates from the θ, α (, η) logits ``(batch, seq, heads)``, in :meth:`_gate_projections` order."""
         dt = _inner_dtype(dtype)
-        to_bht = lambda z: rearrange(z.to(dt), "b t h -> b h t")  # noqa: E731
-        z_theta, z_alpha = to_bht(z_theta), to_bht(z_alpha)
+        z_theta, z_alpha, *z_eta = (rearrange(z.to(dt), "b t h -> b h t") for z in logits)
         theta = self.config.theta_max * torch.sigmoid(z_theta)
-        if z_eta is not None:
-            z_eta = to_bht(z_eta)
-            eta, log_eta = torch.sigmoid(z_eta), F.logsigmoid(z_eta)
+        if z_eta:
+            eta, log_eta = torch.sigmoid(z_eta[0]), F.logsigmoid(z_eta[0])
         else:
             eta = log_eta = torch.zeros_like(z_theta)
         return Gates(theta, eta, torch.sigmoid(z_alpha), log_eta, F.logsigmoid(-z_alpha))
@@ -189,7 +184,7 @@ class NeuralMemory(nn.Module):
             qkv, conv_ctx = self.conv(qkv, state.conv)
             conv_ctx = conv_ctx.to(_inner_dtype(x.dtype))
         q, k, v = qkv.chunk(3, dim=-1)
-        gates = self._gates_from_logits(x.dtype, *gate_logits[:2], gate_logits[2] if len(gate_logits) > 2 else None)
+        gates = self._gates_from_logits(x.dtype, gate_logits)
 
         with torch.autocast(device_type=x.device.type, enabled=False):
             # shape: (batch, heads, seq, head_dim)
