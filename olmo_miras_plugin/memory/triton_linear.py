@@ -116,6 +116,18 @@ def _pow2(n: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _row_block(pv, D, BD: tl.constexpr, BV: tl.constexpr):
+        """Program ``pv``'s rows of a ``D × D`` state (``BV`` of them, padded to ``BD`` columns):
+        feature indices and masks, and the offsets/mask of its ``(BV, BD)`` tile."""
+        rd = tl.arange(0, BD)
+        rv = pv * BV + tl.arange(0, BV)
+        dmask = rd < D
+        vmask = rv < D
+        mat_off = rv[:, None] * D + rd[None, :]
+        mat_mask = vmask[:, None] & dmask[None, :]
+        return rd, rv, dmask, vmask, mat_off, mat_mask
+
+    @triton.jit
     def _fwd_kernel(
         k_ptr, v_ptr, q_ptr, y_ptr,
         sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sy_b, sy_h, sy_t,
@@ -135,14 +147,9 @@ if triton is not None:
         b = pid // H
         h = pid % H
         rc = tl.arange(0, C)
-        rd = tl.arange(0, BD)
-        rv = pv * BV + tl.arange(0, BV)
-        dmask = rd < D
-        vmask = rv < D
+        rd, rv, dmask, vmask, mat_off, mat_mask = _row_block(pv, D, BD, BV)
         row_mask = dmask[None, :]  # (C, BD) tiles: padded features read as 0
         col_mask = vmask[None, :]  # (C, BV) tiles: this program's output features
-        mat_off = rv[:, None] * D + rd[None, :]
-        mat_mask = vmask[:, None] & dmask[None, :]
         dd = D * D
         A = tl.load(a0_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
         S = tl.load(s0_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
@@ -197,14 +204,9 @@ if triton is not None:
         value to A), so the read-path adjoint dR goes to ``dw0`` instead of into dA.
         """
         rc = tl.arange(0, C)
-        rd = tl.arange(0, BD)
-        rv = pv * BV + tl.arange(0, BV)  # this program's rows of dA, dS (see _fwd_kernel)
-        dmask = rd < D
-        vmask = rv < D
+        rd, rv, dmask, vmask, mat_off, mat_mask = _row_block(pv, D, BD, BV)  # this program's rows of dA, dS
         row_mask = dmask[None, :]
         col_mask = vmask[None, :]
-        mat_off = rv[:, None] * D + rd[None, :]
-        mat_mask = vmask[:, None] & dmask[None, :]
         dd = D * D
         cc = pid * N + c
         tl.store(da_save_ptr + cc * dd + mat_off, dA, mask=mat_mask)
@@ -261,12 +263,7 @@ if triton is not None:
         pv = tl.program_id(1)
         b = pid // H
         h = pid % H
-        rd = tl.arange(0, BD)
-        rv = pv * BV + tl.arange(0, BV)
-        dmask = rd < D
-        vmask = rv < D
-        mat_off = rv[:, None] * D + rd[None, :]
-        mat_mask = vmask[:, None] & dmask[None, :]
+        _, _, _, _, mat_off, mat_mask = _row_block(pv, D, BD, BV)
         dd = D * D
         dA = tl.load(da_out_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
         dS = tl.load(ds_out_ptr + pid * dd + mat_off, mask=mat_mask, other=0.0).to(tl.float32)
