@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from olmo_miras_plugin.blocks import MemoryBlockType
 from olmo_miras_plugin.models import is_memory_param
+
+BLOCK_TYPES = [b.value for b in MemoryBlockType]  # every memory block type the tests sweep
 
 
 @torch.no_grad()

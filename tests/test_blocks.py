@@ -33,13 +33,12 @@ from olmo_miras_plugin.blocks import (
 )
 from olmo_miras_plugin.memory import NeuralMemoryConfig
 
-from miras_test_utils import activate_memory
+from miras_test_utils import BLOCK_TYPES, activate_memory
 
 # Tiny tensors: one thread avoids OpenMP spin-waits, which dominate on a shared 2-core machine.
 torch.set_num_threads(1)
 
 D = 32
-BLOCK_TYPES = ["mal", "mag", "mac", "lm2"]
 
 
 def base_block_config(

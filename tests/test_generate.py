@@ -25,11 +25,9 @@ from olmo_miras_plugin.hf.cli import generate_main
 from olmo_miras_plugin.models import MirasMemoryConfig, MirasModelConfig, tiny_miras
 from olmo_miras_plugin.tokenizer import ByteTokenizer, byte_tokenizer_config
 
-from miras_test_utils import activate_memory
+from miras_test_utils import BLOCK_TYPES, activate_memory
 
 torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared 2-core machine
-
-BLOCK_TYPES = ["mal", "mag", "mac", "lm2"]
 
 
 def small(block_type: str, window: Optional[int] = 8, **kwargs) -> MirasModelConfig:

@@ -28,11 +28,9 @@ from olmo_miras_plugin.models import (
     tiny_miras,
 )
 
-from miras_test_utils import activate_memory
+from miras_test_utils import BLOCK_TYPES, activate_memory
 
 torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared 2-core machine
-
-BLOCK_TYPES = ["mal", "mag", "mac", "lm2"]
 
 
 def small(block_type: str = "mag", window=8, **memory_kwargs) -> MirasModelConfig:

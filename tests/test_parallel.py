@@ -25,11 +25,10 @@ from olmo_core.nn.transformer import (
 from olmo_miras_plugin.blocks import carry_memory_states, detach_memory_states
 from olmo_miras_plugin.models import MirasMemoryConfig, MirasModelConfig, tiny_miras
 
-from miras_test_utils import activate_memory
+from miras_test_utils import BLOCK_TYPES, activate_memory
 
 torch.set_num_threads(1)  # tiny tensors: avoid OpenMP spin-waits on a shared 2-core machine
 
-BLOCK_TYPES = ["mal", "mag", "mac", "lm2"]
 SEGMENTS = ((0, 12), (12, 24))
 STEPS = 4
 
@@ -67,8 +66,6 @@ def train(model: torch.nn.Module, x: torch.Tensor, reduce=None) -> List[float]:
             total = reduce(total)
         losses.append(total.item())
     return losses
-
-
 
 
 # ---------------------------------------------------------------------------------------------- FSDP
