@@ -22,3 +22,40 @@ def activate_memory(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
             else:
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     return model
+
+
+def patch_triton_interpreter_for_numpy() -> None:
+    """triton 3.6's interpreter does ``int(array_of_shape_1)`` for ``range(n)`` over a kernel
+    argument; NumPy ≥ 2.4 refuses that. Make it take the single element instead."""
+    import numpy as np
+
+    try:
+        int(np.array([1]))
+        return
+    except TypeError:
+        pass
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def run_interpreted(test_file: str) -> None:
+    """Rerun ``test_file``'s non-GPU tests with ``TRITON_INTERPRET=1`` in a subprocess (Triton reads
+    it at first import, and setting it for the whole session would also interpret inductor's
+    kernels on a GPU machine); fail with its output unless they all pass."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert " passed" in out and " failed" not in out, out

@@ -11,11 +11,6 @@ skipped where triton is not installed.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,8 +23,10 @@ from olmo_miras_plugin.memory import (  # noqa: E402
     MemoryOptimizerConfig,
     NeuralMemoryConfig,
 )
-from olmo_miras_plugin.memory import triton_linear  # noqa: E402
+from olmo_miras_plugin.memory import triton_linear, triton_scan  # noqa: E402
 from olmo_miras_plugin.memory.scan import Gates, ScanState, chunked_scan  # noqa: E402
+
+from miras_test_utils import patch_triton_interpreter_for_numpy, run_interpreted  # noqa: E402
 
 INTERPRETED = triton_linear._interpreted()
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
@@ -39,37 +36,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _patch_interpreter_for_numpy() -> None:
-    """triton 3.6's interpreter does ``int(array_of_shape_1)`` for ``range(n)`` over a kernel
-    argument; NumPy ≥ 2.4 refuses that. Make it take the single element instead."""
-    try:
-        int(np.array([1]))
-        return
-    except TypeError:
-        pass
-    import triton.runtime.interpreter as interp
-
-    original = interp._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    interp._patch_lang_tensor = patched
-
-
 if INTERPRETED:
-    _patch_interpreter_for_numpy()
+    patch_triton_interpreter_for_numpy()
 
 
 @pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
 def test_interpreted_suite():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
-    assert " passed" in out and " failed" not in out, out
+    run_interpreted(__file__)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -227,7 +200,7 @@ def test_segments_with_partial_chunks():
     rule = linear_titans(16, 8, 1.0)
     inputs = make_inputs(2, 2, 45, 16)
     want = run(chunked_scan, rule, inputs, 8)
-    got = run(triton_linear.scan, rule, inputs, 8, segments=[5, 19, 3, 18])
+    got = run(triton_scan.scan, rule, inputs, 8, segments=[5, 19, 3, 18])
     assert_close(got, want)
 
 
@@ -238,7 +211,7 @@ def test_separate_read_weights():
     rule = linear_titans(16, 4, 1.0)
     inputs = make_inputs(2, 2, 16, 16)
     want = run(chunked_scan, rule, inputs, 4, separate_read=True)
-    got = run(triton_linear.scan, rule, inputs, 4, separate_read=True)
+    got = run(triton_scan.scan, rule, inputs, 4, separate_read=True)
     assert_close(got, want)
     with pytest.raises(ValueError, match="read_weights"):
         run(triton_linear.linear_scan, rule, inputs, 4, separate_read=True)

@@ -183,7 +183,7 @@ def bench_titans_pytorch(args, seq: int, device: torch.device) -> Optional[Measu
         return Measurement("titans-pytorch", params, None, None, error="OOM")
 
 
-def bench_streaming(args, device: torch.device) -> List[Measurement]:
+def bench_streaming(args, impl: str, device: torch.device) -> List[Measurement]:
     """Inference: stream ``--stream-tokens`` through one layer in ``--stream-segment`` pieces with the
     state carried; peak memory and tokens/s at each power-of-two milestone (should stay flat)."""
     import time
@@ -191,16 +191,20 @@ def bench_streaming(args, device: torch.device) -> List[Measurement]:
     torch.manual_seed(0)
     cfg = NeuralMemoryConfig.from_preset(
         args.preset, d_model=args.d_model, n_heads=args.heads, head_dim=args.head_dim,
-        chunk_size=args.chunk, impl="chunked", check_finite=False,
+        chunk_size=args.chunk, impl=impl, check_finite=False,
     )
     cfg.architecture.depth = args.depth
     cfg.architecture.expansion = args.expansion
+    if args.max_grad_norm is not None:
+        cfg.optimizer.max_grad_norm = None if math.isinf(args.max_grad_norm) else args.max_grad_norm
     layer = cfg.build(init_device=str(device)).eval()
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     seg = args.stream_segment
     x = torch.randn(args.batch, seg, args.d_model, device=device)
     rows, state, done = [], None, 0
     milestone = 8192
+    with torch.no_grad(), autocast:
+        layer(x, None)  # warm-up: kernel compilation is not streaming cost
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -216,7 +220,7 @@ def bench_streaming(args, device: torch.device) -> List[Measurement]:
                 else:
                     peak = None
                 elapsed = time.perf_counter() - t0
-                params = dict(layer=f"stream/{args.preset}", seq=done, batch=args.batch, chunk=args.chunk)
+                params = dict(layer=f"stream/{args.preset}/{impl}", seq=done, batch=args.batch, chunk=args.chunk)
                 rows.append(Measurement("stream", params, elapsed * 1e3, peak, extra={"tok_per_s": round(done * args.batch / elapsed)}))
                 print(format_table(rows[-1:], ["layer", "seq"]).splitlines()[-1], flush=True)
                 milestone *= 2
@@ -252,8 +256,11 @@ def check_against_reference(
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             y, _ = ref(x)
         (g,) = torch.autograd.grad(y.float().square().sum(), x)
+    # Inference takes other kernels (e.g. the MLP memory's forward-only Triton kernel): check it too.
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        y_infer, _ = ref(x)
     rel = lambda a, b: ((a.float() - b.float()).norm() / b.float().norm()).item()  # noqa: E731
-    finite = bool(torch.isfinite(y).all() and torch.isfinite(g).all())
+    finite = bool(torch.isfinite(y).all() and torch.isfinite(g).all() and torch.isfinite(y_infer).all())
     return {
         "preset": preset,
         "impl": impl,
@@ -262,6 +269,7 @@ def check_against_reference(
         "dtype": str(dtype),
         "out_rel_err": rel(y, y_ref),
         "grad_rel_err": rel(g, g_ref),
+        "no_grad_out_rel_err": rel(y_infer, y_ref),
         "finite": finite,
     }
 
@@ -307,7 +315,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 checks.append(c)
                 print(
                     f"check {impl}/{preset}: output rel err {c['out_rel_err']:.2e}, "
-                    f"input-grad rel err {c['grad_rel_err']:.2e}, finite={c['finite']}"
+                    f"input-grad rel err {c['grad_rel_err']:.2e}, "
+                    f"no-grad output rel err {c['no_grad_out_rel_err']:.2e}, finite={c['finite']}"
                 )
     for seq in args.seq:
         for impl in args.impl:
@@ -326,7 +335,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         if t is not None:
             rows.append(t)
     if args.stream_tokens:
-        rows.extend(bench_streaming(args, device))
+        for impl in args.impl:
+            rows.extend(bench_streaming(args, impl, device))
     meta = {
         "device": device_description(device),
         "date": datetime.date.today().isoformat(),

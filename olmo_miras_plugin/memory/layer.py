@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from . import triton_linear
+from . import triton_scan
 from .config import MemoryImpl, NeuralMemoryConfig
 from .conv import ShortCausalConv
 from .cuda_graphs import GraphedChunkedScan
@@ -67,7 +67,7 @@ class NeuralMemory(nn.Module):
             architecture, config.objective.build(), config.retention.build(), config.optimizer.build()
         )
         self._graphed_scan = GraphedChunkedScan()
-        self._graphed_triton_scan = GraphedChunkedScan(triton_linear.scan)
+        self._graphed_triton_scan = GraphedChunkedScan(triton_scan.scan)
         self.last_diagnostics: Optional[Dict[str, torch.Tensor]] = None
         self.record_diagnostics = False
         if init_device != "meta":
@@ -212,7 +212,7 @@ class NeuralMemory(nn.Module):
         if self.impl == MemoryImpl.graphed:
             return self._graphed_scan(self.rule, state, k, v, q, gates, self.chunk_size)
         if self.impl == MemoryImpl.triton:
-            return triton_linear.scan(self.rule, state, k, v, q, gates, self.chunk_size)
+            return triton_scan.scan(self.rule, state, k, v, q, gates, self.chunk_size)
         if self.impl == MemoryImpl.triton_graphed:
             return self._graphed_triton_scan(self.rule, state, k, v, q, gates, self.chunk_size)
         compiled = self.impl == MemoryImpl.compiled

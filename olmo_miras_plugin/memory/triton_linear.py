@@ -47,7 +47,7 @@ Layout and memory:
   block may have 227 KiB). Larger ``head_dim × chunk`` is refused (falls back).
 
 Scope: the kernel needs the state at a chunk boundary whose read weights are the accumulator
-itself, and whole chunks. :func:`scan` (the dispatcher used by ``impl="triton"``) runs any partial
+itself, and whole chunks. ``triton_scan.scan`` (the dispatcher used by ``impl="triton"``) runs any partial
 head/tail chunk through :func:`~.scan.chunked_scan` and the whole chunks in between through the
 kernel; for anything else (another rule, no CUDA, Triton missing, float64, head_dim > 128, ...) it
 falls back to the ``compiled`` (CUDA) or ``chunked`` (CPU) path. :func:`linear_scan` is the
@@ -57,15 +57,16 @@ Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` = ``tf32`` (
 / ``tf32x3`` / ``ieee`` for the ``tl.dot`` inputs; ``OLMO_MIRAS_TRITON_WARPS`` (scan kernels;
 default 4 for ≤ 32 rows per program, 8 above); ``OLMO_MIRAS_TRITON_BLOCK_ROWS`` (rows per program
 without the clip); ``OLMO_MIRAS_TRITON_PAR_WARPS`` / ``OLMO_MIRAS_TRITON_PAR_ROWS`` /
-``OLMO_MIRAS_TRITON_PAR_STAGES`` (the parallel backward, default 4 / 16 / 1; stages > 1, which
-would pipeline its row-block loads, are not yet measured); ``OLMO_MIRAS_TRITON_STAGES`` (default 1). With ``TRITON_INTERPRET=1`` set
+``OLMO_MIRAS_TRITON_PAR_STAGES`` (the parallel backward, default 4 / 16 / 1; 2 stages measured
+within 1 % of 1 at 16k and 32k, 3 stages 13 % slower); ``OLMO_MIRAS_TRITON_STAGES`` (scan
+kernels; default 2 for ≤ 32 rows per program, 1 above).
+With ``TRITON_INTERPRET=1`` set
 before ``triton`` is first imported, the kernels run in Triton's interpreter, also on CPU
 tensors (that is how the tests check them without a GPU).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import List, Optional, Tuple
 
@@ -73,22 +74,16 @@ import torch
 
 from .objective import ObjectiveName
 from .optimizer import MomentumGD
-from .scan import Gates, MemoryRule, ScanState, chunked_scan
+from .scan import Gates, MemoryRule, ScanState
 
 try:  # Triton is optional: without it every call falls back to the PyTorch scan.
     import triton
     import triton.language as tl
-    from triton.runtime.errors import OutOfResources
 except Exception:  # pragma: no cover - not installed (or a broken install): never fail the import
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-    class OutOfResources(Exception):  # type: ignore[no-redef]
-        pass
-
-__all__ = ["available", "unsupported_reason", "supports", "linear_scan", "scan"]
-
-log = logging.getLogger(__name__)
+__all__ = ["available", "unsupported_reason", "supports", "linear_scan"]
 
 MAX_HEAD_DIM = 128
 MAX_CHUNK = 128
@@ -459,8 +454,12 @@ def _block_rows(bd: int, programs: int, device: torch.device, clip: bool) -> int
 def _launch_opts(block_rows: int, warps_env: Optional[str] = None, stages_env: Optional[str] = None) -> dict:
     if _interpreted():
         return {}
-    warps = int(warps_env or os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if block_rows <= 32 else "8"))
-    stages = int(stages_env or os.environ.get("OLMO_MIRAS_TRITON_STAGES", "1"))
+    small = block_rows <= 32  # the row-split programs (no clip)
+    warps = int(warps_env or os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if small else "8"))
+    # Two stages let the row-split scan kernels load the next chunk's K, Q, V while this chunk's
+    # dots run (H100, T = 16k: 5.82 -> 4.96 ms for the whole scan). A whole-row program (the
+    # clip) has no shared memory to spare for a second stage (224 KiB of 227 in the backward).
+    stages = int(stages_env or os.environ.get("OLMO_MIRAS_TRITON_STAGES", "2" if small else "1"))
     return dict(num_warps=warps, num_stages=stages)
 
 
@@ -600,9 +599,10 @@ def supports(rule: MemoryRule, state: ScanState, k: torch.Tensor, chunk_size: in
 def _reads_accum(state: ScanState) -> bool:
     """The read weights are the accumulator itself (same storage), as every state that this package
     produces at a chunk boundary has for an identity retention; then chunk 0 may read A."""
-    r, a = state.read_weights[0], state.accum[0]
-    return r is a or (
-        r.data_ptr() == a.data_ptr() and r.shape == a.shape and r.stride() == a.stride() and r.dtype == a.dtype
+    return all(
+        r is a
+        or (r.data_ptr() == a.data_ptr() and r.shape == a.shape and r.stride() == a.stride() and r.dtype == a.dtype)
+        for r, a in zip(state.read_weights, state.accum)
     )
 
 
@@ -638,53 +638,3 @@ def linear_scan(
     )
     # decay retention: the next chunk reads A itself
     return y, ScanState([a_new], [s_new], [a_new], state.position + t)
-
-
-_LOGGED: set = set()
-_FAILED: set = set()  # (device type, head_dim, chunk) whose kernel ran out of resources
-
-
-def scan(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
-) -> Tuple[torch.Tensor, ScanState]:
-    """``impl="triton"``: whole chunks through the kernel, the rest through ``chunked_scan``.
-
-    A piece that starts inside a chunk (or from a state whose read weights are not its accumulator)
-    runs up to the next boundary in PyTorch; a partial last chunk too. Where the kernel cannot run
-    at all (see :func:`unsupported_reason`) everything goes to ``chunked_scan`` (``compiled`` on CUDA).
-    """
-    reason = unsupported_reason(rule, state, k, chunk_size, v, q)
-    if reason is None and (k.device.type, k.shape[-1], chunk_size) in _FAILED:
-        reason = "the triton kernel failed to launch for this shape before (see the log)"
-    if reason is not None:
-        if reason not in _LOGGED:
-            _LOGGED.add(reason)
-            log.info("impl='triton' falls back to the PyTorch chunked scan: %s", reason)
-        return chunked_scan(rule, state, k, v, q, gates, chunk_size, compiled=k.is_cuda)
-    c, t = chunk_size, k.shape[2]
-    head = min(t, (c - state.position % c) % c)
-    if head == 0 and t >= c and not _reads_accum(state):
-        head = c
-    n_full = (t - head) // c
-    # (start, stop, through the kernel?)
-    pieces = [(0, head, False), (head, head + n_full * c, True), (head + n_full * c, t, False)]
-    outs: List[torch.Tensor] = []
-    for start, stop, kernel in pieces:
-        if stop <= start:
-            continue
-        sub = Gates(*(g[:, :, start:stop] for g in gates))
-        args = (rule, state, k[:, :, start:stop], v[:, :, start:stop], q[:, :, start:stop], sub, c)
-        if kernel:
-            try:
-                y, new = linear_scan(*args)
-            except OutOfResources as e:  # a safety net: see unsupported_reason
-                log.warning("impl='triton': %s; using the PyTorch chunked scan for this shape", e)
-                _FAILED.add((k.device.type, k.shape[-1], c))
-                y, new = chunked_scan(*args, compiled=k.is_cuda)
-        else:
-            y, new = chunked_scan(*args)
-        state = new
-        outs.append(y)
-    if not outs:  # zero tokens
-        return chunked_scan(rule, state, k, v, q, gates, chunk_size)
-    return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]), state

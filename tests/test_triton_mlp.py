@@ -1,0 +1,232 @@
+"""The MLP memory's forward kernel (memory/triton_mlp.py) against the PyTorch chunked scan.
+
+As in test_triton_linear.py: without a GPU the kernel runs in Triton's interpreter, in a subprocess
+(:func:`test_interpreted_suite`); the ``gpu`` tests run the compiled kernel where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+triton = pytest.importorskip("triton")
+
+from olmo_miras_plugin.memory import (  # noqa: E402
+    MemoryArchitectureConfig,
+    MemoryImpl,
+    MemoryOptimizerConfig,
+    NeuralMemoryConfig,
+)
+from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_scan  # noqa: E402
+from olmo_miras_plugin.memory.scan import Gates, ScanState, chunked_scan  # noqa: E402
+
+from miras_test_utils import patch_triton_interpreter_for_numpy, run_interpreted  # noqa: E402
+
+INTERPRETED = triton_linear._interpreted()
+interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
+
+if INTERPRETED:
+    patch_triton_interpreter_for_numpy()
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_interpreted_suite():
+    run_interpreted(__file__)
+
+
+def mlp_rule(head_dim: int, chunk: int, max_grad_norm, expansion: float = 2.0, activation: str = "gelu",
+             optimizer: str = "momentum"):
+    cfg = NeuralMemoryConfig.from_preset(
+        "titans", d_model=2 * head_dim, n_heads=2, chunk_size=chunk,
+        architecture=MemoryArchitectureConfig(depth=2, expansion=expansion, activation=activation),
+        optimizer=MemoryOptimizerConfig(name=optimizer, max_grad_norm=max_grad_norm),
+    )
+    return cfg.build().rule
+
+
+def make_inputs(rule, b: int, h: int, t: int, d: int, seed: int = 0, theta_max: float = 0.5):
+    """Normalised k, q (as the layer makes them), v, gates, and a nonzero initial state.
+    (Without the clip, an MLP memory at θ ~ 0.5 diverges within a few hundred tokens.)"""
+    g = torch.Generator().manual_seed(seed)
+    k = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
+    q = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
+    v = torch.randn(b, h, t, d, generator=g)
+    zt, ze, za = torch.randn(3, b, h, t, generator=g)
+    ze, za = ze + 2.0, za - 3.0  # η around 0.9, α around 0.05
+    gates = Gates(theta_max * torch.sigmoid(zt), torch.sigmoid(ze), torch.sigmoid(za), F.logsigmoid(ze), F.logsigmoid(-za))
+    accum = [torch.randn(b, h, o, i, generator=g) * i**-0.5 for o, i in rule.architecture.shapes]
+    momentum = [torch.randn(a.shape, generator=g) * 0.05 for a in accum] if rule.optimizer.uses_momentum else None
+    return k, v, q, gates, ScanState(accum, momentum, list(accum), 0)
+
+
+def assert_states_close(got: ScanState, want: ScanState, tol: float) -> None:
+    assert got.position == want.position
+    for name, a_list, b_list in (("accum", got.accum, want.accum), ("momentum", got.momentum, want.momentum)):
+        if b_list is None:
+            assert a_list is None
+            continue
+        for i, (a, b) in enumerate(zip(a_list, b_list)):
+            assert rel_err(a, b) <= tol, f"{name}[{i}]: {rel_err(a, b):.2e}"
+    for a, b in zip(got.read_weights, want.read_weights):
+        assert rel_err(a, b) <= tol
+
+
+# ---------------------------------------------------------------------------------------- kernel = chunked
+@interpreted
+@pytest.mark.parametrize(
+    "head_dim,expansion,chunk,tau,activation,optimizer,block",
+    [
+        (16, 2.0, 4, 1.0, "gelu", "momentum", None),  # the titans default clip
+        (16, 2.0, 8, 0.05, "gelu", "momentum", "16"),  # clipping on almost every token; two hidden blocks
+        (32, 2.0, 8, None, "gelu", "momentum", None),  # no clip
+        (24, 2.0, 4, 0.3, "silu", "momentum", "16"),  # d padded to 32; hidden 48 = 16 + 16 + 16
+        (16, 1.5, 4, 1.0, "gelu", "gd", None),  # no momentum; hidden 24: a partly padded block
+    ],
+)
+def test_kernel_matches_chunked(monkeypatch, head_dim, expansion, chunk, tau, activation, optimizer, block):
+    if block:
+        monkeypatch.setenv("OLMO_MIRAS_TRITON_MLP_BLOCK", block)
+    rule = mlp_rule(head_dim, chunk, tau, expansion, activation, optimizer)
+    k, v, q, gates, state = make_inputs(rule, 2, 2, 5 * chunk, head_dim)
+    with torch.no_grad():
+        y_w, s_w = chunked_scan(rule, state, k, v, q, gates, chunk)
+        y_g, s_g = triton_mlp.mlp_scan(rule, state, k, v, q, gates, chunk)
+    assert rel_err(y_g, y_w) <= 1e-5
+    assert_states_close(s_g, s_w, 1e-5)
+    assert all(r is a for r, a in zip(s_g.read_weights, s_g.accum))
+    # the caller's state is untouched (the kernel updates fresh copies in place)
+    assert all(a is b for a, b in zip(state.accum, state.read_weights))
+
+
+@interpreted
+def test_clip_cases_are_what_they_claim():
+    """τ = 0.05 clips (the output differs from no clip) and the default τ = 1 is exercised."""
+    rule_args = dict(head_dim=16, chunk=8)
+    ys = {}
+    for tau in (None, 0.05, 1.0):
+        rule = mlp_rule(max_grad_norm=tau, **rule_args)
+        k, v, q, gates, state = make_inputs(rule, 2, 2, 40, 16)
+        with torch.no_grad():
+            ys[tau] = chunked_scan(rule, state, k, v, q, gates, 8)[0]
+    assert rel_err(ys[0.05], ys[None]) > 1e-2
+    assert rel_err(ys[1.0], ys[None]) > 1e-5
+
+
+@interpreted
+def test_segments_with_partial_chunks(monkeypatch):
+    """The dispatcher cuts pieces that start/end inside a chunk (PyTorch) around the whole chunks
+    (the kernel); the result equals one chunked scan over the whole sequence."""
+    calls = []
+    kernel = triton_mlp.mlp_scan
+    monkeypatch.setattr(triton_mlp, "mlp_scan", lambda *a: calls.append(a[2].shape[2]) or kernel(*a))
+    rule = mlp_rule(16, 8, 1.0)
+    k, v, q, gates, state = make_inputs(rule, 2, 2, 45, 16)
+    with torch.no_grad():
+        y_w, s_w = chunked_scan(rule, state, k, v, q, gates, 8)
+        outs, start, st = [], 0, state
+        for n in (5, 19, 3, 18):
+            sl = slice(start, start + n)
+            y, st = triton_scan.scan(rule, st, k[:, :, sl], v[:, :, sl], q[:, :, sl], Gates(*(g[:, :, sl] for g in gates)), 8)
+            outs.append(y)
+            start += n
+    assert calls == [16, 8]  # [8, 24) of the second piece, [32, 40) of the fourth
+    assert rel_err(torch.cat(outs, dim=2), y_w) <= 1e-5
+    assert_states_close(st, s_w, 1e-5)
+
+
+@interpreted
+def test_mlp_scan_refuses():
+    rule = mlp_rule(16, 4, 1.0)
+    k, v, q, gates, state = make_inputs(rule, 1, 2, 10, 16)
+    with torch.no_grad(), pytest.raises(ValueError, match="whole chunks"):
+        triton_mlp.mlp_scan(rule, state, k, v, q, gates, 4)
+    with torch.no_grad(), pytest.raises(ValueError, match="chunk boundary"):
+        triton_mlp.mlp_scan(rule, state._replace(position=2), k[:, :, :8], v[:, :, :8], q[:, :, :8],
+                            Gates(*(g[:, :, :8] for g in gates)), 4)
+    with pytest.raises(ValueError, match="forward-only"):
+        triton_mlp.mlp_scan(rule, state, k[:, :, :8].requires_grad_(), v[:, :, :8], q[:, :, :8],
+                            Gates(*(g[:, :, :8] for g in gates)), 4)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(architecture=MemoryArchitectureConfig(depth=3)), "depth-2"),
+        (dict(architecture=MemoryArchitectureConfig(depth=2, residual_norm=True)), "residual_norm"),
+        (dict(preset="yaad"), "l2 attentional bias"),
+        (dict(preset="memora"), "decay retention"),
+    ],
+)
+def test_fallback_reasons(kw, match):
+    preset = kw.pop("preset", "titans")
+    rule = NeuralMemoryConfig.from_preset(preset, d_model=32, n_heads=2, **kw).build().rule
+    k = torch.zeros(1, 2, 8, 16)
+    accum = [torch.zeros(1, 2, o, i) for o, i in rule.architecture.shapes]
+    state = ScanState(accum, None, accum, 0)
+    reason = triton_mlp.unsupported_reason(rule, state, k, k, k, Gates(*[torch.zeros(1, 2, 8)] * 5), 4)
+    assert reason is not None and match in reason, reason
+    kernel, why = triton_scan.kernel_for(rule, state, k, k, k, Gates(*[torch.zeros(1, 2, 8)] * 5), 4)
+    assert kernel is None and why == reason
+
+
+@interpreted
+@pytest.mark.parametrize("kernel_impl", ["triton", "triton_graphed"])
+def test_layer_inference_uses_kernel(monkeypatch, kernel_impl):
+    """``NeuralMemory(impl="triton")`` with an MLP memory: under ``no_grad`` the whole chunks go
+    through the kernel and equal ``chunked``; with gradients the layer falls back (same result,
+    and the kernel is never called)."""
+    calls = []
+    kernel = triton_mlp.mlp_scan
+    monkeypatch.setattr(triton_mlp, "mlp_scan", lambda *a: calls.append(a[2].shape[2]) or kernel(*a))
+
+    def build(impl):
+        torch.manual_seed(0)
+        m = NeuralMemoryConfig.from_preset("titans", d_model=32, n_heads=2, chunk_size=8, impl=impl).build()
+        with torch.no_grad():
+            for w in (m.w_q, m.w_k, m.w_v):
+                w.weight.normal_(std=0.3)
+        return m
+
+    x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(3))
+    ref, fast = build("chunked"), build(kernel_impl)
+    with torch.no_grad():
+        y_c, s_c = ref(x)
+        y_t, s_t = fast(x)
+    assert calls == [24]
+    assert rel_err(y_t, y_c) <= 1e-5
+    for a, b in zip(s_t.tensors(), s_c.tensors()):
+        assert rel_err(a, b) <= 1e-5
+    calls.clear()
+    y_g, _ = fast(x)  # gradients recorded: falls back
+    assert calls == [] and y_g.requires_grad
+    assert rel_err(y_g, y_c) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
+@pytest.mark.parametrize("precision,tol,tau", [("ieee", 1e-4, 1.0), ("tf32", 2e-2, 1.0), ("tf32", 2e-2, None)])
+def test_gpu_kernel_matches_chunked(monkeypatch, precision: str, tol: float, tau):
+    """The compiled kernel at OLMo2-1B memory shapes (d = 128, hidden 256, C = 64) against the
+    chunked scan in fp32 (IEEE matmuls)."""
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    rule = mlp_rule(128, 64, tau)
+    k, v, q, gates, state = make_inputs(rule, 2, 4, 8 * 64, 128, theta_max=0.5 if tau else 0.02)
+    to = lambda x: x.cuda()  # noqa: E731
+    k, v, q = to(k), to(v), to(q)
+    gates = Gates(*map(to, gates))
+    state = ScanState([to(a) for a in state.accum], [to(s) for s in state.momentum], None, 0)
+    state = state._replace(read_weights=state.accum)
+    with torch.no_grad():
+        y_w, s_w = chunked_scan(rule, state, k, v, q, gates, 64)
+        y_g, s_g = triton_mlp.mlp_scan(rule, state, k.bfloat16(), v.bfloat16(), q.bfloat16(), gates, 64)
+    assert torch.isfinite(y_w).all()
+    # bf16 inputs vs fp32: tolerance of bf16 rounding of k, v, q
+    assert rel_err(y_g.float(), y_w) <= max(tol, 2e-2)
+    assert_states_close(s_g, s_w, max(tol, 2e-2))
