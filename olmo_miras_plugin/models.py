@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
+import torch
 import torch.nn as nn
 
 from olmo_core.config import Config
@@ -46,6 +47,7 @@ __all__ = [
     "olmo3_7B_miras",
     "olmo3_32B_miras",
     "parameter_report",
+    "set_memory_impl",
     "tiny_miras",
 ]
 
@@ -172,6 +174,33 @@ class MirasMemoryConfig(Config):
 def is_memory_param(name: str) -> bool:
     """Whether a parameter name (from ``named_parameters`` / a state dict) belongs to the memory."""
     return MEMORY_PARAM_MARKER in f".{name}"
+
+
+INFERENCE_IMPL_CHOICES = ("auto", "keep", *(i.value for i in MemoryImpl))
+"""``--memory-impl`` of the inference CLIs (evaluate, generate)."""
+
+
+def set_memory_impl(model: nn.Module, impl: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Switch every memory layer of ``model`` to ``impl`` (the math is the same; only speed differs).
+
+    ``"keep"`` leaves the checkpoint's choice; ``"auto"`` (for inference) picks ``triton`` on CUDA
+    when Triton is installed (forward kernels for the linear and the MLP memory; other rules fall
+    back inside it) and keeps the checkpoint's otherwise. Returns the impl set (None: unchanged).
+    """
+    from .memory import NeuralMemory, triton_linear
+
+    if impl not in INFERENCE_IMPL_CHOICES:
+        raise ValueError(f"unknown memory impl {impl!r}; valid: {', '.join(INFERENCE_IMPL_CHOICES)}")
+    if impl == "keep":
+        return None
+    if impl == "auto":
+        if device is None or device.type != "cuda" or not triton_linear.available():
+            return None
+        impl = MemoryImpl.triton.value
+    for m in model.modules():
+        if isinstance(m, NeuralMemory):
+            m.impl = MemoryImpl(impl)
+    return impl
 
 
 @dataclass

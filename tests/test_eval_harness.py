@@ -228,9 +228,12 @@ def test_evaluate_cli_on_a_saved_tiny_checkpoint(tmp_path: Path, capsys: pytest.
         str(ckpt), "--suite", "quick", "--lengths", "128", "160", "--n-per-cell", "1",
         "--tasks", "mqar_tokens,passkey,ppl", "--ppl-source", str(text), "--ppl-docs", "2",
         "--segment-len", "48", "--output-dir", str(out), "--no-progress", "--device", "cpu",
+        "--memory-impl", "chunked",
     ])
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     assert rc == 0
+    assert "memory impl: chunked" in captured.err
     assert "mqar_tokens" in stdout and "loss by position" in stdout and "results.json" in stdout
     res = json.loads((out / "results.json").read_text())
     (entry,) = res["models"].values()

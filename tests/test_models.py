@@ -263,3 +263,21 @@ def test_memory_gate_inits_and_inner_clip_reach_every_memory_layer():
         assert m.rule.optimizer.max_grad_norm is None  # inf: no clipping
     default = [m for m in small("mag", max_grad_norm=0.5).build().modules() if isinstance(m, NeuralMemory)]
     assert all(m.rule.optimizer.max_grad_norm == 0.5 for m in default)
+
+
+def test_set_memory_impl() -> None:
+    """The inference CLIs' ``--memory-impl``: every memory layer switches; ``auto`` off CUDA and
+    ``keep`` leave the checkpoint's choice; a bad name is refused with the valid ones."""
+    from olmo_miras_plugin.memory import MemoryImpl, NeuralMemory
+    from olmo_miras_plugin.models import set_memory_impl, tiny_miras
+
+    model = tiny_miras(vocab_size=64).build(init_device="cpu")
+    layers = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    assert layers and all(m.impl == MemoryImpl.chunked for m in layers)
+    assert set_memory_impl(model, "auto", torch.device("cpu")) is None
+    assert set_memory_impl(model, "keep") is None
+    assert all(m.impl == MemoryImpl.chunked for m in layers)
+    assert set_memory_impl(model, "triton") == "triton"
+    assert all(m.impl == MemoryImpl.triton for m in layers)
+    with pytest.raises(ValueError, match="unknown memory impl 'fast'; valid: auto, keep, reference"):
+        set_memory_impl(model, "fast")

@@ -39,6 +39,7 @@ from olmo_core.config import Config
 
 from ..blocks import carry_memory_states, memory_state_modules
 from ..tokenizer import ByteTokenizer
+from ..models import INFERENCE_IMPL_CHOICES, set_memory_impl
 from .scoring import EvalResults, ExampleScore, LogitsFn, PositionBucket, logits_fn_from_module, score_examples
 from .scoring import _aggregate  # per-cell aggregation exactly as score_examples does it
 from .tasks import (
@@ -890,6 +891,8 @@ def build_eval_parser() -> "argparse.ArgumentParser":
     p.add_argument("--output-dir", help="default: runs/eval/<name of the (first) checkpoint>")
     p.add_argument("--name", action="append", help="label per checkpoint in tables/plots (repeat)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA")
+    p.add_argument("--memory-impl", default="auto", choices=INFERENCE_IMPL_CHOICES,
+                   help="memory layers' impl (auto: triton on CUDA when installed, else the checkpoint's)")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -937,6 +940,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         except Exception as e:  # noqa: BLE001 - e.g. OLMoConfigurationError from the tokenizer
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
+        impl = set_memory_impl(loaded.model, args.memory_impl, device)
+        if impl is not None:
+            print(f"== memory impl: {impl}", file=sys.stderr, flush=True)
         name = args.name[k] if args.name else _label(loaded.path)
         run = suite
         if tok is None:

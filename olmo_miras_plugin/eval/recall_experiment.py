@@ -69,9 +69,9 @@ from olmo_core.config import Config
 from olmo_core.nn.attention import SlidingWindowAttentionConfig
 from olmo_core.nn.transformer import TransformerConfig
 
-from ..memory import MemoryImpl, NeuralMemory
+from ..memory import MemoryImpl, triton_linear
 from ..memory import PRESETS
-from ..models import MirasMemoryConfig, tiny_miras
+from ..models import MirasMemoryConfig, set_memory_impl, tiny_miras
 from .harness import evaluate_examples, resolve_device
 from .scoring import CellScore, EvalResults, format_table
 from .tasks import IGNORE_INDEX, EvalExample, MQARTokenSpec, mqar_token_examples
@@ -526,12 +526,6 @@ _FALLBACK = {"graphed": "compiled", "compiled": "chunked"}
 """If a fused memory path fails (compiler missing, capture error), train on with the next one."""
 
 
-def _set_memory_impl(model: nn.Module, impl: str) -> None:
-    for m in model.modules():
-        if isinstance(m, NeuralMemory):
-            m.impl = MemoryImpl(impl)
-
-
 def train_variant(
     cfg: RecallExperimentConfig,
     variant: Variant,
@@ -602,7 +596,7 @@ def train_variant(
                 fallback_note = note if fallback_note is None else f"{fallback_note}; {note}"
                 printer(f"[recall] WARNING: {note}")
                 impl = _FALLBACK[impl]
-                _set_memory_impl(model, impl)
+                set_memory_impl(model, impl)
                 opt.zero_grad(set_to_none=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -665,8 +659,10 @@ def train_variant(
     if fallback_note:
         info["note"] = fallback_note
     printer(f"[recall] {variant.name}: {step} steps in {elapsed:.1f}s (stopped by {stopped_by})")
-    if impl in ("graphed", "compiled"):
-        _set_memory_impl(model, "chunked")  # eval: eager, no recompiles for new shapes
+    if impl in ("graphed", "compiled", "triton_graphed"):
+        # eval runs without gradients: the Triton forward kernels where they apply (else chunked);
+        # no graph captures or recompiles for the eval batches' new shapes
+        set_memory_impl(model, "triton" if triton_linear.available() else "chunked")
     model.eval()
     return model, mc, info
 

@@ -246,6 +246,8 @@ def _default_kv_cap(model: torch.nn.Module, kind: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- generate
 def generate_main(argv: Optional[Sequence[str]] = None) -> int:
+    from ..models import INFERENCE_IMPL_CHOICES, set_memory_impl
+
     p = argparse.ArgumentParser(
         prog="generate.py",
         description="Stream a long text through a MIRAS model segment by segment (memory carried, constant "
@@ -272,6 +274,8 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="model dtype (default: float32)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--tokenizer", help="'bytes' or a directory with tokenizer.json (default: the model's)")
+    p.add_argument("--memory-impl", default="auto", choices=INFERENCE_IMPL_CHOICES,
+                   help="memory layers' impl (auto: triton on CUDA when installed, else the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stats-json", help="also write the statistics to this JSON file")
     args = p.parse_args(argv)
@@ -295,6 +299,7 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         model, kind, info = load_any_model(args.model, device=str(device), dtype=_DTYPES[args.dtype] if args.dtype else None)
         vocab = int(model.config.vocab_size) if kind == "hf" else int(model.vocab_size)
         tok = load_tokenizer(args.tokenizer, args.model, kind, info, vocab)
+        set_memory_impl(model, args.memory_impl, device)
         t_load = time.perf_counter() - t_load
     except _user_errors() as e:
         return _fail(e)

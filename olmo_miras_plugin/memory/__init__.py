@@ -5,6 +5,11 @@
 - ``retention.py``     accumulator → weights: decay, ℓq, KL (softmax)
 - ``optimizer.py``     gradient descent with/without momentum, per token and chunk closed form
 - ``scan.py``          the reference loop and the chunk-parallel scan
+- ``triton_scan.py``   ``impl="triton"``: whole chunks to a kernel, the rest to ``scan.py``
+- ``triton_linear.py`` Triton kernels of the linear memory (forward and backward)
+- ``triton_mlp.py``    Triton kernel of the depth-2 MLP memory (forward only: inference)
+- ``cuda_graphs.py``   ``impl="graphed"`` / ``"triton_graphed"``: CUDA-graph capture of a scan
+- ``conv.py``          the short causal conv on q, k, v
 - ``layer.py``         the layer: projections, short conv, gates, read-out norm, output projection
 - ``config.py``        ``NeuralMemoryConfig`` and the presets titans / moneta / yaad / memora
 """
