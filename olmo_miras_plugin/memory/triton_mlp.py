@@ -33,8 +33,8 @@ one wrote. ``k, v, q, y``: ``(batch, heads, T, d)`` with unit feature stride; ma
 ``d`` padded to a power of two ≥ 16 with masks.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` (as for the linear kernel),
-``OLMO_MIRAS_TRITON_MLP_BLOCK`` (hidden units per pass, default 32) and
-``OLMO_MIRAS_TRITON_MLP_WARPS`` (default 8).
+``OLMO_MIRAS_TRITON_MLP_BLOCK`` (hidden units per pass, default 32), ``OLMO_MIRAS_TRITON_MLP_WARPS``
+(default 8) and ``OLMO_MIRAS_TRITON_MLP_STAGES`` (default 1).
 """
 
 from __future__ import annotations
@@ -292,7 +292,10 @@ def _launch(
     y = torch.empty_like(q)
     hidden = w1.shape[-2]
     tau = optimizer.max_grad_norm
-    opts = {} if _interpreted() else dict(num_warps=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_WARPS", "8")), num_stages=1)
+    opts = {} if _interpreted() else dict(
+        num_warps=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_WARPS", "8")),
+        num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_STAGES", "1")),
+    )
     _mlp_fwd_kernel[(b * h,)](
         k, v, q, y, *_strides(k), *_strides(v), *_strides(q), *_strides(y),
         a_keep, a_mom, s_keep, w_a, w_s, w1, w2, s1, s2,
