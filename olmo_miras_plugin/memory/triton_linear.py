@@ -59,7 +59,7 @@ default 4 for ≤ 32 rows per program, 8 above); ``OLMO_MIRAS_TRITON_BLOCK_ROWS`
 without the clip); ``OLMO_MIRAS_TRITON_PAR_WARPS`` / ``OLMO_MIRAS_TRITON_PAR_ROWS`` /
 ``OLMO_MIRAS_TRITON_PAR_STAGES`` (the parallel backward, default 4 / 16 / 1; 2 stages measured
 within 1 % of 1 at 16k and 32k, 3 stages 13 % slower); ``OLMO_MIRAS_TRITON_STAGES`` (scan
-kernels; default 2 for ≤ 32 rows per program, 1 above).
+kernels; default 2 for 16 rows per program, 1 above: measured in docs/performance.md).
 With ``TRITON_INTERPRET=1`` set
 before ``triton`` is first imported, the kernels run in Triton's interpreter, also on CPU
 tensors (that is how the tests check them without a GPU).
@@ -454,12 +454,12 @@ def _block_rows(bd: int, programs: int, device: torch.device, clip: bool) -> int
 def _launch_opts(block_rows: int, warps_env: Optional[str] = None, stages_env: Optional[str] = None) -> dict:
     if _interpreted():
         return {}
-    small = block_rows <= 32  # the row-split programs (no clip)
-    warps = int(warps_env or os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if small else "8"))
-    # Two stages let the row-split scan kernels load the next chunk's K, Q, V while this chunk's
-    # dots run (H100, T = 16k: 5.82 -> 4.96 ms for the whole scan). A whole-row program (the
-    # clip) has no shared memory to spare for a second stage (224 KiB of 227 in the backward).
-    stages = int(stages_env or os.environ.get("OLMO_MIRAS_TRITON_STAGES", "2" if small else "1"))
+    warps = int(warps_env or os.environ.get("OLMO_MIRAS_TRITON_WARPS", "4" if block_rows <= 32 else "8"))
+    # Two stages let 16-row scan programs load the next chunk's K, Q, V while this chunk's dots
+    # run: on an H100, batch 1 × 16k (16 rows per program) 5.82 -> 4.96 ms for the whole scan, but
+    # batch 4 × 8k (32 rows) 8.78 -> 10.29 ms. A whole-row program (the clip) has no shared memory
+    # to spare for a second stage (224 KiB of 227 in the backward).
+    stages = int(stages_env or os.environ.get("OLMO_MIRAS_TRITON_STAGES", "2" if block_rows <= 16 else "1"))
     return dict(num_warps=warps, num_stages=stages)
 
 
