@@ -103,6 +103,84 @@ def test_kernel_matches_chunked(monkeypatch, head_dim, expansion, chunk, tau, ac
     assert all(a is b for a, b in zip(state.accum, state.read_weights))
 
 
+def leaf_inputs(rule, b: int, h: int, t: int, d: int, seed: int = 0, theta_max: float = 0.5):
+    """Leaves for a gradient check: k, v, q, the gate logits, the initial accumulator and momentum."""
+    g = torch.Generator().manual_seed(seed)
+    k = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
+    q = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
+    v = torch.randn(b, h, t, d, generator=g)
+    z = [torch.randn(b, h, t, generator=g) for _ in range(3)]
+    accum = [torch.randn(b, h, o, i, generator=g) * i**-0.5 for o, i in rule.architecture.shapes]
+    mom = [torch.randn(a.shape, generator=g) * 0.05 for a in accum] if rule.optimizer.uses_momentum else []
+    return [x.requires_grad_() for x in (k, v, q, *z, *accum, *mom)], theta_max
+
+
+def run_with_grads(fn, rule, leaves, chunk, segments=None):
+    """Outputs, final state, and the gradients of a random projection of all of them w.r.t. every
+    leaf; ``segments`` splits the sequence into pieces (state carried)."""
+    (k, v, q, zt, ze, za, a1, a2, *mom), theta_max = leaves[0], leaves[1]
+    ze2, za2 = ze + 2.0, za - 3.0
+    gates = Gates(theta_max * torch.sigmoid(zt), torch.sigmoid(ze2), torch.sigmoid(za2), F.logsigmoid(ze2), F.logsigmoid(-za2))
+    accum = [a1 * 1.0, a2 * 1.0]
+    state = ScanState(accum, [m * 1.0 for m in mom] or None, accum, 0)
+    t = k.shape[2]
+    outs, start = [], 0
+    for n in segments or [t]:
+        sl = slice(start, start + n)
+        y, state = fn(rule, state, k[:, :, sl], v[:, :, sl], q[:, :, sl], Gates(*(g[:, :, sl] for g in gates)), chunk)
+        outs.append(y)
+        start += n
+    results = [torch.cat(outs, dim=2), *state.accum, *(state.momentum or [])]
+    g = torch.Generator().manual_seed(1)
+    loss = sum((r * torch.randn(r.shape, generator=g).to(r.device)).sum() for r in results)
+    return results, torch.autograd.grad(loss, leaves[0], allow_unused=True)  # gd: η unused
+
+
+def assert_grads_close(got, want, tol: float) -> None:
+    names = ["y", "W1", "W2", "S1", "S2"]
+    for name, a, b in zip(names, got[0], want[0]):
+        assert rel_err(a, b) <= tol, f"{name}: {rel_err(a, b):.2e}"
+    names = ["k", "v", "q", "theta", "eta", "alpha", "W1_0", "W2_0", "S1_0", "S2_0"]
+    for name, a, b in zip(names, got[1], want[1]):
+        assert (a is None) == (b is None), name
+        if b is not None:
+            assert rel_err(a, b) <= tol, f"grad {name}: {rel_err(a, b):.2e}"
+
+
+@interpreted
+@pytest.mark.parametrize(
+    "head_dim,expansion,chunk,tau,activation,optimizer,block",
+    [
+        (16, 2.0, 4, 1.0, "gelu", "momentum", None),  # the titans default clip
+        (16, 2.0, 8, 0.05, "gelu", "momentum", "16"),  # clipping on almost every token; two hidden blocks
+        (16, 2.0, 4, None, "gelu", "momentum", None),  # no clip
+        (24, 2.0, 4, 0.3, "silu", "momentum", "16"),  # d padded to 32; hidden 48 = 3 blocks
+        (16, 1.5, 4, 1.0, "gelu", "gd", None),  # no momentum; hidden 24: a partly padded block
+    ],
+)
+def test_backward_matches_chunked(monkeypatch, head_dim, expansion, chunk, tau, activation, optimizer, block):
+    """Outputs, final state and the gradients w.r.t. k, v, q, every gate and the initial state
+    equal autograd through the chunked scan."""
+    if block:
+        monkeypatch.setenv("OLMO_MIRAS_TRITON_MLP_BLOCK", block)
+    rule = mlp_rule(head_dim, chunk, tau, expansion, activation, optimizer)
+    leaves = leaf_inputs(rule, 2, 2, 4 * chunk, head_dim, theta_max=0.5 if tau else 0.05)
+    want = run_with_grads(chunked_scan, rule, leaves, chunk)
+    got = run_with_grads(triton_mlp.mlp_scan, rule, leaves, chunk)
+    assert_grads_close(got, want, 1e-4)
+
+
+@interpreted
+def test_backward_segments_with_partial_chunks():
+    """Through the dispatcher, in pieces that start and end inside chunks: the gradient crosses
+    kernel and PyTorch pieces and the separate read weights of each kernel piece's first chunk."""
+    rule = mlp_rule(16, 8, 1.0)
+    leaves = leaf_inputs(rule, 2, 2, 45, 16)
+    want = run_with_grads(chunked_scan, rule, leaves, 8)
+    got = run_with_grads(triton_scan.scan, rule, leaves, 8, segments=[5, 19, 3, 18])
+    assert_grads_close(got, want, 1e-4)
+
+
 @interpreted
 def test_clip_cases_are_what_they_claim():
     """τ = 0.05 clips (the output differs from no clip) and the default τ = 1 is exercised."""
@@ -148,9 +226,6 @@ def test_mlp_scan_refuses():
     with torch.no_grad(), pytest.raises(ValueError, match="chunk boundary"):
         triton_mlp.mlp_scan(rule, state._replace(position=2), k[:, :, :8], v[:, :, :8], q[:, :, :8],
                             Gates(*(g[:, :, :8] for g in gates)), 4)
-    with pytest.raises(ValueError, match="forward-only"):
-        triton_mlp.mlp_scan(rule, state, k[:, :, :8].requires_grad_(), v[:, :, :8], q[:, :, :8],
-                            Gates(*(g[:, :, :8] for g in gates)), 4)
 
 
 @pytest.mark.parametrize(
@@ -168,18 +243,18 @@ def test_fallback_reasons(kw, match):
     k = torch.zeros(1, 2, 8, 16)
     accum = [torch.zeros(1, 2, o, i) for o, i in rule.architecture.shapes]
     state = ScanState(accum, None, accum, 0)
-    reason = triton_mlp.unsupported_reason(rule, state, k, k, k, Gates(*[torch.zeros(1, 2, 8)] * 5), 4)
+    reason = triton_mlp.unsupported_reason(rule, state, k, k, k, 4)
     assert reason is not None and match in reason, reason
-    kernel, why = triton_scan.kernel_for(rule, state, k, k, k, Gates(*[torch.zeros(1, 2, 8)] * 5), 4)
+    kernel, why = triton_scan.kernel_for(rule, state, k, k, k, 4)
     assert kernel is None and why == reason
 
 
 @interpreted
 @pytest.mark.parametrize("kernel_impl", ["triton", "triton_graphed"])
-def test_layer_inference_uses_kernel(monkeypatch, kernel_impl):
-    """``NeuralMemory(impl="triton")`` with an MLP memory: under ``no_grad`` the whole chunks go
-    through the kernel and equal ``chunked``; with gradients the layer falls back (same result,
-    and the kernel is never called)."""
+def test_layer_uses_kernel(monkeypatch, kernel_impl):
+    """``NeuralMemory(impl="triton")`` with the default MLP memory equals ``chunked`` (outputs,
+    carried state, every parameter's gradient) with the whole chunks through the kernels, in two
+    segments; and under ``no_grad``. (Off CUDA, ``triton_graphed`` runs the kernels without graphs.)"""
     calls = []
     kernel = triton_mlp.mlp_scan
     monkeypatch.setattr(triton_mlp, "mlp_scan", lambda *a: calls.append(a[2].shape[2]) or kernel(*a))
@@ -193,18 +268,29 @@ def test_layer_inference_uses_kernel(monkeypatch, kernel_impl):
         return m
 
     x = torch.randn(2, 29, 32, generator=torch.Generator().manual_seed(3))
-    ref, fast = build("chunked"), build(kernel_impl)
-    with torch.no_grad():
-        y_c, s_c = ref(x)
-        y_t, s_t = fast(x)
-    assert calls == [24]
+    results = {}
+    for impl in ("chunked", kernel_impl):
+        m = build(impl)
+        y1, st = m(x[:, :13])
+        y2, st = m(x[:, 13:], st)
+        y = torch.cat([y1, y2], dim=1)
+        loss = (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum() + st.accum[0].sum()
+        loss.backward()
+        results[impl] = (y, st, {n: p.grad for n, p in m.named_parameters()}, m)
+    # 13 + 16 tokens, C = 8: the kernel gets [0, 8) and [16, 24); the rest is partial chunks
+    assert calls == [8, 8]
+    (y_c, s_c, g_c, ref), (y_t, s_t, g_t, fast) = results["chunked"], results[kernel_impl]
     assert rel_err(y_t, y_c) <= 1e-5
     for a, b in zip(s_t.tensors(), s_c.tensors()):
         assert rel_err(a, b) <= 1e-5
+    for n in g_c:
+        assert rel_err(g_t[n], g_c[n]) <= 1e-4, n
     calls.clear()
-    y_g, _ = fast(x)  # gradients recorded: falls back
-    assert calls == [] and y_g.requires_grad
-    assert rel_err(y_g, y_c) <= 1e-5
+    with torch.no_grad():
+        y_c, _ = ref(x)
+        y_t, _ = fast(x)
+    assert calls == [24]
+    assert rel_err(y_t, y_c) <= 1e-5
 
 
 # ---------------------------------------------------------------------------------------- GPU
@@ -230,3 +316,20 @@ def test_gpu_kernel_matches_chunked(monkeypatch, precision: str, tol: float, tau
     # bf16 inputs vs fp32: tolerance of bf16 rounding of k, v, q
     assert rel_err(y_g.float(), y_w) <= max(tol, 2e-2)
     assert_states_close(s_g, s_w, max(tol, 2e-2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
+@pytest.mark.parametrize("precision,tol,tau", [("ieee", 1e-3, 1.0), ("tf32", 3e-2, 1.0), ("ieee", 1e-3, None)])
+def test_gpu_backward_matches_chunked(monkeypatch, precision: str, tol: float, tau):
+    """Forward and backward kernels at OLMo2-1B memory shapes (d = 128, hidden 256, C = 64), fp32
+    inputs, against autograd through the chunked scan (IEEE matmuls)."""
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    rule = mlp_rule(128, 64, tau)
+    leaves, theta_max = leaf_inputs(rule, 1, 4, 6 * 64, 128, theta_max=0.5 if tau else 0.02)
+    leaves = ([x.detach().cuda().requires_grad_() for x in leaves], theta_max)
+    want = run_with_grads(chunked_scan, rule, leaves, 64)
+    assert all(torch.isfinite(r).all() for r in want[0])
+    got = run_with_grads(triton_mlp.mlp_scan, rule, leaves, 64)
+    assert_grads_close(got, want, tol)

@@ -88,15 +88,28 @@ if triton is not None:
         return s * (1.0 + h * (1.0 - s))
 
     @triton.jit
-    def _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF: tl.constexpr):
-        """Hidden units f0 … f0 + BF − 1: offsets and masks of their W₁ rows ``(BF, BD)`` and W₂
-        columns ``(BD, BF)``, and those weights."""
+    def _act_grad2(h, GELU: tl.constexpr):
+        if GELU:  # d/dh [Φ(h) + h φ(h)] = φ(h) (2 − h²)
+            return tl.exp(-0.5 * h * h) * 0.3989422804014327 * (2.0 - h * h)
+        s = tl.sigmoid(h)
+        return s * (1.0 - s) * (2.0 + h * (1.0 - 2.0 * s))
+
+    @triton.jit
+    def _block_offsets(f0, D, F, rd, dmask, BF: tl.constexpr):
+        """Hidden units f0 … f0 + BF − 1: offsets and masks of their W₁ rows ``(BF, BD)`` (in an
+        ``F × D`` matrix) and W₂ columns ``(BD, BF)`` (in a ``D × F`` matrix)."""
         rf = f0 + tl.arange(0, BF)
         fmask = rf < F
         off1 = rf[:, None] * D + rd[None, :]
         mask1 = fmask[:, None] & dmask[None, :]
         off2 = rd[:, None] * F + rf[None, :]
         mask2 = dmask[:, None] & fmask[None, :]
+        return off1, mask1, off2, mask2
+
+    @triton.jit
+    def _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF: tl.constexpr):
+        """:func:`_block_offsets` and the weights there."""
+        off1, mask1, off2, mask2 = _block_offsets(f0, D, F, rd, dmask, BF)
         w1 = tl.load(w1_base + off1, mask=mask1, other=0.0)
         w2 = tl.load(w2_base + off2, mask=mask2, other=0.0)
         return off1, mask1, off2, mask2, w1, w2
@@ -107,9 +120,10 @@ if triton is not None:
         sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sy_b, sy_h, sy_t,
         ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # (BH, N), (BH, N), (BH, N), (BH, N, C), (BH, N, C)
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, F, D), (BH, D, F), same: the state, updated in place
+        w1_save, w2_save, s1_save, s2_save,  # (BH, N, F, D), (BH, N, D, F): the state at each chunk start
         H, N, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, CLIP: tl.constexpr, MOM: tl.constexpr,
-        GELU: tl.constexpr, PREC: tl.constexpr,
+        GELU: tl.constexpr, SAVE: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         b = pid // H
@@ -133,7 +147,10 @@ if triton is not None:
             Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
             Y = tl.zeros([C, BD], dtype=tl.float32)
             for f0 in range(0, F, BF):
-                _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                off1, mask1, off2, mask2, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                if SAVE:
+                    tl.store(w1_save + cc * F * D + off1, W1, mask=mask1)
+                    tl.store(w2_save + cc * D * F + off2, W2, mask=mask2)
                 Aq = _act(tl.dot(Q, tl.trans(W1), input_precision=PREC), GELU)
                 Y = tl.dot(Aq, tl.trans(W2), acc=Y, input_precision=PREC)
             tl.store(y_base + rows[:, None] * sy_t + rd[None, :], Y.to(y_ptr.dtype.element_ty), mask=row_mask)
@@ -180,6 +197,9 @@ if triton is not None:
                 if MOM:
                     S1 = tl.load(s1_base + off1, mask=mask1, other=0.0)
                     S2 = tl.load(s2_base + off2, mask=mask2, other=0.0)
+                    if SAVE:
+                        tl.store(s1_save + cc * F * D + off1, S1, mask=mask1)
+                        tl.store(s2_save + cc * D * F + off2, S2, mask=mask2)
                     acc1 += a_mom * S1
                     acc2 += a_mom * S2
                     S1 = tl.dot(tl.trans(Dk * (-ws)[:, None]), K, acc=s_keep * S1, input_precision=PREC)
@@ -192,17 +212,208 @@ if triton is not None:
                 tl.store(w2_base + off2, W2, mask=mask2)
             tl.debug_barrier()  # the next chunk reads what every thread of this one wrote
 
+    @triton.jit
+    def _key_block(K, E, W1, W2, GELU: tl.constexpr, PREC: tl.constexpr):
+        """One hidden block's key-side forward at the chunk-start weights: Hk = K W₁ᵀ, Ak = act(Hk),
+        B = E W₂ (= ∂ℓ/∂Ak) and D = B ∘ act'(Hk) (= ∂ℓ/∂Hk)."""
+        Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
+        B = tl.dot(E, W2, input_precision=PREC)
+        return Hk, _act(Hk, GELU), B, B * _act_grad(Hk, GELU)
 
-def _grad_needed(state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates) -> bool:
-    if not torch.is_grad_enabled():
-        return False
-    states = [*state.accum, *(state.momentum or []), *state.read_weights]
-    return any(t.requires_grad for t in (k, v, q, *gates, *states))
+    @triton.jit
+    def _mlp_bwd_kernel(
+        k_ptr, v_ptr, q_ptr, dy_ptr,
+        sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sdy_b, sdy_h, sdy_t,
+        ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # as the forward's
+        w1_save, w2_save, s1_save, s2_save,  # (BH, N, F, D), (BH, N, D, F): each chunk's start state
+        g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D), (BH, D, F): adjoints of W₁, W₂, S₁, S₂, in place
+        r1_ptr, r2_ptr,  # (BH, F, D), (BH, D, F): scratch; at the end, the adjoint of the read weights
+        dk_ptr, dv_ptr, dq_ptr,  # (BH, T, D) float32
+        dw_ptr,  # (2, BH, N, C): d w_A, d w_S
+        dcoef_ptr,  # (3, BH, N): d a_keep, d a_mom, d s_keep
+        H, N, D, F, tau,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, CLIP: tl.constexpr, MOM: tl.constexpr,
+        GELU: tl.constexpr, PREC: tl.constexpr,
+    ):
+        """The chunks in reverse, one program per (batch, head), with the adjoints G (of W) and H
+        (of S) of the current chunk's *end* state in global memory. Per chunk, from its saved
+        start state (ω = σ∘w, the clipped token weights; n_t the clip's squared norm):
+
+            L = ⟨G₁, W₁'⟩ + ⟨G₂, W₂'⟩ + ⟨H₁, S₁'⟩ + ⟨H₂, S₂'⟩ + ⟨dY, Y⟩, whose gradient gives
+            dω_A = −(rowsum(D ∘ K G₁ᵀ) + rowsum((E G₂) ∘ Ak)),  dω_S likewise with H
+            dD   = −(ω_A∘K G₁ᵀ + ω_S∘K H₁ᵀ) + 2 dn ‖k‖² D,       dB = dD ∘ act'(Hk)
+            dE   = dB W₂ᵀ − ω_A∘Ak G₂ᵀ − ω_S∘Ak H₂ᵀ + 2 dn ‖Ak‖² E          (dV = −dE)
+            dAk  = dE W₂ − ω_A∘E G₂ − ω_S∘E H₂ + 2 dn ‖e‖² Ak
+            dHk  = dAk ∘ act'(Hk) + dD ∘ B ∘ act''(Hk)
+            dK   = dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁ + 2 dn ‖D‖² K
+            via W₁ = dHkᵀ K + dHqᵀ Q,   via W₂ = Eᵀ dB + dEᵀ Ak + dYᵀ Aq       (read-out: dQ = dHq W₁)
+            G ← a_keep G + via W (chunk 0: via W goes to the read weights instead),  H ← a_mom G + s_keep H
+
+        Each needs sums over all hidden units (E, the clip norm, dω, dE) before the next, so a chunk
+        makes six passes over the hidden blocks (five without the clip): E; ‖D‖²; dω; dE; the
+        read-out's part; then everything else and the in-place update of G, H.
+        """
+        pid = tl.program_id(0).to(tl.int64)
+        b = pid // H
+        h = pid % H
+        rc = tl.arange(0, C)
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        row_mask = dmask[None, :]
+        fd = F * D
+        g1_base = g1_ptr + pid * fd
+        g2_base = g2_ptr + pid * fd
+        h1_base = h1_ptr + pid * fd
+        h2_base = h2_ptr + pid * fd
+        r1_base = r1_ptr + pid * fd
+        r2_base = r2_ptr + pid * fd
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        q_base = q_ptr + b * sq_b + h * sq_h
+        dy_base = dy_ptr + b * sdy_b + h * sdy_h
+        n_all = tl.num_programs(0).to(tl.int64) * N  # chunks over all (batch, head)
+        for i in range(N):
+            c = N - 1 - i
+            cc = pid * N + c
+            w1_base = w1_save + cc * fd
+            w2_base = w2_save + cc * fd
+            rows = (c * C + rc).to(tl.int64)
+            out_off = (pid * N * C + rows[:, None]) * D + rd[None, :]
+            K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            # Pass 1: E = act(K W₁ᵀ) W₂ᵀ − V and ‖Ak_t‖².
+            E = -tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            aa = tl.zeros([C], dtype=tl.float32)
+            for f0 in range(0, F, BF):
+                _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                Ak = _act(tl.dot(K, tl.trans(W1), input_precision=PREC), GELU)
+                E = tl.dot(Ak, tl.trans(W2), acc=E, input_precision=PREC)
+                aa += tl.sum(Ak * Ak, axis=1)
+            ee = tl.sum(E * E, axis=1)
+            kk = tl.sum(K * K, axis=1)
+            w_a = tl.load(wa_ptr + cc * C + rc)
+            w_s = tl.zeros([C], dtype=tl.float32)
+            if MOM:
+                w_s = tl.load(ws_ptr + cc * C + rc)
+            scale = tl.full([C], 1.0, dtype=tl.float32)
+            dd = tl.zeros([C], dtype=tl.float32)
+            if CLIP:  # Pass 2: ‖D_t‖², the clip factor σ
+                for f0 in range(0, F, BF):
+                    _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                    _, _, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+                    dd += tl.sum(Dk * Dk, axis=1)
+                nrm = ee * aa + dd * kk + 1e-12
+                raw = tau * tl.rsqrt(nrm)
+                scale = tl.minimum(raw, 1.0)
+            om_a = w_a * scale
+            om_s = w_s * scale
+            # Pass 3: dω_A, dω_S (sums over hidden units of D∘(K Gᵀ) and (E G₂)∘Ak).
+            g_a = tl.zeros([C], dtype=tl.float32)
+            g_s = tl.zeros([C], dtype=tl.float32)
+            for f0 in range(0, F, BF):
+                off1, mask1, off2, mask2, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                _, Ak, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+                G1 = tl.load(g1_base + off1, mask=mask1, other=0.0)
+                G2 = tl.load(g2_base + off2, mask=mask2, other=0.0)
+                g_a += tl.sum(Dk * tl.dot(K, tl.trans(G1), input_precision=PREC), axis=1)
+                g_a += tl.sum(Ak * tl.dot(E, G2, input_precision=PREC), axis=1)
+                if MOM:
+                    H1 = tl.load(h1_base + off1, mask=mask1, other=0.0)
+                    H2 = tl.load(h2_base + off2, mask=mask2, other=0.0)
+                    g_s += tl.sum(Dk * tl.dot(K, tl.trans(H1), input_precision=PREC), axis=1)
+                    g_s += tl.sum(Ak * tl.dot(E, H2, input_precision=PREC), axis=1)
+            tl.store(dw_ptr + cc * C + rc, -g_a * scale)
+            if MOM:
+                tl.store(dw_ptr + (n_all + cc) * C + rc, -g_s * scale)
+            dn2 = tl.zeros([C], dtype=tl.float32)  # 2 ∂L/∂n_t
+            if CLIP:  # σ = min(raw, 1): the gradient passes where raw ≤ 1 (as torch.clamp)
+                d_scale = -(g_a * w_a + g_s * w_s)
+                dn2 = tl.where(raw <= 1.0, -d_scale * raw / nrm, 0.0)
+            # Pass 4: dE.
+            dE = (dn2 * aa)[:, None] * E
+            for f0 in range(0, F, BF):
+                off1, mask1, off2, mask2, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                Hk, Ak, B, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+                G1 = tl.load(g1_base + off1, mask=mask1, other=0.0)
+                G2 = tl.load(g2_base + off2, mask=mask2, other=0.0)
+                dD = -om_a[:, None] * tl.dot(K, tl.trans(G1), input_precision=PREC) + (dn2 * kk)[:, None] * Dk
+                dE = tl.dot(-om_a[:, None] * Ak, tl.trans(G2), acc=dE, input_precision=PREC)
+                if MOM:
+                    H1 = tl.load(h1_base + off1, mask=mask1, other=0.0)
+                    H2 = tl.load(h2_base + off2, mask=mask2, other=0.0)
+                    dD -= om_s[:, None] * tl.dot(K, tl.trans(H1), input_precision=PREC)
+                    dE = tl.dot(-om_s[:, None] * Ak, tl.trans(H2), acc=dE, input_precision=PREC)
+                dE = tl.dot(dD * _act_grad(Hk, GELU), tl.trans(W2), acc=dE, input_precision=PREC)
+            tl.store(dv_ptr + out_off, -dE, mask=row_mask)
+            # Pass 5, the read-out: dQ, and its part of W's adjoint into the scratch R.
+            Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            dY = tl.load(dy_base + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            dQ = tl.zeros([C, BD], dtype=tl.float32)
+            for f0 in range(0, F, BF):
+                off1, mask1, off2, mask2, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                Hq = tl.dot(Q, tl.trans(W1), input_precision=PREC)
+                dHq = tl.dot(dY, W2, input_precision=PREC) * _act_grad(Hq, GELU)
+                dQ = tl.dot(dHq, W1, acc=dQ, input_precision=PREC)
+                tl.store(r1_base + off1, tl.dot(tl.trans(dHq), Q, input_precision=PREC), mask=mask1)
+                tl.store(r2_base + off2, tl.dot(tl.trans(dY), _act(Hq, GELU), input_precision=PREC), mask=mask2)
+            tl.store(dq_ptr + out_off, dQ, mask=row_mask)
+            tl.debug_barrier()  # pass 6 reads R where other threads wrote it
+            # Pass 6: dK, the coefficients' gradients, and G, H of the chunk's start state.
+            a_keep = tl.load(ak_ptr + cc)
+            a_mom = a_keep
+            s_keep = a_keep
+            if MOM:
+                a_mom = tl.load(am_ptr + cc)
+                s_keep = tl.load(skeep_ptr + cc)
+            first = c == 0
+            dK = (dn2 * dd)[:, None] * K
+            d_ak = 0.0
+            d_am = 0.0
+            d_sk = 0.0
+            for f0 in range(0, F, BF):
+                off1, mask1, off2, mask2, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+                Hk, Ak, B, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+                G1 = tl.load(g1_base + off1, mask=mask1, other=0.0)
+                G2 = tl.load(g2_base + off2, mask=mask2, other=0.0)
+                dD = -om_a[:, None] * tl.dot(K, tl.trans(G1), input_precision=PREC) + (dn2 * kk)[:, None] * Dk
+                dAk = tl.dot(dE, W2, input_precision=PREC) + (dn2 * ee)[:, None] * Ak
+                dAk = tl.dot(-om_a[:, None] * E, G2, acc=dAk, input_precision=PREC)
+                dK = tl.dot(-om_a[:, None] * Dk, G1, acc=dK, input_precision=PREC)
+                d_ak += tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0)
+                if MOM:
+                    H1 = tl.load(h1_base + off1, mask=mask1, other=0.0)
+                    H2 = tl.load(h2_base + off2, mask=mask2, other=0.0)
+                    S1 = tl.load(s1_save + cc * fd + off1, mask=mask1, other=0.0)
+                    S2 = tl.load(s2_save + cc * fd + off2, mask=mask2, other=0.0)
+                    dD -= om_s[:, None] * tl.dot(K, tl.trans(H1), input_precision=PREC)
+                    dAk = tl.dot(-om_s[:, None] * E, H2, acc=dAk, input_precision=PREC)
+                    dK = tl.dot(-om_s[:, None] * Dk, H1, acc=dK, input_precision=PREC)
+                    d_am += tl.sum(tl.sum(G1 * S1, axis=1), axis=0) + tl.sum(tl.sum(G2 * S2, axis=1), axis=0)
+                    d_sk += tl.sum(tl.sum(H1 * S1, axis=1), axis=0) + tl.sum(tl.sum(H2 * S2, axis=1), axis=0)
+                    tl.store(h1_base + off1, a_mom * G1 + s_keep * H1, mask=mask1)
+                    tl.store(h2_base + off2, a_mom * G2 + s_keep * H2, mask=mask2)
+                dB = dD * _act_grad(Hk, GELU)
+                dHk = dAk * _act_grad(Hk, GELU) + dD * B * _act_grad2(Hk, GELU)
+                dK = tl.dot(dHk, W1, acc=dK, input_precision=PREC)
+                R1 = tl.load(r1_base + off1, mask=mask1, other=0.0)
+                R2 = tl.load(r2_base + off2, mask=mask2, other=0.0)
+                R1 = tl.dot(tl.trans(dHk), K, acc=R1, input_precision=PREC)  # everything via W₁ …
+                R2 = tl.dot(tl.trans(E), dB, acc=R2, input_precision=PREC)  # … and via W₂
+                R2 = tl.dot(tl.trans(dE), Ak, acc=R2, input_precision=PREC)
+                tl.store(r1_base + off1, R1, mask=mask1)
+                tl.store(r2_base + off2, R2, mask=mask2)
+                # Chunk c > 0 reads its accumulator itself: the read path joins G. Chunk 0's read
+                # weights are a separate input: R (after this chunk, the last) is their adjoint.
+                tl.store(g1_base + off1, a_keep * G1 + tl.where(first, 0.0, R1), mask=mask1)
+                tl.store(g2_base + off2, a_keep * G2 + tl.where(first, 0.0, R2), mask=mask2)
+            tl.store(dk_ptr + out_off, dK, mask=row_mask)
+            tl.store(dcoef_ptr + cc, d_ak)
+            tl.store(dcoef_ptr + n_all + cc, d_am)
+            tl.store(dcoef_ptr + 2 * n_all + cc, d_sk)
+            tl.debug_barrier()  # the next chunk reads G, H and R as this one wrote them
 
 
 def unsupported_reason(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates,
-    chunk_size: int,
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, chunk_size: int
 ) -> Optional[str]:
     """Why the MLP kernel cannot run this call at all (None: it can), independent of where the
     piece starts and ends (see :func:`mlp_scan` for that)."""
@@ -217,8 +428,6 @@ def unsupported_reason(
         return f"the MLP triton kernel needs decay retention, not {retention.name.value!r}"
     if type(optimizer) is not MomentumGD:
         return f"the MLP triton kernel needs the gd/momentum optimizer, not {type(optimizer).__name__}"
-    if _grad_needed(state, k, v, q, gates):
-        return "the MLP triton kernel is forward-only (no backward yet); with gradients use impl='graphed'"
     if not (k.is_cuda or _interpreted()):
         return "the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 when this module is imported)"
     if k.ndim != 4:
@@ -242,14 +451,106 @@ def _block_hidden(hidden: int) -> int:
     return _env_rows("OLMO_MIRAS_TRITON_MLP_BLOCK", default, max(16, triton.next_power_of_2(hidden)))
 
 
+def _launch_opts() -> dict:
+    if _interpreted():
+        return {}
+    return dict(
+        num_warps=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_WARPS", "8")),
+        num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_STAGES", "1")),
+    )
+
+
+def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if x is None else x.detach().float().contiguous()
+
+
+class _MLPScan(torch.autograd.Function):
+    """Forward kernel (saving each chunk's start state when a gradient is needed) and the reverse
+    kernel. Momentum inputs (``a_mom, s_keep, w_s, m1, m2``) are None for plain gd; then the
+    outputs are ``(y, W₁, W₂)``, else ``(y, W₁, W₂, S₁, S₂)``."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2, chunk, tau, gelu
+    ):
+        b, h, t, d = k.shape
+        n = t // chunk
+        mom = m1 is not None
+        k, v, q = _rows(k), _rows(v), _rows(q)
+        ak, wa = _f32(a_keep), _f32(w_a)
+        am, sk, ws = (_f32(a_mom), _f32(s_keep), _f32(w_s)) if mom else (ak, ak, wa)
+        # The kernel updates the state in place: fresh copies (the caller keeps its state).
+        w1, w2 = _f32(a1).clone(), _f32(a2).clone()
+        s1, s2 = (_f32(m1).clone(), _f32(m2).clone()) if mom else (w1, w2)  # never read without MOM
+        save = any(ctx.needs_input_grad)
+        hidden = w1.shape[-2]
+        if save:
+            w1s = torch.empty(b, h, n, hidden, d, device=k.device, dtype=torch.float32)
+            w2s = torch.empty(b, h, n, d, hidden, device=k.device, dtype=torch.float32)
+            s1s, s2s = (torch.empty_like(w1s), torch.empty_like(w2s)) if mom else (w1s, w2s)
+        else:
+            w1s = w2s = s1s = s2s = w1  # never written (SAVE=False)
+        y = torch.empty_like(q)
+        prec = _precision(k.device)
+        bf = _block_hidden(hidden)
+        _mlp_fwd_kernel[(b * h,)](
+            k, v, q, y, *_strides(k), *_strides(v), *_strides(q), *_strides(y),
+            ak, am, sk, wa, ws, w1, w2, s1, s2, w1s, w2s, s1s, s2s,
+            h, n, d, hidden, float(tau) if tau is not None else 1.0,
+            C=chunk, BD=_bd(d), BF=bf, CLIP=tau is not None, MOM=mom, GELU=gelu, SAVE=save, PREC=prec,
+            **_launch_opts(),
+        )
+        if save:
+            ctx.save_for_backward(k, v, q, ak, am, sk, wa, ws, w1s, w2s, s1s, s2s)
+            ctx.meta = (chunk, tau, gelu, mom, prec, bf, [x.dtype if x is not None else None for x in
+                        (k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2)])
+        return (y, w1, w2, s1, s2) if mom else (y, w1, w2)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dw1, dw2, *ds):  # type: ignore[override]
+        k, v, q, ak, am, sk, wa, ws, w1s, w2s, s1s, s2s = ctx.saved_tensors
+        chunk, tau, gelu, mom, prec, bf, dtypes = ctx.meta
+        b, h, t, d = k.shape
+        n = t // chunk
+        hidden = w1s.shape[-2]
+        dev = k.device
+        dy = torch.zeros_like(q) if dy is None else _rows(dy)
+
+        def adjoint(g: Optional[torch.Tensor], shape) -> torch.Tensor:  # updated in place: a copy
+            return torch.zeros(shape, device=dev, dtype=torch.float32) if g is None else g.float().contiguous().clone()
+
+        shape1, shape2 = (b, h, hidden, d), (b, h, d, hidden)
+        g1, g2 = adjoint(dw1, shape1), adjoint(dw2, shape2)
+        h1, h2 = (adjoint(ds[0], shape1), adjoint(ds[1], shape2)) if mom else (g1, g2)
+        r1, r2 = torch.empty_like(g1), torch.empty_like(g2)
+        dk, dv, dq = (torch.empty(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
+        dw = torch.empty(2, b * h, n, chunk, device=dev, dtype=torch.float32)
+        dcoef = torch.empty(3, b * h, n, device=dev, dtype=torch.float32)
+        _mlp_bwd_kernel[(b * h,)](
+            k, v, q, dy, *_strides(k), *_strides(v), *_strides(q), *_strides(dy),
+            ak, am, sk, wa, ws, w1s, w2s, s1s, s2s, g1, g2, h1, h2, r1, r2, dk, dv, dq, dw, dcoef,
+            h, n, d, hidden, float(tau) if tau is not None else 1.0,
+            C=chunk, BD=_bd(d), BF=bf, CLIP=tau is not None, MOM=mom, GELU=gelu, PREC=prec, **_launch_opts(),
+        )
+        grads = [
+            dk, dv, dq,
+            dcoef[0].view(b, h, n), dcoef[1].view(b, h, n) if mom else None, dcoef[2].view(b, h, n) if mom else None,
+            dw[0].view(b, h, n, chunk), dw[1].view(b, h, n, chunk) if mom else None,
+            r1, r2, g1, g2, h1 if mom else None, h2 if mom else None,
+        ]
+        grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]
+        return (*grads, None, None, None)
+
+
 def mlp_scan(
     rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
 ) -> Tuple[torch.Tensor, ScanState]:
-    """The kernel: whole chunks from a chunk boundary, no gradients. Same contract as ``chunked_scan``.
+    """The kernels: whole chunks from a chunk boundary. Same contract as ``chunked_scan``.
 
     Raises ``ValueError`` (with the reason) where the kernel cannot compute this call.
     """
-    reason = unsupported_reason(rule, state, k, v, q, gates, chunk_size)
+    reason = unsupported_reason(rule, state, k, v, q, chunk_size)
     c, t = chunk_size, k.shape[2]
     if reason is None and state.position % c != 0:
         reason = f"the triton kernel starts at a chunk boundary; position {state.position} is not a multiple of {c}"
@@ -259,49 +560,23 @@ def mlp_scan(
         reason = "the triton kernel needs a state whose read_weights are its accum (as produced at chunk boundaries)"
     if reason is not None:
         raise ValueError(reason)
-    with torch.no_grad():
-        return _launch(rule, state, k, v, q, gates, chunk_size)
-
-
-def _launch(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, c: int
-) -> Tuple[torch.Tensor, ScanState]:
-    b, h, t, d = k.shape
+    b, h, _, _ = k.shape
     n = t // c
     optimizer = rule.optimizer
     coef = optimizer.chunk_coefficients(
         *(g.reshape(b, h, n, c) for g in (gates.theta, gates.log_eta, gates.log_keep)),
         torch.ones(1, device=k.device, dtype=gates.theta.dtype).expand(b, h, n, c),
     )
-    mom = optimizer.uses_momentum
-    a_keep, w_a = coef.accum_keep.float().contiguous(), coef.accum_token_weight.float().contiguous()
-    if mom:
-        a_mom, s_keep = coef.accum_from_momentum.float().contiguous(), coef.momentum_keep.float().contiguous()
-        w_s = coef.momentum_token_weight.float().contiguous()
-    else:
-        a_mom = s_keep = a_keep
-        w_s = w_a
-    # The kernel updates the state in place: fresh contiguous copies (the caller keeps its state).
-    w1, w2 = (a.float().contiguous().clone() for a in state.accum)
-    if mom:
-        assert state.momentum is not None
-        s1, s2 = (s.float().contiguous().clone() for s in state.momentum)
-    else:
-        s1, s2 = w1, w2  # never read (MOM=False)
-    k, v, q = _rows(k), _rows(v), _rows(q)
-    y = torch.empty_like(q)
-    hidden = w1.shape[-2]
-    tau = optimizer.max_grad_norm
-    opts = {} if _interpreted() else dict(
-        num_warps=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_WARPS", "8")),
-        num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_STAGES", "1")),
+    momentum = state.momentum if optimizer.uses_momentum else None
+    if optimizer.uses_momentum and momentum is None:
+        raise ValueError("the momentum optimizer needs a state with momentum")
+    y, w1, w2, *s12 = _MLPScan.apply(
+        k, v, q,
+        coef.accum_keep, coef.accum_from_momentum, coef.momentum_keep,
+        coef.accum_token_weight, coef.momentum_token_weight,
+        *state.read_weights, *state.accum, *(momentum or (None, None)),
+        c, optimizer.max_grad_norm, rule.architecture.activation == ActivationName.gelu,
     )
-    _mlp_fwd_kernel[(b * h,)](
-        k, v, q, y, *_strides(k), *_strides(v), *_strides(q), *_strides(y),
-        a_keep, a_mom, s_keep, w_a, w_s, w1, w2, s1, s2,
-        h, n, d, hidden, float(tau) if tau is not None else 1.0,
-        C=c, BD=_bd(d), BF=_block_hidden(hidden), CLIP=tau is not None, MOM=mom,
-        GELU=rule.architecture.activation == ActivationName.gelu, PREC=_precision(k.device), **opts,
-    )
-    momentum = [s1, s2] if mom else None
-    return y, ScanState([w1, w2], momentum, [w1, w2], state.position + t)
+    # decay retention: the next chunk reads W itself
+    return y, ScanState([w1, w2], list(s12) if s12 else None, [w1, w2], state.position + t)
+
