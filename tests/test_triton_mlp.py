@@ -161,6 +161,7 @@ def assert_grads_close(got, want, tol: float) -> None:
 def test_backward_matches_chunked(monkeypatch, head_dim, expansion, chunk, tau, activation, optimizer, block):
     """Outputs, final state and the gradients w.r.t. k, v, q, every gate and the initial state
     equal autograd through the chunked scan."""
+    monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
     if block:
         monkeypatch.setenv("OLMO_MIRAS_TRITON_MLP_BLOCK", block)
     rule = mlp_rule(head_dim, chunk, tau, expansion, activation, optimizer)
@@ -171,9 +172,10 @@ def test_backward_matches_chunked(monkeypatch, head_dim, expansion, chunk, tau, 
 
 
 @interpreted
-def test_backward_segments_with_partial_chunks():
+def test_backward_segments_with_partial_chunks(monkeypatch):
     """Through the dispatcher, in pieces that start and end inside chunks: the gradient crosses
     kernel and PyTorch pieces and the separate read weights of each kernel piece's first chunk."""
+    monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
     rule = mlp_rule(16, 8, 1.0)
     leaves = leaf_inputs(rule, 2, 2, 45, 16)
     want = run_with_grads(chunked_scan, rule, leaves, 8)
@@ -226,6 +228,10 @@ def test_mlp_scan_refuses():
     with torch.no_grad(), pytest.raises(ValueError, match="chunk boundary"):
         triton_mlp.mlp_scan(rule, state._replace(position=2), k[:, :, :8], v[:, :, :8], q[:, :, :8],
                             Gates(*(g[:, :, :8] for g in gates)), 4)
+    # training through the kernels is opt-in (experimental)
+    with pytest.raises(ValueError, match=triton_mlp.TRAIN_ENV):
+        triton_mlp.mlp_scan(rule, state, k[:, :, :8].requires_grad_(), v[:, :, :8], q[:, :, :8],
+                            Gates(*(g[:, :, :8] for g in gates)), 4)
 
 
 @pytest.mark.parametrize(
@@ -243,9 +249,10 @@ def test_fallback_reasons(kw, match):
     k = torch.zeros(1, 2, 8, 16)
     accum = [torch.zeros(1, 2, o, i) for o, i in rule.architecture.shapes]
     state = ScanState(accum, None, accum, 0)
-    reason = triton_mlp.unsupported_reason(rule, state, k, k, k, 4)
+    gates = Gates(*[torch.zeros(1, 2, 8)] * 5)
+    reason = triton_mlp.unsupported_reason(rule, state, k, k, k, gates, 4)
     assert reason is not None and match in reason, reason
-    kernel, why = triton_scan.kernel_for(rule, state, k, k, k, 4)
+    kernel, why = triton_scan.kernel_for(rule, state, k, k, k, gates, 4)
     assert kernel is None and why == reason
 
 
@@ -255,6 +262,7 @@ def test_layer_uses_kernel(monkeypatch, kernel_impl):
     """``NeuralMemory(impl="triton")`` with the default MLP memory equals ``chunked`` (outputs,
     carried state, every parameter's gradient) with the whole chunks through the kernels, in two
     segments; and under ``no_grad``. (Off CUDA, ``triton_graphed`` runs the kernels without graphs.)"""
+    monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
     calls = []
     kernel = triton_mlp.mlp_scan
     monkeypatch.setattr(triton_mlp, "mlp_scan", lambda *a: calls.append(a[2].shape[2]) or kernel(*a))
@@ -325,6 +333,7 @@ def test_gpu_backward_matches_chunked(monkeypatch, precision: str, tol: float, t
     """Forward and backward kernels at OLMo2-1B memory shapes (d = 128, hidden 256, C = 64), fp32
     inputs, against autograd through the chunked scan (IEEE matmuls)."""
     monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
+    monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     rule = mlp_rule(128, 64, tau)
     leaves, theta_max = leaf_inputs(rule, 1, 4, 6 * 64, 128, theta_max=0.5 if tau else 0.02)

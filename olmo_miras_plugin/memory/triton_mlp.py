@@ -1,7 +1,8 @@
-"""Triton kernel for the MLP memory's forward pass (``impl="triton"`` without gradients): streaming
-inference, evaluation and generation over long contexts.
+"""Triton kernels for the depth-2 MLP memory (``impl="triton"`` / ``"triton_graphed"``): a forward
+kernel (streaming inference, evaluation and generation over long contexts) and a backward kernel
+(training; opt-in, see "Status").
 
-What it computes is exactly :func:`~.scan.chunked_scan` for a depth-2 MLP memory
+What they compute is exactly :func:`~.scan.chunked_scan` for a depth-2 MLP memory
 ``M(x) = W₂ act(W₁ x)`` (``W₁``: ``F × d``, ``W₂``: ``d × F``, act = GELU or SiLU, no
 ``residual_norm``), ℓ2 attentional bias, ``decay`` retention and gradient descent with or without
 momentum and the per-token clip. For a chunk of C tokens (rows of K, V, Q; weights at the chunk
@@ -15,30 +16,40 @@ start; ``act'`` the activation's derivative):
     W₂' = a_keep W₂ + a_mom S₂ − Eᵀ diag(σ∘w_A) Ak;  S₂' = s_keep S₂ − Eᵀ diag(σ∘w_S) Ak
 
 with the coefficients of :meth:`~.optimizer.MomentumGD.chunk_coefficients` (computed beforehand in
-PyTorch, as for the linear kernel in ``triton_linear.py``).
-
-Why only the forward: with gradients, the backward of an MLP memory needs the second derivative
-of the inner loss through every chunk; that kernel does not exist yet, so training uses
-``impl="graphed"`` (:mod:`~.scan` under ``torch.compile`` and CUDA graphs). Inference is where the
-PyTorch path is slowest relative to the arithmetic (a dozen small kernels per 64 tokens, one
-chunk after another), and it needs nothing saved.
+PyTorch, as for the linear kernel in ``triton_linear.py``; autograd takes their gradients on).
 
 Layout: one program per (batch, head) runs every chunk. Its weights (``2 · F · d`` floats, 256 KiB
 at d = 128, F = 256 in float32; twice that with momentum) do not fit on chip, so they live in the
 output state tensors (global memory; they stay in L2) and each chunk visits them ``BF`` hidden
 units at a time: rows of W₁, columns of W₂. Hidden units interact only through the sums that make
-Y, E and the clip norm, so each chunk makes three passes (four with the clip): read-out, keys'
-prediction, [clip norm,] update. A barrier ends each chunk so the next one reads the weights this
-one wrote. ``k, v, q, y``: ``(batch, heads, T, d)`` with unit feature stride; math in float32;
-``d`` padded to a power of two ≥ 16 with masks.
+Y, E and the clip norm, so each forward chunk makes three passes (four with the clip): read-out,
+keys' prediction, [clip norm,] update. A barrier ends each chunk so the next one reads the weights
+this one wrote. ``k, v, q, y``: ``(batch, heads, T, d)`` with unit feature stride; math in
+float32; ``d`` padded to a power of two ≥ 16 with masks.
+
+Backward (:func:`_mlp_bwd_kernel`): when a gradient is needed the forward also saves each chunk's
+start state (``N · 4 · F · d`` floats per (batch, head): 2 GiB at T = 16k for OLMo2-1B shapes);
+the backward walks the chunks in reverse with the adjoints of W and S in global memory, recomputing
+each chunk's activations from the saved state (formulas in the kernel's docstring, including the
+second derivative of the activation and the clip).
+
+Status (H100, 2026-11-25): the forward streams 394k tokens/s per layer at batch 1
+(docs/performance.md). The backward matches autograd through ``chunked_scan`` in the interpreter
+(1e-4) and on the H100 with IEEE dots (1e-3 at d = 128, F = 256, C = 64), but its TF32 build with
+32 hidden units per pass needed 352 KiB of shared memory (227 available); it now uses 16 and falls
+back to IEEE dots if that still does not fit, and it has **not been timed**. So training an MLP
+memory through it is opt-in (``OLMO_MIRAS_TRITON_MLP_TRAIN=1``); by default, calls that need a
+gradient fall back to the compiled PyTorch scan (``impl="graphed"`` is the measured fast path).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` (as for the linear kernel),
-``OLMO_MIRAS_TRITON_MLP_BLOCK`` (hidden units per pass, default 32), ``OLMO_MIRAS_TRITON_MLP_WARPS``
-(default 8) and ``OLMO_MIRAS_TRITON_MLP_STAGES`` (default 1).
+``OLMO_MIRAS_TRITON_MLP_BLOCK`` (hidden units per forward pass, default 32),
+``OLMO_MIRAS_TRITON_MLP_BWD_BLOCK`` (backward, default 16), ``OLMO_MIRAS_TRITON_MLP_WARPS``
+(default 8), ``OLMO_MIRAS_TRITON_MLP_STAGES`` (default 1) and ``OLMO_MIRAS_TRITON_MLP_TRAIN``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional, Tuple
 
@@ -64,9 +75,19 @@ from .triton_linear import (
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except Exception:  # pragma: no cover - not installed: unsupported_reason says so
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
+
+    class OutOfResources(Exception):  # type: ignore[no-redef]
+        pass
+
+
+log = logging.getLogger(__name__)
+
+TRAIN_ENV = "OLMO_MIRAS_TRITON_MLP_TRAIN"
+"""Set to 1 to train the MLP memory through these kernels (experimental; see the module docstring)."""
 
 __all__ = ["unsupported_reason", "mlp_scan"]
 
@@ -412,8 +433,17 @@ if triton is not None:
             tl.debug_barrier()  # the next chunk reads G, H and R as this one wrote them
 
 
+def _grad_needed(state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates) -> bool:
+    """Whether autograd will want a backward through this call."""
+    if not torch.is_grad_enabled():
+        return False
+    states = [*state.accum, *(state.momentum or []), *state.read_weights]
+    return any(t.requires_grad for t in (k, v, q, *gates, *states))
+
+
 def unsupported_reason(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, chunk_size: int
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates,
+    chunk_size: int,
 ) -> Optional[str]:
     """Why the MLP kernel cannot run this call at all (None: it can), independent of where the
     piece starts and ends (see :func:`mlp_scan` for that)."""
@@ -432,6 +462,11 @@ def unsupported_reason(
         return "the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 when this module is imported)"
     if k.ndim != 4:
         return f"expected (batch, heads, seq, head_dim) inputs, got shape {tuple(k.shape)}"
+    if _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
+        return (
+            "the MLP memory's Triton backward is experimental (correct, not yet faster: docs/performance.md); "
+            f"set {TRAIN_ENV}=1 to train through it, else impl='graphed' is the fast path"
+        )
     for x in (k, v, q):
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"the triton kernel takes float32/bfloat16/float16 inputs, got {x.dtype}"
@@ -446,9 +481,9 @@ def unsupported_reason(
     return None
 
 
-def _block_hidden(hidden: int) -> int:
-    default = min(32, max(16, triton.next_power_of_2(hidden)))
-    return _env_rows("OLMO_MIRAS_TRITON_MLP_BLOCK", default, max(16, triton.next_power_of_2(hidden)))
+def _block_hidden(hidden: int, env: str, default: int) -> int:
+    cap = max(16, triton.next_power_of_2(hidden))
+    return _env_rows(env, min(default, cap), cap)
 
 
 def _launch_opts() -> dict:
@@ -492,7 +527,7 @@ class _MLPScan(torch.autograd.Function):
             w1s = w2s = s1s = s2s = w1  # never written (SAVE=False)
         y = torch.empty_like(q)
         prec = _precision(k.device)
-        bf = _block_hidden(hidden)
+        bf = _block_hidden(hidden, "OLMO_MIRAS_TRITON_MLP_BLOCK", 32)
         _mlp_fwd_kernel[(b * h,)](
             k, v, q, y, *_strides(k), *_strides(v), *_strides(q), *_strides(y),
             ak, am, sk, wa, ws, w1, w2, s1, s2, w1s, w2s, s1s, s2s,
@@ -502,7 +537,7 @@ class _MLPScan(torch.autograd.Function):
         )
         if save:
             ctx.save_for_backward(k, v, q, ak, am, sk, wa, ws, w1s, w2s, s1s, s2s)
-            ctx.meta = (chunk, tau, gelu, mom, prec, bf, [x.dtype if x is not None else None for x in
+            ctx.meta = (chunk, tau, gelu, mom, prec, [x.dtype if x is not None else None for x in
                         (k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2)])
         return (y, w1, w2, s1, s2) if mom else (y, w1, w2)
 
@@ -510,7 +545,7 @@ class _MLPScan(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dw1, dw2, *ds):  # type: ignore[override]
         k, v, q, ak, am, sk, wa, ws, w1s, w2s, s1s, s2s = ctx.saved_tensors
-        chunk, tau, gelu, mom, prec, bf, dtypes = ctx.meta
+        chunk, tau, gelu, mom, prec, dtypes = ctx.meta
         b, h, t, d = k.shape
         n = t // chunk
         hidden = w1s.shape[-2]
@@ -527,12 +562,27 @@ class _MLPScan(torch.autograd.Function):
         dk, dv, dq = (torch.empty(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
         dw = torch.empty(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.empty(3, b * h, n, device=dev, dtype=torch.float32)
-        _mlp_bwd_kernel[(b * h,)](
-            k, v, q, dy, *_strides(k), *_strides(v), *_strides(q), *_strides(dy),
-            ak, am, sk, wa, ws, w1s, w2s, s1s, s2s, g1, g2, h1, h2, r1, r2, dk, dv, dq, dw, dcoef,
-            h, n, d, hidden, float(tau) if tau is not None else 1.0,
-            C=chunk, BD=_bd(d), BF=bf, CLIP=tau is not None, MOM=mom, GELU=gelu, PREC=prec, **_launch_opts(),
-        )
+        bf = _block_hidden(hidden, "OLMO_MIRAS_TRITON_MLP_BWD_BLOCK", 16)
+
+        def launch(precision: str) -> None:
+            _mlp_bwd_kernel[(b * h,)](
+                k, v, q, dy, *_strides(k), *_strides(v), *_strides(q), *_strides(dy),
+                ak, am, sk, wa, ws, w1s, w2s, s1s, s2s, g1, g2, h1, h2, r1, r2, dk, dv, dq, dw, dcoef,
+                h, n, d, hidden, float(tau) if tau is not None else 1.0,
+                C=chunk, BD=_bd(d), BF=bf, CLIP=tau is not None, MOM=mom, GELU=gelu, PREC=precision,
+                **_launch_opts(),
+            )
+
+        try:
+            launch(prec)
+        except OutOfResources as e:
+            # At d = 128, C = 64, hidden 256 the TF32 build needed 352 KiB of shared memory on an
+            # H100 (227 available) with 32 hidden units per pass; the IEEE (FMA) build fits. The
+            # error comes at compile time, before the kernel touches its in-place buffers.
+            if prec == "ieee":
+                raise
+            log.warning("MLP memory backward kernel: %s; retrying with IEEE float32 dots", e)
+            launch("ieee")
         grads = [
             dk, dv, dq,
             dcoef[0].view(b, h, n), dcoef[1].view(b, h, n) if mom else None, dcoef[2].view(b, h, n) if mom else None,
@@ -550,7 +600,7 @@ def mlp_scan(
 
     Raises ``ValueError`` (with the reason) where the kernel cannot compute this call.
     """
-    reason = unsupported_reason(rule, state, k, v, q, chunk_size)
+    reason = unsupported_reason(rule, state, k, v, q, gates, chunk_size)
     c, t = chunk_size, k.shape[2]
     if reason is None and state.position % c != 0:
         reason = f"the triton kernel starts at a chunk boundary; position {state.position} is not a multiple of {c}"

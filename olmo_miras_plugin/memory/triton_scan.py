@@ -37,13 +37,13 @@ _FAILED: set = set()  # (kernel, device type, head_dim, chunk) that ran out of r
 
 
 def kernel_for(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, chunk_size: int
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
 ) -> Tuple[Optional[ScanFn], Optional[str]]:
     """``(kernel, None)`` for the kernel that can run this call, or ``(None, why none can)``."""
     if rule.architecture.depth == 1:
         fn, reason = triton_linear.linear_scan, triton_linear.unsupported_reason(rule, state, k, chunk_size, v, q)
     else:
-        fn, reason = triton_mlp.mlp_scan, triton_mlp.unsupported_reason(rule, state, k, v, q, chunk_size)
+        fn, reason = triton_mlp.mlp_scan, triton_mlp.unsupported_reason(rule, state, k, v, q, gates, chunk_size)
     if reason is None and (fn.__name__, k.device.type, k.shape[-1], chunk_size) in _FAILED:
         reason = "the triton kernel failed to launch for this shape before (see the log)"
     return (fn, None) if reason is None else (None, reason)
@@ -53,7 +53,7 @@ def scan(
     rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
 ) -> Tuple[torch.Tensor, ScanState]:
     """Same contract as :func:`~.scan.chunked_scan`; whole chunks through a Triton kernel."""
-    kernel, reason = kernel_for(rule, state, k, v, q, chunk_size)
+    kernel, reason = kernel_for(rule, state, k, v, q, gates, chunk_size)
     if kernel is None:
         if reason not in _LOGGED:
             _LOGGED.add(reason)
