@@ -20,7 +20,9 @@ in the gradients and its end state has a closed form. With ``Lη_t = Σ_{i≤t} 
     A_C = e^{Lκ_C} A_0 + [Σ_r e^{Lκ_C − Lκ_r + Lη_r}] S_0
           − Σ_s [Σ_{r≥s} e^{Lκ_C − Lκ_r + Lη_r − Lη_s}] θ_s G_s
 
-Every exponent is ≤ 0, so nothing overflows however small the gates get. The weighted gradient
+Every exponent is ≤ 0, so nothing overflows however small the gates get. The suffix sums over
+``r ≥ s`` are one reverse cumulative logsumexp per chunk, O(C) (``Lη_s`` is subtracted in log
+space after the sum, never factored out: ``e^{−Lη_s}`` alone overflows). The weighted gradient
 sums ``Σ_s w_s G_s`` are one matmul per layer (see architecture.py).
 
 A new optimiser (e.g. Muon, as in Atlas) subclasses :class:`MemoryOptimizer` and implements
@@ -157,7 +159,6 @@ class MomentumGD(MemoryOptimizer):
         Padding tokens (θ = 0, η = 1, α = 0, valid = 0) leave both A and S unchanged: ``valid``
         drops their ``A += S`` term.
         """
-        c = theta.shape[-1]
         lk = log_keep.cumsum(-1)  # Lκ_t
         lk_end = lk[..., -1:]  # Lκ_C
         accum_keep = lk_end.squeeze(-1).exp()
@@ -171,15 +172,24 @@ class MomentumGD(MemoryOptimizer):
             )
         le = log_eta.cumsum(-1)  # Lη_t
         le_end = le[..., -1:]
-        # shape: (..., N, C_s, C_r); exponent Lκ_C − Lκ_r + Lη_r − Lη_s for r ≥ s
-        expo = (lk_end - lk + le).unsqueeze(-2) - le.unsqueeze(-1)
-        upper = torch.ones(c, c, dtype=torch.bool, device=theta.device).triu()
-        pair = expo.masked_fill(~upper, float("-inf")).exp() * valid.unsqueeze(-2)
+        x = lk_end - lk + le  # exponent Lκ_C − Lκ_r + Lη_r of S_r's share of A_C; ≤ 0
+        # Σ_{r≥s} e^{x_r − Lη_s} valid_r as a reverse cumulative logsumexp: O(C) per chunk
+        # rather than a (C, C) pairwise tensor. e^{−Lη_s} must not be factored out (it overflows
+        # once the gates get small), so the log-space suffix sum R_s is formed first and Lη_s
+        # subtracted before exp: R_s − Lη_s = log Σ_{r≥s} e^{Lκ_C − Lκ_r + (Lη_r − Lη_s)} valid_r
+        # has every term's exponent ≤ 0, so it is ≤ log C. Invalid tokens get a huge *finite*
+        # negative log-weight, not −inf: logcumsumexp's backward turns −inf into NaN. An
+        # all-invalid suffix then gives R_s ≈ that value, so its weight is exactly 0 (with zero
+        # gradient), never NaN. log(valid) keeps fractional weights exact, as before.
+        neg = torch.finfo(x.dtype).min / 8
+        tiny = torch.finfo(x.dtype).tiny
+        log_valid = torch.where(valid > 0, valid.clamp_min(tiny).log(), neg)
+        r = (x + log_valid).flip(-1).logcumsumexp(-1).flip(-1)  # R_s
         return ChunkCoefficients(
             accum_keep=accum_keep,
-            accum_from_momentum=((lk_end - lk + le).exp() * valid).sum(-1),
+            accum_from_momentum=(x.exp() * valid).sum(-1),
             momentum_keep=le_end.squeeze(-1).exp(),
-            accum_token_weight=pair.sum(-1) * theta,
+            accum_token_weight=(r - le).exp() * theta,
             momentum_token_weight=(le_end - le).exp() * theta,
         )
 
