@@ -36,15 +36,17 @@ second derivative of the activation and the clip).
 Status (H100, 2026-11-25): the forward streams 394k tokens/s per layer at batch 1
 (docs/performance.md). The backward matches autograd through ``chunked_scan`` in the interpreter
 (1e-4) and on the H100 with IEEE dots (1e-3 at d = 128, F = 256, C = 64), but its TF32 build with
-32 hidden units per pass needed 352 KiB of shared memory (227 available); it now uses 16 and falls
-back to IEEE dots if that still does not fit, and it has **not been timed**. So training an MLP
+32 hidden units per pass and 8 warps needed 344 KiB of shared memory (227 available); it now uses
+16 units and 4 warps (216 KiB, compiled offline for sm_90), falls back to IEEE dots if a build
+still does not fit, and it has **not been timed**. So training an MLP
 memory through it is opt-in (``OLMO_MIRAS_TRITON_MLP_TRAIN=1``); by default, calls that need a
 gradient fall back to the compiled PyTorch scan (``impl="graphed"`` is the measured fast path).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` (as for the linear kernel),
 ``OLMO_MIRAS_TRITON_MLP_BLOCK`` (hidden units per forward pass, default 32),
 ``OLMO_MIRAS_TRITON_MLP_BWD_BLOCK`` (backward, default 16), ``OLMO_MIRAS_TRITON_MLP_WARPS``
-(default 8), ``OLMO_MIRAS_TRITON_MLP_STAGES`` (default 1) and ``OLMO_MIRAS_TRITON_MLP_TRAIN``.
+(forward, default 8), ``OLMO_MIRAS_TRITON_MLP_BWD_WARPS`` (default 4),
+``OLMO_MIRAS_TRITON_MLP_STAGES`` (default 1) and ``OLMO_MIRAS_TRITON_MLP_TRAIN``.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ except Exception:  # pragma: no cover - not installed: unsupported_reason says s
 
 
 log = logging.getLogger(__name__)
+
+# Shared memory at d = 128, C = 64, TF32 (sm_90, triton 3.6, compiled offline; an H100 block may
+# have 227 KiB): forward 32 units × 8 warps 200 KiB; backward 16 × 4 216 KiB, 16 × 8 300 KiB,
+# 32 × 4 240 KiB, 32 × 8 344 KiB (the last refused on an H100). tests/test_triton_mlp.py checks.
+FWD_BLOCK, FWD_WARPS = 32, 8
+BWD_BLOCK, BWD_WARPS = 16, 4
 
 TRAIN_ENV = "OLMO_MIRAS_TRITON_MLP_TRAIN"
 """Set to 1 to train the MLP memory through these kernels (experimental; see the module docstring)."""
@@ -486,11 +494,11 @@ def _block_hidden(hidden: int, env: str, default: int) -> int:
     return _env_rows(env, min(default, cap), cap)
 
 
-def _launch_opts() -> dict:
+def _launch_opts(warps_env: str, warps: int) -> dict:
     if _interpreted():
         return {}
     return dict(
-        num_warps=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_WARPS", "8")),
+        num_warps=int(os.environ.get(warps_env, str(warps))),
         num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_MLP_STAGES", "1")),
     )
 
@@ -527,13 +535,13 @@ class _MLPScan(torch.autograd.Function):
             w1s = w2s = s1s = s2s = w1  # never written (SAVE=False)
         y = torch.empty_like(q)
         prec = _precision(k.device)
-        bf = _block_hidden(hidden, "OLMO_MIRAS_TRITON_MLP_BLOCK", 32)
+        bf = _block_hidden(hidden, "OLMO_MIRAS_TRITON_MLP_BLOCK", FWD_BLOCK)
         _mlp_fwd_kernel[(b * h,)](
             k, v, q, y, *_strides(k), *_strides(v), *_strides(q), *_strides(y),
             ak, am, sk, wa, ws, w1, w2, s1, s2, w1s, w2s, s1s, s2s,
             h, n, d, hidden, float(tau) if tau is not None else 1.0,
             C=chunk, BD=_bd(d), BF=bf, CLIP=tau is not None, MOM=mom, GELU=gelu, SAVE=save, PREC=prec,
-            **_launch_opts(),
+            **_launch_opts("OLMO_MIRAS_TRITON_MLP_WARPS", FWD_WARPS),
         )
         if save:
             ctx.save_for_backward(k, v, q, ak, am, sk, wa, ws, w1s, w2s, s1s, s2s)
@@ -562,7 +570,7 @@ class _MLPScan(torch.autograd.Function):
         dk, dv, dq = (torch.empty(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
         dw = torch.empty(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.empty(3, b * h, n, device=dev, dtype=torch.float32)
-        bf = _block_hidden(hidden, "OLMO_MIRAS_TRITON_MLP_BWD_BLOCK", 16)
+        bf = _block_hidden(hidden, "OLMO_MIRAS_TRITON_MLP_BWD_BLOCK", BWD_BLOCK)
 
         def launch(precision: str) -> None:
             _mlp_bwd_kernel[(b * h,)](
@@ -570,7 +578,7 @@ class _MLPScan(torch.autograd.Function):
                 ak, am, sk, wa, ws, w1s, w2s, s1s, s2s, g1, g2, h1, h2, r1, r2, dk, dv, dq, dw, dcoef,
                 h, n, d, hidden, float(tau) if tau is not None else 1.0,
                 C=chunk, BD=_bd(d), BF=bf, CLIP=tau is not None, MOM=mom, GELU=gelu, PREC=precision,
-                **_launch_opts(),
+                **_launch_opts("OLMO_MIRAS_TRITON_MLP_BWD_WARPS", BWD_WARPS),
             )
 
         try:

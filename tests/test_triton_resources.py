@@ -1,0 +1,55 @@
+"""The Triton kernels fit an H100's shared memory at OLMo2-1B shapes, checked without a GPU.
+
+Triton compiles for ``sm_90`` on any machine (its wheel ships ``ptxas``), and the compiled kernel
+reports the shared memory it needs; a kernel that needs more than a block may have (227 KiB on an
+H100) fails at launch on the GPU. The default launch settings of the tightest kernels are compiled
+here with float32 inputs (the largest tiles) at head_dim 128, chunk 64, hidden 256.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+from olmo_miras_plugin.memory import triton_linear, triton_mlp  # noqa: E402
+
+H100_SHARED_BYTES = 232448  # per block, sm_90 (what triton reports as the hardware limit)
+
+
+def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int = 1) -> int:
+    from triton.backends.compiler import GPUTarget
+
+    def arg_type(name: str) -> str:
+        if name in constexprs:
+            return "constexpr"
+        if name == "tau":
+            return "fp32"
+        return "*fp32" if name.endswith("_ptr") or name.endswith("_save") else "i64"
+
+    src = triton.compiler.ASTSource(fn=fn, signature={n: arg_type(n) for n in fn.arg_names}, constexprs=constexprs)
+    try:
+        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    except Exception as e:  # noqa: BLE001 - e.g. a triton build without the NVIDIA backend or ptxas
+        pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
+    return int(kernel.metadata.shared)
+
+
+@pytest.mark.skipif(triton_linear._interpreted(), reason="compiles real kernels")
+@pytest.mark.parametrize(
+    "name",
+    ["mlp_forward", "mlp_backward", "linear_forward_whole_rows", "linear_backward_whole_rows"],
+)
+def test_kernels_fit_h100_shared_memory(name: str):
+    mlp = dict(C=64, BD=128, CLIP=True, MOM=True, GELU=True, PREC="tf32")
+    linear = dict(C=64, BD=128, BV=128, CLIP=True, PREC="tf32")
+    cases = {
+        "mlp_forward": (triton_mlp._mlp_fwd_kernel, {**mlp, "BF": triton_mlp.FWD_BLOCK, "SAVE": True}, triton_mlp.FWD_WARPS),
+        "mlp_backward": (triton_mlp._mlp_bwd_kernel, {**mlp, "BF": triton_mlp.BWD_BLOCK}, triton_mlp.BWD_WARPS),
+        # with the clip one program holds a head's whole state: the largest linear tiles
+        "linear_forward_whole_rows": (triton_linear._fwd_kernel, {**linear, "SAVE": True}, 8),
+        "linear_backward_whole_rows": (triton_linear._bwd_kernel, linear, 8),
+    }
+    fn, constexprs, warps = cases[name]
+    shared = _compile_shared_bytes(fn, constexprs, warps)
+    assert 0 < shared <= H100_SHARED_BYTES, f"{name} needs {shared / 1024:.0f} KiB of shared memory"
