@@ -50,18 +50,10 @@ def mlp_rule(head_dim: int, chunk: int, max_grad_norm, expansion: float = 2.0, a
 
 
 def make_inputs(rule, b: int, h: int, t: int, d: int, seed: int = 0, theta_max: float = 0.5):
-    """Normalised k, q (as the layer makes them), v, gates, and a nonzero initial state.
-    (Without the clip, an MLP memory at θ ~ 0.5 diverges within a few hundred tokens.)"""
-    g = torch.Generator().manual_seed(seed)
-    k = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
-    q = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
-    v = torch.randn(b, h, t, d, generator=g)
-    zt, ze, za = torch.randn(3, b, h, t, generator=g)
-    ze, za = ze + 2.0, za - 3.0  # η around 0.9, α around 0.05
-    gates = Gates(theta_max * torch.sigmoid(zt), torch.sigmoid(ze), torch.sigmoid(za), F.logsigmoid(ze), F.logsigmoid(-za))
-    accum = [torch.randn(b, h, o, i, generator=g) * i**-0.5 for o, i in rule.architecture.shapes]
-    momentum = [torch.randn(a.shape, generator=g) * 0.05 for a in accum] if rule.optimizer.uses_momentum else None
-    return k, v, q, gates, ScanState(accum, momentum, list(accum), 0)
+    """k, v, q, gates and an initial state, without gradients (see :func:`leaf_inputs`)."""
+    leaves, theta_max = leaf_inputs(rule, b, h, t, d, seed, theta_max)
+    k, v, q, zt, ze, za, a1, a2, *mom = (x.detach() for x in leaves)
+    return k, v, q, gates_of(zt, ze, za, theta_max), ScanState([a1, a2], mom or None, [a1, a2], 0)
 
 
 def assert_states_close(got: ScanState, want: ScanState, tol: float) -> None:
@@ -104,7 +96,9 @@ def test_kernel_matches_chunked(monkeypatch, head_dim, expansion, chunk, tau, ac
 
 
 def leaf_inputs(rule, b: int, h: int, t: int, d: int, seed: int = 0, theta_max: float = 0.5):
-    """Leaves for a gradient check: k, v, q, the gate logits, the initial accumulator and momentum."""
+    """Leaves for a gradient check: normalised k, q (as the layer makes them), v, the gate logits,
+    a nonzero initial accumulator and momentum. (Without the clip, an MLP memory at θ ~ 0.5
+    diverges within a few hundred tokens: pass a smaller ``theta_max``.)"""
     g = torch.Generator().manual_seed(seed)
     k = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
     q = F.normalize(torch.randn(b, h, t, d, generator=g), dim=-1)
@@ -115,12 +109,16 @@ def leaf_inputs(rule, b: int, h: int, t: int, d: int, seed: int = 0, theta_max: 
     return [x.requires_grad_() for x in (k, v, q, *z, *accum, *mom)], theta_max
 
 
+def gates_of(zt: torch.Tensor, ze: torch.Tensor, za: torch.Tensor, theta_max: float) -> Gates:
+    ze, za = ze + 2.0, za - 3.0  # η around 0.9, α around 0.05
+    return Gates(theta_max * torch.sigmoid(zt), torch.sigmoid(ze), torch.sigmoid(za), F.logsigmoid(ze), F.logsigmoid(-za))
+
+
 def run_with_grads(fn, rule, leaves, chunk, segments=None):
     """Outputs, final state, and the gradients of a random projection of all of them w.r.t. every
     leaf; ``segments`` splits the sequence into pieces (state carried)."""
     (k, v, q, zt, ze, za, a1, a2, *mom), theta_max = leaves[0], leaves[1]
-    ze2, za2 = ze + 2.0, za - 3.0
-    gates = Gates(theta_max * torch.sigmoid(zt), torch.sigmoid(ze2), torch.sigmoid(za2), F.logsigmoid(ze2), F.logsigmoid(-za2))
+    gates = gates_of(zt, ze, za, theta_max)
     accum = [a1 * 1.0, a2 * 1.0]
     state = ScanState(accum, [m * 1.0 for m in mom] or None, accum, 0)
     t = k.shape[2]

@@ -606,6 +606,30 @@ def _reads_accum(state: ScanState) -> bool:
     )
 
 
+def piece_reason(state: ScanState, t: int, chunk_size: int) -> Optional[str]:
+    """Why a kernel cannot take this piece of ``t`` tokens from this state (None: it can): the
+    kernels run whole chunks from a chunk boundary whose read weights are the accumulator."""
+    c = chunk_size
+    if state.position % c != 0:
+        return f"the triton kernel starts at a chunk boundary; position {state.position} is not a multiple of {c}"
+    if t == 0 or t % c != 0:
+        return f"the triton kernel takes whole chunks; {t} tokens is not a positive multiple of {c}"
+    if not _reads_accum(state):
+        return "the triton kernel needs a state whose read_weights are its accum (as produced at chunk boundaries)"
+    return None
+
+
+def chunk_coefficients(rule: MemoryRule, gates: Gates, chunk_size: int):
+    """The optimizer's closed-form coefficients of every whole chunk (``(batch, heads, N[, C])``),
+    computed in PyTorch so autograd carries their gradients back to the gates."""
+    b, h, t = gates.theta.shape
+    n, c = t // chunk_size, chunk_size
+    return rule.optimizer.chunk_coefficients(
+        *(g.reshape(b, h, n, c) for g in (gates.theta, gates.log_eta, gates.log_keep)),
+        torch.ones(1, device=gates.theta.device, dtype=gates.theta.dtype).expand(b, h, n, c),
+    )
+
+
 def linear_scan(
     rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
 ) -> Tuple[torch.Tensor, ScanState]:
@@ -613,21 +637,11 @@ def linear_scan(
 
     Raises ``ValueError`` (with the reason) where the kernel cannot compute this call.
     """
-    reason = unsupported_reason(rule, state, k, chunk_size, v, q)
-    c, t = chunk_size, k.shape[2]
-    if reason is None and state.position % c != 0:
-        reason = f"the triton kernel starts at a chunk boundary; position {state.position} is not a multiple of {c}"
-    if reason is None and (t == 0 or t % c != 0):
-        reason = f"the triton kernel takes whole chunks; {t} tokens is not a positive multiple of {c}"
-    if reason is None and not _reads_accum(state):
-        reason = "the triton kernel needs a state whose read_weights are its accum (as produced at chunk boundaries)"
+    reason = unsupported_reason(rule, state, k, chunk_size, v, q) or piece_reason(state, k.shape[2], chunk_size)
     if reason is not None:
         raise ValueError(reason)
-    n = t // c
-    coef = rule.optimizer.chunk_coefficients(
-        *(g.reshape(*g.shape[:2], n, c) for g in (gates.theta, gates.log_eta, gates.log_keep)),
-        torch.ones(1, device=k.device, dtype=gates.theta.dtype).expand(*gates.theta.shape[:2], n, c),
-    )
+    c, t = chunk_size, k.shape[2]
+    coef = chunk_coefficients(rule, gates, c)
     assert state.momentum is not None
     y, a_new, s_new = _LinearScan.apply(
         k, v, q,

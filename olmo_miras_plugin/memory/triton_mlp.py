@@ -69,9 +69,10 @@ from .triton_linear import (
     _interpreted,
     _pow2,
     _precision,
-    _reads_accum,
     _rows,
     _strides,
+    chunk_coefficients,
+    piece_reason,
 )
 
 try:
@@ -144,6 +145,36 @@ if triton is not None:
         return off1, mask1, off2, mask2, w1, w2
 
     @triton.jit
+    def _key_block(K, E, W1, W2, GELU: tl.constexpr, PREC: tl.constexpr):
+        """One hidden block's key-side forward at the chunk-start weights: Hk = K W₁ᵀ, Ak = act(Hk),
+        B = E W₂ (= ∂ℓ/∂Ak) and D = B ∘ act'(Hk) (= ∂ℓ/∂Hk)."""
+        Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
+        B = tl.dot(E, W2, input_precision=PREC)
+        return Hk, _act(Hk, GELU), B, B * _act_grad(Hk, GELU)
+
+    @triton.jit
+    def _keys_error(K, V, w1_base, w2_base, D, F, rd, dmask, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr):
+        """E = act(K W₁ᵀ) W₂ᵀ − V over all hidden blocks, and ‖Ak_t‖² (the clip's layer-2 input norm)."""
+        E = -V
+        aa = tl.zeros([V.shape[0]], dtype=tl.float32)
+        for f0 in range(0, F, BF):
+            _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+            Ak = _act(tl.dot(K, tl.trans(W1), input_precision=PREC), GELU)
+            E = tl.dot(Ak, tl.trans(W2), acc=E, input_precision=PREC)
+            aa += tl.sum(Ak * Ak, axis=1)
+        return E, aa
+
+    @triton.jit
+    def _delta_sq(K, E, w1_base, w2_base, D, F, rd, dmask, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr):
+        """‖D_t‖² over all hidden blocks (the clip's layer-1 gradient norm, with ‖k_t‖²)."""
+        dd = tl.zeros([K.shape[0]], dtype=tl.float32)
+        for f0 in range(0, F, BF):
+            _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
+            _, _, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+            dd += tl.sum(Dk * Dk, axis=1)
+        return dd
+
+    @triton.jit
     def _mlp_fwd_kernel(
         k_ptr, v_ptr, q_ptr, y_ptr,
         sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sy_b, sy_h, sy_t,
@@ -185,25 +216,15 @@ if triton is not None:
             tl.store(y_base + rows[:, None] * sy_t + rd[None, :], Y.to(y_ptr.dtype.element_ty), mask=row_mask)
             # Pass 2, the keys' prediction: E = act(K W₁ᵀ) W₂ᵀ − V (and ‖Ak_t‖² for the clip).
             K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
-            E = -tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
-            aa = tl.zeros([C], dtype=tl.float32)
-            for f0 in range(0, F, BF):
-                _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
-                Ak = _act(tl.dot(K, tl.trans(W1), input_precision=PREC), GELU)
-                E = tl.dot(Ak, tl.trans(W2), acc=E, input_precision=PREC)
-                aa += tl.sum(Ak * Ak, axis=1)
+            V = tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            E, aa = _keys_error(K, V, w1_base, w2_base, D, F, rd, dmask, BF, GELU, PREC)
             wa = tl.load(wa_ptr + cc * C + rc)
             ws = wa
             if MOM:
                 ws = tl.load(ws_ptr + cc * C + rc)
             if CLIP:
                 # Pass 3 (clip only): ‖D_t‖², then σ_t over both layers' gradients.
-                dd = tl.zeros([C], dtype=tl.float32)
-                for f0 in range(0, F, BF):
-                    _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
-                    Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
-                    Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)
-                    dd += tl.sum(Dk * Dk, axis=1)
+                dd = _delta_sq(K, E, w1_base, w2_base, D, F, rd, dmask, BF, GELU, PREC)
                 sq = tl.sum(E * E, axis=1) * aa + dd * tl.sum(K * K, axis=1)
                 scale = tl.minimum(tau * tl.rsqrt(sq + 1e-12), 1.0)
                 wa = wa * scale
@@ -240,14 +261,6 @@ if triton is not None:
                 tl.store(w1_base + off1, W1, mask=mask1)
                 tl.store(w2_base + off2, W2, mask=mask2)
             tl.debug_barrier()  # the next chunk reads what every thread of this one wrote
-
-    @triton.jit
-    def _key_block(K, E, W1, W2, GELU: tl.constexpr, PREC: tl.constexpr):
-        """One hidden block's key-side forward at the chunk-start weights: Hk = K W₁ᵀ, Ak = act(Hk),
-        B = E W₂ (= ∂ℓ/∂Ak) and D = B ∘ act'(Hk) (= ∂ℓ/∂Hk)."""
-        Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
-        B = tl.dot(E, W2, input_precision=PREC)
-        return Hk, _act(Hk, GELU), B, B * _act_grad(Hk, GELU)
 
     @triton.jit
     def _mlp_bwd_kernel(
@@ -310,13 +323,8 @@ if triton is not None:
             out_off = (pid * N * C + rows[:, None]) * D + rd[None, :]
             K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
             # Pass 1: E = act(K W₁ᵀ) W₂ᵀ − V and ‖Ak_t‖².
-            E = -tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
-            aa = tl.zeros([C], dtype=tl.float32)
-            for f0 in range(0, F, BF):
-                _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
-                Ak = _act(tl.dot(K, tl.trans(W1), input_precision=PREC), GELU)
-                E = tl.dot(Ak, tl.trans(W2), acc=E, input_precision=PREC)
-                aa += tl.sum(Ak * Ak, axis=1)
+            V = tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            E, aa = _keys_error(K, V, w1_base, w2_base, D, F, rd, dmask, BF, GELU, PREC)
             ee = tl.sum(E * E, axis=1)
             kk = tl.sum(K * K, axis=1)
             w_a = tl.load(wa_ptr + cc * C + rc)
@@ -326,10 +334,7 @@ if triton is not None:
             scale = tl.full([C], 1.0, dtype=tl.float32)
             dd = tl.zeros([C], dtype=tl.float32)
             if CLIP:  # Pass 2: ‖D_t‖², the clip factor σ
-                for f0 in range(0, F, BF):
-                    _, _, _, _, W1, W2 = _hidden_block(w1_base, w2_base, f0, D, F, rd, dmask, BF)
-                    _, _, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
-                    dd += tl.sum(Dk * Dk, axis=1)
+                dd = _delta_sq(K, E, w1_base, w2_base, D, F, rd, dmask, BF, GELU, PREC)
                 nrm = ee * aa + dd * kk + 1e-12
                 raw = tau * tl.rsqrt(nrm)
                 scale = tl.minimum(raw, 1.0)
@@ -608,23 +613,12 @@ def mlp_scan(
 
     Raises ``ValueError`` (with the reason) where the kernel cannot compute this call.
     """
-    reason = unsupported_reason(rule, state, k, v, q, gates, chunk_size)
-    c, t = chunk_size, k.shape[2]
-    if reason is None and state.position % c != 0:
-        reason = f"the triton kernel starts at a chunk boundary; position {state.position} is not a multiple of {c}"
-    if reason is None and (t == 0 or t % c != 0):
-        reason = f"the triton kernel takes whole chunks; {t} tokens is not a positive multiple of {c}"
-    if reason is None and not _reads_accum(state):
-        reason = "the triton kernel needs a state whose read_weights are its accum (as produced at chunk boundaries)"
+    reason = unsupported_reason(rule, state, k, v, q, gates, chunk_size) or piece_reason(state, k.shape[2], chunk_size)
     if reason is not None:
         raise ValueError(reason)
-    b, h, _, _ = k.shape
-    n = t // c
+    c, t = chunk_size, k.shape[2]
     optimizer = rule.optimizer
-    coef = optimizer.chunk_coefficients(
-        *(g.reshape(b, h, n, c) for g in (gates.theta, gates.log_eta, gates.log_keep)),
-        torch.ones(1, device=k.device, dtype=gates.theta.dtype).expand(b, h, n, c),
-    )
+    coef = chunk_coefficients(rule, gates, c)
     momentum = state.momentum if optimizer.uses_momentum else None
     if optimizer.uses_momentum and momentum is None:
         raise ValueError("the momentum optimizer needs a state with momentum")
