@@ -14,7 +14,6 @@ triton = pytest.importorskip("triton")
 
 from olmo_miras_plugin.memory import (  # noqa: E402
     MemoryArchitectureConfig,
-    MemoryImpl,
     MemoryOptimizerConfig,
     NeuralMemoryConfig,
 )

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 
 from .architecture import MemoryArchitecture

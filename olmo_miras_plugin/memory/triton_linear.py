@@ -68,7 +68,7 @@ tensors (that is how the tests check them without a GPU).
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -83,7 +83,7 @@ except Exception:  # pragma: no cover - not installed (or a broken install): nev
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-__all__ = ["available", "unsupported_reason", "supports", "linear_scan"]
+__all__ = ["available", "unsupported_reason", "supports", "linear_scan", "tensor_reason", "piece_reason", "chunk_coefficients"]
 
 MAX_HEAD_DIM = 128
 MAX_CHUNK = 128
@@ -567,6 +567,15 @@ def unsupported_reason(
     reason = _rule_reason(rule)
     if reason is not None:
         return reason
+    if state.momentum is None:
+        return "the triton kernel needs a momentum state"
+    return tensor_reason(state, k, v, q, chunk_size)
+
+
+def tensor_reason(
+    state: ScanState, k: torch.Tensor, v: Optional[torch.Tensor], q: Optional[torch.Tensor], chunk_size: int
+) -> Optional[str]:
+    """Why the Triton kernels (linear and MLP) cannot take these tensors (None: they can)."""
     if not (k.is_cuda or _interpreted()):
         return "the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 when this module is imported)"
     if k.ndim != 4:
@@ -574,9 +583,7 @@ def unsupported_reason(
     for x in (k, v, q):
         if x is not None and x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return f"the triton kernel takes float32/bfloat16/float16 inputs, got {x.dtype}"
-    if state.momentum is None:
-        return "the triton kernel needs a momentum state"
-    for s in (*state.accum, *state.momentum):
+    for s in (*state.accum, *(state.momentum or [])):
         if s.dtype != torch.float32:
             return f"the triton kernel keeps a float32 state, got {s.dtype}"
     d = k.shape[-1]
@@ -585,8 +592,9 @@ def unsupported_reason(
     if not _pow2(chunk_size) or chunk_size > MAX_CHUNK or (chunk_size < 16 and not _interpreted()):
         return f"the triton kernel needs a power-of-two chunk size in 16..{MAX_CHUNK}, got {chunk_size}"
     if _bd(d) * chunk_size > 8192 and not _interpreted():
-        # Shared memory of the backward (sm_90, triton 3.6, compiled offline): 224 KiB at d = 128,
-        # C = 64, the most an H100 block can have; C = 128 needs 320 KiB.
+        # Shared memory (sm_90, triton 3.6, compiled offline; tests/test_triton_resources.py): the
+        # linear backward needs 224 KiB at d = 128, C = 64, the most an H100 block can have, and
+        # 320 KiB at C = 128; the MLP kernels' tiles grow the same way.
         return f"the triton kernel supports head_dim × chunk ≤ 8192 (padded), got {d} × {chunk_size}"
     return None
 

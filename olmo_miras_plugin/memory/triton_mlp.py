@@ -62,17 +62,15 @@ from .objective import ObjectiveName
 from .optimizer import MomentumGD
 from .scan import Gates, MemoryRule, ScanState
 from .triton_linear import (
-    MAX_CHUNK,
-    MAX_HEAD_DIM,
     _bd,
     _env_rows,
     _interpreted,
-    _pow2,
     _precision,
     _rows,
     _strides,
     chunk_coefficients,
     piece_reason,
+    tensor_reason,
 )
 
 try:
@@ -471,27 +469,12 @@ def unsupported_reason(
         return f"the MLP triton kernel needs decay retention, not {retention.name.value!r}"
     if type(optimizer) is not MomentumGD:
         return f"the MLP triton kernel needs the gd/momentum optimizer, not {type(optimizer).__name__}"
-    if not (k.is_cuda or _interpreted()):
-        return "the triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 when this module is imported)"
-    if k.ndim != 4:
-        return f"expected (batch, heads, seq, head_dim) inputs, got shape {tuple(k.shape)}"
     if _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
         return (
             "the MLP memory's Triton backward is experimental (correct, not yet faster: docs/performance.md); "
             f"set {TRAIN_ENV}=1 to train through it, else impl='graphed' is the fast path"
         )
-    for x in (k, v, q):
-        if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return f"the triton kernel takes float32/bfloat16/float16 inputs, got {x.dtype}"
-    for s in (*state.accum, *(state.momentum or [])):
-        if s.dtype != torch.float32:
-            return f"the triton kernel keeps a float32 state, got {s.dtype}"
-    d = k.shape[-1]
-    if d > MAX_HEAD_DIM:
-        return f"the triton kernel supports head_dim ≤ {MAX_HEAD_DIM}, got {d}"
-    if not _pow2(chunk_size) or chunk_size > MAX_CHUNK or (chunk_size < 16 and not _interpreted()):
-        return f"the triton kernel needs a power-of-two chunk size in 16..{MAX_CHUNK}, got {chunk_size}"
-    return None
+    return tensor_reason(state, k, v, q, chunk_size)
 
 
 def _block_hidden(hidden: int, env: str, default: int) -> int:
