@@ -1,0 +1,37 @@
+"""``scripts/bench_memory.py`` end to end on CPU with tiny shapes: the table, the JSON, the
+reference check (with and without gradients) and streaming per impl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from olmo_miras_plugin.benchmarks.memory_bench import main
+
+
+def test_bench_memory_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    main([
+        "--device", "cpu", "--seq", "64", "--d-model", "32", "--heads", "2", "--chunk", "16",
+        "--impl", "chunked", "triton", "--no-sdpa", "--check", "--stream-tokens", "16384",
+        "--stream-segment", "8192", "--json", str(out),
+    ])
+    stdout = capsys.readouterr().out
+    assert "miras/titans/chunked" in stdout and "stream/titans/triton" in stdout
+    res = json.loads(out.read_text())
+    checks = res["meta"]["checks"]
+    assert {(c["impl"], c["preset"]) for c in checks} == {
+        (i, p) for i in ("chunked", "triton") for p in ("titans", "moneta", "yaad", "memora")
+    }
+    for c in checks:  # fp32 reference vs bf16 autocast on CPU: a few e-3
+        assert c["finite"] and c["out_rel_err"] < 5e-2 and c["no_grad_out_rel_err"] < 5e-2, c
+    streams = [r for r in res["results"] if r["name"] == "stream"]
+    assert [(r["params"]["layer"], r["params"]["seq"]) for r in streams] == [
+        ("stream/titans/chunked", 8192), ("stream/titans/chunked", 16384),
+        ("stream/titans/triton", 8192), ("stream/titans/triton", 16384),
+    ]
+    assert all(r["extra"]["tok_per_s"] > 0 for r in streams)
+    layers = [r for r in res["results"] if r["name"] == "miras"]
+    assert len(layers) == 2 and all(r["ms"] > 0 for r in layers)
