@@ -469,6 +469,8 @@ def unsupported_reason(
         return f"the MLP triton kernel needs decay retention, not {retention.name.value!r}"
     if type(optimizer) is not MomentumGD:
         return f"the MLP triton kernel needs the gd/momentum optimizer, not {type(optimizer).__name__}"
+    if optimizer.uses_momentum and state.momentum is None:
+        return "the momentum optimizer needs a state with momentum"
     if _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
         return (
             "the MLP memory's Triton backward is experimental (correct, not yet faster: docs/performance.md); "
@@ -603,8 +605,6 @@ def mlp_scan(
     optimizer = rule.optimizer
     coef = chunk_coefficients(rule, gates, c)
     momentum = state.momentum if optimizer.uses_momentum else None
-    if optimizer.uses_momentum and momentum is None:
-        raise ValueError("the momentum optimizer needs a state with momentum")
     y, w1, w2, *s12 = _MLPScan.apply(
         k, v, q,
         coef.accum_keep, coef.accum_from_momentum, coef.momentum_keep,
