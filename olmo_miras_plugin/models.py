@@ -183,23 +183,28 @@ INFERENCE_IMPL_CHOICES = ("auto", "keep", *(i.value for i in MemoryImpl))
 def set_memory_impl(model: nn.Module, impl: str, device: Optional[torch.device] = None) -> Optional[str]:
     """Switch every memory layer of ``model`` to ``impl`` (the math is the same; only speed differs).
 
-    ``"keep"`` leaves the checkpoint's choice; ``"auto"`` (for inference) picks ``triton`` on CUDA
-    when Triton is installed (forward kernels for the linear and the MLP memory; other rules fall
-    back inside it) and keeps the checkpoint's otherwise. Returns the impl set (None: unchanged).
+    ``"keep"`` leaves the checkpoint's choice. ``"auto"`` (for inference) switches to ``triton``,
+    on CUDA with Triton installed, the layers whose rule a Triton kernel computes (the linear and
+    the MLP memory of the titans rule) and keeps the others' choice: their fallback inside
+    ``triton`` would be ``torch.compile``, a compile per new shape that short evaluations don't
+    repay. Returns the impl set (None: nothing changed).
     """
-    from .memory import NeuralMemory, triton_linear
+    from .memory import NeuralMemory, triton_scan
 
     if impl not in INFERENCE_IMPL_CHOICES:
         raise ValueError(f"unknown memory impl {impl!r}; valid: {', '.join(INFERENCE_IMPL_CHOICES)}")
     if impl == "keep":
         return None
+    layers = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     if impl == "auto":
-        if device is None or device.type != "cuda" or not triton_linear.available():
+        if device is None or device.type != "cuda":
+            return None
+        layers = [m for m in layers if triton_scan.rule_supported(m.rule)]
+        if not layers:
             return None
         impl = MemoryImpl.triton.value
-    for m in model.modules():
-        if isinstance(m, NeuralMemory):
-            m.impl = MemoryImpl(impl)
+    for m in layers:
+        m.impl = MemoryImpl(impl)
     return impl
 
 

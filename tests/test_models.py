@@ -15,6 +15,7 @@ from olmo_core.nn.attention import Attention
 from olmo_core.nn.transformer import TransformerConfig
 
 from olmo_miras_plugin.blocks import MirasAttention, carry_memory_states, detach_memory_states
+from olmo_miras_plugin.memory import MemoryArchitectureConfig, NeuralMemoryConfig
 from olmo_miras_plugin.models import (
     MirasMemoryConfig,
     MirasModelConfig,
@@ -281,3 +282,24 @@ def test_set_memory_impl() -> None:
     assert all(m.impl == MemoryImpl.triton for m in layers)
     with pytest.raises(ValueError, match="unknown memory impl 'fast'; valid: auto, keep, reference"):
         set_memory_impl(model, "fast")
+
+
+def test_auto_memory_impl_only_where_a_kernel_applies() -> None:
+    """``auto`` on CUDA switches the layers whose rule a Triton kernel computes (titans, linear or
+    MLP) and leaves the others (e.g. yaad's Huber objective) as they were."""
+    pytest.importorskip("triton")
+    from olmo_miras_plugin.memory import MemoryImpl, NeuralMemory
+    from olmo_miras_plugin.memory.triton_scan import rule_supported
+    from olmo_miras_plugin.models import set_memory_impl
+
+    def layers(preset: str, depth: int = 2):
+        cfg = NeuralMemoryConfig.from_preset(preset, d_model=32, n_heads=2, architecture=MemoryArchitectureConfig(depth=depth))
+        return torch.nn.ModuleList([cfg.build()])
+
+    cuda = torch.device("cuda")
+    for preset, depth, supported in (("titans", 2, True), ("titans", 1, True), ("yaad", 2, False), ("memora", 2, False)):
+        model = layers(preset, depth)
+        (layer,) = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+        assert rule_supported(layer.rule) == supported, (preset, depth)
+        assert set_memory_impl(model, "auto", cuda) == ("triton" if supported else None)
+        assert layer.impl == (MemoryImpl.triton if supported else MemoryImpl.chunked)

@@ -892,7 +892,7 @@ def build_eval_parser() -> "argparse.ArgumentParser":
     p.add_argument("--name", action="append", help="label per checkpoint in tables/plots (repeat)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 on CUDA")
     p.add_argument("--memory-impl", default="auto", choices=INFERENCE_IMPL_CHOICES,
-                   help="memory layers' impl (auto: triton on CUDA when installed, else the checkpoint's)")
+                   help="memory layers' impl (auto: triton on CUDA where a kernel applies, else the checkpoint's)")
     p.add_argument("--no-progress", action="store_true")
     return p
 

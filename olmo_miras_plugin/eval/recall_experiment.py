@@ -69,7 +69,7 @@ from olmo_core.config import Config
 from olmo_core.nn.attention import SlidingWindowAttentionConfig
 from olmo_core.nn.transformer import TransformerConfig
 
-from ..memory import MemoryImpl, triton_linear
+from ..memory import MemoryImpl
 from ..memory import PRESETS
 from ..models import MirasMemoryConfig, set_memory_impl, tiny_miras
 from .harness import evaluate_examples, resolve_device
@@ -660,9 +660,10 @@ def train_variant(
         info["note"] = fallback_note
     printer(f"[recall] {variant.name}: {step} steps in {elapsed:.1f}s (stopped by {stopped_by})")
     if impl in ("graphed", "compiled", "triton_graphed"):
-        # eval runs without gradients: the Triton forward kernels where they apply (else chunked);
-        # no graph captures or recompiles for the eval batches' new shapes
-        set_memory_impl(model, "triton" if triton_linear.available() else "chunked")
+        # eval runs without gradients: eager chunked (no graph captures or recompiles for the
+        # eval batches' new shapes), and the Triton forward kernels where they apply
+        set_memory_impl(model, "chunked")
+        set_memory_impl(model, "auto", device)
     model.eval()
     return model, mc, info
 

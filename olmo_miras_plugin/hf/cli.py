@@ -275,7 +275,7 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--threads", type=int, help="CPU threads for torch (on a busy machine 1 can be much faster)")
     p.add_argument("--tokenizer", help="'bytes' or a directory with tokenizer.json (default: the model's)")
     p.add_argument("--memory-impl", default="auto", choices=INFERENCE_IMPL_CHOICES,
-                   help="memory layers' impl (auto: triton on CUDA when installed, else the model's)")
+                   help="memory layers' impl (auto: triton on CUDA where a kernel applies, else the model's)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--stats-json", help="also write the statistics to this JSON file")
     args = p.parse_args(argv)

@@ -452,14 +452,8 @@ def _grad_needed(state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Te
     return any(t.requires_grad for t in (k, v, q, *gates, *states))
 
 
-def unsupported_reason(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates,
-    chunk_size: int,
-) -> Optional[str]:
-    """Why the MLP kernel cannot run this call at all (None: it can), independent of where the
-    piece starts and ends (see :func:`mlp_scan` for that)."""
-    if triton is None:
-        return "triton is not installed"
+def rule_reason(rule: MemoryRule) -> Optional[str]:
+    """Why the MLP kernels cannot compute this rule (None: they can)."""
     arch, objective, retention, optimizer = rule
     if arch.depth != 2 or arch.config.residual_norm:
         return "the MLP triton kernel needs a depth-2 memory without residual_norm"
@@ -469,7 +463,21 @@ def unsupported_reason(
         return f"the MLP triton kernel needs decay retention, not {retention.name.value!r}"
     if type(optimizer) is not MomentumGD:
         return f"the MLP triton kernel needs the gd/momentum optimizer, not {type(optimizer).__name__}"
-    if optimizer.uses_momentum and state.momentum is None:
+    return None
+
+
+def unsupported_reason(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates,
+    chunk_size: int,
+) -> Optional[str]:
+    """Why the MLP kernel cannot run this call at all (None: it can), independent of where the
+    piece starts and ends (see :func:`mlp_scan` for that)."""
+    if triton is None:
+        return "triton is not installed"
+    reason = rule_reason(rule)
+    if reason is not None:
+        return reason
+    if rule.optimizer.uses_momentum and state.momentum is None:
         return "the momentum optimizer needs a state with momentum"
     if _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
         return (

@@ -26,7 +26,7 @@ except Exception:  # pragma: no cover - triton missing: no kernel ever launches
         pass
 
 
-__all__ = ["kernel_for", "scan"]
+__all__ = ["kernel_for", "rule_supported", "scan"]
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,16 @@ ScanFn = Callable[..., Tuple[torch.Tensor, ScanState]]
 
 _LOGGED: set = set()
 _FAILED: set = set()  # (kernel, device type, head_dim, chunk) that ran out of resources before
+
+
+def rule_supported(rule: MemoryRule) -> bool:
+    """Whether a kernel computes this rule at all (whether a call reaches it also depends on the
+    tensors, see :func:`kernel_for`)."""
+    if not triton_linear.available():
+        return False
+    if rule.architecture.depth == 1:
+        return triton_linear._rule_reason(rule) is None
+    return triton_mlp.rule_reason(rule) is None
 
 
 def kernel_for(
