@@ -92,7 +92,7 @@ class MirasMemoryConfig(Config):
     1e-2)."""
     max_grad_norm: Optional[float] = None
     """Per-token clip of the *inner* (surprise) gradient; ``None`` keeps the default (1.0),
-    ``math.inf`` turns clipping off."""
+    ``math.inf`` turns clipping off (see ``MemoryOptimizerConfig.max_grad_norm``)."""
     check_finite: bool = True
     """Memory refuses NaN/Inf inputs (one device sync per layer call)."""
     impl: Optional[MemoryImpl] = None
@@ -161,10 +161,8 @@ class MirasMemoryConfig(Config):
             )
         try:
             config = NeuralMemoryConfig.from_preset(self.preset, d_model=d_model, **kwargs)
-            if self.max_grad_norm is not None:
-                if not self.max_grad_norm > 0:
-                    raise ValueError(f"max_grad_norm must be > 0 (math.inf: no clipping), got {self.max_grad_norm!r}")
-                config.optimizer.max_grad_norm = None if math.isinf(self.max_grad_norm) else float(self.max_grad_norm)
+            if self.max_grad_norm is not None:  # inf stored as the config's canonical "no clip", None
+                config.optimizer.max_grad_norm = None if math.isinf(self.max_grad_norm) else self.max_grad_norm
             config.validate()
         except ValueError as e:
             raise OLMoConfigurationError(f"memory: {e}") from e

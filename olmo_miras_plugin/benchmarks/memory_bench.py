@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import math
 from typing import List, Optional
 
 import torch
@@ -23,23 +22,24 @@ def _oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
+def layer_config(args, impl: str) -> NeuralMemoryConfig:
+    """The benchmarked memory layer: ``--preset`` at the command line's shapes, ``--depth``,
+    ``--expansion`` and ``--max-grad-norm`` (inf: no per-token clip, the row-split Triton kernel)."""
+    cfg = NeuralMemoryConfig.from_preset(
+        args.preset, d_model=args.d_model, n_heads=args.heads, head_dim=args.head_dim,
+        chunk_size=args.chunk, impl=impl, check_finite=False,
+    )
+    cfg.architecture.depth = args.depth
+    cfg.architecture.expansion = args.expansion
+    if args.max_grad_norm is not None:
+        cfg.optimizer.max_grad_norm = args.max_grad_norm
+    return cfg
+
+
 def bench_miras(args, seq: int, impl: str, device: torch.device) -> Measurement:
     params = dict(layer=f"miras/{args.preset}/{impl}", seq=seq, batch=args.batch, chunk=args.chunk)
     torch.manual_seed(0)
-    cfg = NeuralMemoryConfig.from_preset(
-        args.preset,
-        d_model=args.d_model,
-        n_heads=args.heads,
-        head_dim=args.head_dim,
-        chunk_size=args.chunk,
-        impl=impl,
-        check_finite=False,
-    )
-    if args.max_grad_norm is not None:  # math.inf: no per-token clip (the row-split Triton kernel)
-        cfg.optimizer.max_grad_norm = None if math.isinf(args.max_grad_norm) else args.max_grad_norm
-    cfg.architecture.depth = args.depth
-    cfg.architecture.expansion = args.expansion
-    layer = cfg.build(init_device=str(device))
+    layer = layer_config(args, impl).build(init_device=str(device))
     x = torch.randn(args.batch, seq, args.d_model, device=device, requires_grad=True)
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
 
@@ -189,15 +189,7 @@ def bench_streaming(args, impl: str, device: torch.device) -> List[Measurement]:
     import time
 
     torch.manual_seed(0)
-    cfg = NeuralMemoryConfig.from_preset(
-        args.preset, d_model=args.d_model, n_heads=args.heads, head_dim=args.head_dim,
-        chunk_size=args.chunk, impl=impl, check_finite=False,
-    )
-    cfg.architecture.depth = args.depth
-    cfg.architecture.expansion = args.expansion
-    if args.max_grad_norm is not None:
-        cfg.optimizer.max_grad_norm = None if math.isinf(args.max_grad_norm) else args.max_grad_norm
-    layer = cfg.build(init_device=str(device)).eval()
+    layer = layer_config(args, impl).build(init_device=str(device)).eval()
     autocast = torch.autocast(device.type, dtype=DTYPES[args.dtype], enabled=args.dtype != "fp32")
     seg = args.stream_segment
     x = torch.randn(args.batch, seg, args.d_model, device=device)
@@ -246,7 +238,7 @@ def check_against_reference(
     if depth is not None:
         cfg.architecture.depth = depth
     if max_grad_norm is not None:
-        cfg.optimizer.max_grad_norm = None if math.isinf(max_grad_norm) else max_grad_norm
+        cfg.optimizer.max_grad_norm = max_grad_norm
     ref = cfg.build(init_device=str(device))
     x = torch.randn(2, 75, 64, device=device, requires_grad=True)
     y_ref, _ = ref(x)

@@ -32,6 +32,7 @@ A new optimiser (e.g. Muon, as in Atlas) subclasses :class:`MemoryOptimizer` and
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence
 
@@ -57,7 +58,8 @@ class MemoryOptimizerName(StrEnum):
 class MemoryOptimizerConfig(Config):
     name: MemoryOptimizerName = MemoryOptimizerName.momentum
     max_grad_norm: Optional[float] = 1.0
-    """Per-token clip of the inner gradient norm (a trust region on each write); None disables."""
+    """Per-token clip of the inner gradient norm (a trust region on each write); ``None`` or
+    ``math.inf`` disables it (then the Triton linear kernel can split a head's state over programs)."""
 
     def validate(self) -> None:
         valid = ", ".join(o.value for o in MemoryOptimizerName)
@@ -66,7 +68,7 @@ class MemoryOptimizerConfig(Config):
         except ValueError:
             raise ValueError(f"unknown memory optimizer {self.name!r}; valid: {valid}") from None
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+            raise ValueError(f"max_grad_norm must be > 0 (math.inf: no clipping), got {self.max_grad_norm!r}")
 
     @property
     def uses_momentum(self) -> bool:
@@ -74,7 +76,8 @@ class MemoryOptimizerConfig(Config):
 
     def build(self) -> "MemoryOptimizer":
         self.validate()
-        return MomentumGD(use_momentum=self.uses_momentum, max_grad_norm=self.max_grad_norm)
+        tau = self.max_grad_norm
+        return MomentumGD(use_momentum=self.uses_momentum, max_grad_norm=None if tau is None or math.isinf(tau) else tau)
 
 
 class ChunkCoefficients(NamedTuple):
