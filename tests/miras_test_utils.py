@@ -10,6 +10,11 @@ from olmo_miras_plugin.models import is_memory_param
 BLOCK_TYPES = [b.value for b in MemoryBlockType]  # every memory block type the tests sweep
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
 @torch.no_grad()
 def activate_memory(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     """Move every memory parameter off its zero init (context gates to 0.7, the rest by N(0, 0.3²)

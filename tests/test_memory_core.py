@@ -18,11 +18,9 @@ from olmo_miras_plugin.memory import (
     RetentionConfig,
 )
 
+from miras_test_utils import rel_err
+
 PRESET_NAMES = list(PRESETS)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def build(preset: str = "titans", impl: str = "chunked", seed: int = 0, **kw) -> NeuralMemory:

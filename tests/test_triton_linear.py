@@ -26,15 +26,10 @@ from olmo_miras_plugin.memory import (  # noqa: E402
 from olmo_miras_plugin.memory import triton_linear, triton_scan  # noqa: E402
 from olmo_miras_plugin.memory.scan import Gates, ScanState, chunked_scan  # noqa: E402
 
-from miras_test_utils import patch_triton_interpreter_for_numpy, run_interpreted  # noqa: E402
+from miras_test_utils import patch_triton_interpreter_for_numpy, rel_err, run_interpreted  # noqa: E402
 
 INTERPRETED = triton_linear._interpreted()
 interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
 
 if INTERPRETED:
     patch_triton_interpreter_for_numpy()
