@@ -83,7 +83,10 @@ except Exception:  # pragma: no cover - not installed (or a broken install): nev
     triton = None  # type: ignore[assignment]
     tl = None  # type: ignore[assignment]
 
-__all__ = ["available", "unsupported_reason", "supports", "linear_scan", "tensor_reason", "piece_reason", "chunk_coefficients"]
+__all__ = [
+    "available", "rule_reason", "unsupported_reason", "supports", "linear_scan", "tensor_reason", "piece_reason",
+    "chunk_coefficients",
+]
 
 MAX_HEAD_DIM = 128
 MAX_CHUNK = 128
@@ -543,7 +546,8 @@ class _LinearScan(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------- dispatch
-def _rule_reason(rule: MemoryRule) -> Optional[str]:
+def rule_reason(rule: MemoryRule) -> Optional[str]:
+    """Why the linear kernels cannot compute this rule (None: they can)."""
     arch, objective, retention, optimizer = rule
     if arch.depth != 1 or arch.config.residual_norm:
         return "the triton kernel needs a linear memory (architecture depth 1, no residual_norm)"
@@ -564,7 +568,7 @@ def unsupported_reason(
     where the piece starts and ends (see :func:`linear_scan` for that)."""
     if triton is None:
         return "triton is not installed"
-    reason = _rule_reason(rule)
+    reason = rule_reason(rule)
     if reason is not None:
         return reason
     if state.momentum is None:

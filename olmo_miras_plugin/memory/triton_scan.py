@@ -42,7 +42,7 @@ def rule_supported(rule: MemoryRule) -> bool:
     if not triton_linear.available():
         return False
     if rule.architecture.depth == 1:
-        return triton_linear._rule_reason(rule) is None
+        return triton_linear.rule_reason(rule) is None
     return triton_mlp.rule_reason(rule) is None
 
 
