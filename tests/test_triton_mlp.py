@@ -1,4 +1,5 @@
-"""The MLP memory's forward kernel (memory/triton_mlp.py) against the PyTorch chunked scan.
+"""The MLP memory's kernels (memory/triton_mlp.py, memory/triton_mlp_split.py) against the PyTorch
+chunked scan.
 
 As in test_triton_linear.py: without a GPU the kernel runs in Triton's interpreter, in a subprocess
 (:func:`test_interpreted_suite`); the ``gpu`` tests run the compiled kernel where CUDA is present.
@@ -17,7 +18,7 @@ from olmo_miras_plugin.memory import (  # noqa: E402
     MemoryOptimizerConfig,
     NeuralMemoryConfig,
 )
-from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_scan  # noqa: E402
+from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_mlp_split, triton_scan  # noqa: E402
 from olmo_miras_plugin.memory.scan import Gates, ScanState, chunked_scan  # noqa: E402
 
 from miras_test_utils import patch_triton_interpreter_for_numpy, rel_err, run_interpreted  # noqa: E402
@@ -221,7 +222,7 @@ def test_mlp_scan_refuses():
     with torch.no_grad(), pytest.raises(ValueError, match="chunk boundary"):
         triton_mlp.mlp_scan(rule, state._replace(position=2), k[:, :, :8], v[:, :, :8], q[:, :, :8],
                             Gates(*(g[:, :, :8] for g in gates)), 4)
-    # training through the kernels is opt-in (experimental)
+    # training a clipped memory through these kernels is opt-in (slower than the compiled scan)
     with pytest.raises(ValueError, match=triton_mlp.TRAIN_ENV):
         triton_mlp.mlp_scan(rule, state, k[:, :, :8].requires_grad_(), v[:, :, :8], q[:, :, :8],
                             Gates(*(g[:, :, :8] for g in gates)), 4)
@@ -294,6 +295,75 @@ def test_layer_uses_kernel(monkeypatch, kernel_impl):
     assert rel_err(y_t, y_c) <= 1e-5
 
 
+# ---------------------------------------------------------------------------------------- hidden-split kernels
+@interpreted
+@pytest.mark.parametrize(
+    "head_dim,expansion,chunk,activation,optimizer,block,rows",
+    [
+        (16, 2.0, 8, "gelu", "momentum", None, None),  # one program per head (hidden 32), all rows at once
+        (16, 2.0, 8, "gelu", "momentum", "16", "4"),  # two programs per head; two row passes per chunk
+        (24, 2.0, 4, "silu", "momentum", "16", None),  # d padded to 32; hidden 48 = 3 programs
+        (16, 1.5, 4, "gelu", "gd", "16", None),  # no momentum; hidden 24: a partly padded slice
+    ],
+)
+def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activation, optimizer, block, rows):
+    """Hidden units split over programs (sums by atomics, one launch per chunk): outputs, final state
+    and every gradient equal autograd through the chunked scan (no clip)."""
+    for env, value in (("BLOCK", block), ("BWD_BLOCK", block), ("ROWS", rows)):
+        if value:
+            monkeypatch.setenv(f"OLMO_MIRAS_TRITON_SPLIT_{env}", value)
+    rule = mlp_rule(head_dim, chunk, None, expansion, activation, optimizer)
+    leaves = leaf_inputs(rule, 2, 2, 4 * chunk, head_dim, theta_max=0.05)
+    want = run_with_grads(chunked_scan, rule, leaves, chunk)
+    got = run_with_grads(triton_mlp_split.split_mlp_scan, rule, leaves, chunk)
+    assert_grads_close(got, want, 1e-4)
+    # without a gradient the forward keeps two state slots instead of one per chunk
+    k, v, q, gates, state = make_inputs(rule, 2, 2, 5 * chunk, head_dim, theta_max=0.05)
+    with torch.no_grad():
+        y_w, s_w = chunked_scan(rule, state, k, v, q, gates, chunk)
+        y_g, s_g = triton_mlp_split.split_mlp_scan(rule, state, k, v, q, gates, chunk)
+    assert rel_err(y_g, y_w) <= 1e-5
+    assert_states_close(s_g, s_w, 1e-5)
+
+
+@interpreted
+def test_dispatcher_picks_split_without_clip(monkeypatch):
+    """No clip: whole chunks go to the hidden-split kernels (also when training, no opt-in), in
+    pieces that start and end inside chunks; with the clip they go to the one-program kernels."""
+    monkeypatch.delenv(triton_mlp.TRAIN_ENV, raising=False)
+    calls = []
+    for module, name in ((triton_mlp_split, "split_mlp_scan"), (triton_mlp, "mlp_scan")):
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name: calls.append((_n, a[2].shape[2])) or _fn(*a))
+    rule = mlp_rule(16, 8, None)
+    leaves = leaf_inputs(rule, 2, 2, 45, 16, theta_max=0.05)
+    want = run_with_grads(chunked_scan, rule, leaves, 8)
+    got = run_with_grads(triton_scan.scan, rule, leaves, 8, segments=[5, 19, 3, 18])
+    assert calls == [("split_mlp_scan", 16), ("split_mlp_scan", 8)]
+    assert_grads_close(got, want, 1e-4)
+    calls.clear()
+    rule = mlp_rule(16, 8, 1.0)
+    k, v, q, gates, state = make_inputs(rule, 1, 2, 16, 16)
+    with torch.no_grad():
+        triton_scan.scan(rule, state, k, v, q, gates, 8)
+    assert calls == [("mlp_scan", 16)]
+    monkeypatch.setenv(triton_mlp_split.SPLIT_ENV, "0")
+    assert "OLMO_MIRAS_TRITON_SPLIT=0" in triton_mlp_split.unsupported_reason(mlp_rule(16, 8, None), state, k, v, q, 8)
+
+
+def test_split_refuses_bad_input(monkeypatch):
+    rule = mlp_rule(16, 4, None)
+    k, v, q, gates, state = make_inputs(rule, 1, 2, 8, 16)
+    assert "clip" in triton_mlp_split.unsupported_reason(mlp_rule(16, 4, 1.0), state, k, v, q, 4)
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_ROWS", "3")
+    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_ROWS must be a power of two dividing the chunk"):
+        triton_mlp_split._rows_per_pass(64)
+    if INTERPRETED:
+        with torch.no_grad(), pytest.raises(ValueError, match="whole chunks"):
+            triton_mlp_split.split_mlp_scan(rule, state, k[:, :, :6], v[:, :, :6], q[:, :, :6],
+                                            Gates(*(g[:, :, :6] for g in gates)), 4)
+
+
 # ---------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
@@ -334,4 +404,21 @@ def test_gpu_backward_matches_chunked(monkeypatch, precision: str, tol: float, t
     want = run_with_grads(chunked_scan, rule, leaves, 64)
     assert all(torch.isfinite(r).all() for r in want[0])
     got = run_with_grads(triton_mlp.mlp_scan, rule, leaves, 64)
+    assert_grads_close(got, want, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
+@pytest.mark.parametrize("precision,tol,optimizer", [("ieee", 1e-4, "momentum"), ("tf32", 3e-2, "momentum"), ("tf32", 3e-2, "gd")])
+def test_gpu_split_matches_chunked(monkeypatch, precision: str, tol: float, optimizer: str):
+    """The hidden-split kernels at OLMo2-1B memory shapes (d = 128, hidden 256, C = 64), fp32
+    inputs, against autograd through the chunked scan (IEEE matmuls): outputs, state, gradients."""
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    rule = mlp_rule(128, 64, None, optimizer=optimizer)
+    leaves, theta_max = leaf_inputs(rule, 2, 4, 8 * 64, 128, theta_max=0.05)
+    leaves = ([x.detach().cuda().requires_grad_() for x in leaves], theta_max)
+    want = run_with_grads(chunked_scan, rule, leaves, 64)
+    assert all(torch.isfinite(r).all() for r in want[0])
+    got = run_with_grads(triton_mlp_split.split_mlp_scan, rule, leaves, 64)
     assert_grads_close(got, want, tol)

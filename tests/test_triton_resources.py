@@ -12,7 +12,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from olmo_miras_plugin.memory import triton_linear, triton_mlp  # noqa: E402
+from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_mlp_split  # noqa: E402
 
 H100_SHARED_BYTES = 232448  # per block, sm_90 (what triton reports as the hardware limit)
 
@@ -38,17 +38,23 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
 @pytest.mark.skipif(triton_linear._interpreted(), reason="compiles real kernels")
 @pytest.mark.parametrize(
     "name",
-    ["mlp_forward", "mlp_backward", "linear_forward_whole_rows", "linear_backward_whole_rows"],
+    [
+        "mlp_forward", "mlp_backward", "linear_forward_whole_rows", "linear_backward_whole_rows",
+        "split_forward", "split_backward",
+    ],
 )
 def test_kernels_fit_h100_shared_memory(name: str):
     mlp = dict(C=64, BD=128, CLIP=True, MOM=True, GELU=True, PREC="tf32")
     linear = dict(C=64, BD=128, BV=128, CLIP=True, PREC="tf32")
+    split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.ROWS, MOM=True, GELU=True, PREC="tf32")
     cases = {
         "mlp_forward": (triton_mlp._mlp_fwd_kernel, {**mlp, "BF": triton_mlp.FWD_BLOCK, "SAVE": True}, triton_mlp.FWD_WARPS),
         "mlp_backward": (triton_mlp._mlp_bwd_kernel, {**mlp, "BF": triton_mlp.BWD_BLOCK}, triton_mlp.BWD_WARPS),
         # with the clip one program holds a head's whole state: the largest linear tiles
         "linear_forward_whole_rows": (triton_linear._fwd_kernel, {**linear, "SAVE": True}, 8),
         "linear_backward_whole_rows": (triton_linear._bwd_kernel, linear, 8),
+        "split_forward": (triton_mlp_split._split_fwd_kernel, split, triton_mlp_split.FWD_WARPS),
+        "split_backward": (triton_mlp_split._split_bwd_kernel, split, triton_mlp_split.BWD_WARPS),
     }
     fn, constexprs, warps = cases[name]
     shared = _compile_shared_bytes(fn, constexprs, warps)

@@ -1,6 +1,6 @@
 """Triton kernels for the depth-2 MLP memory (``impl="triton"`` / ``"triton_graphed"``): a forward
 kernel (streaming inference, evaluation and generation over long contexts) and a backward kernel
-(training; opt-in, see "Status").
+(training; opt-in, see "Status"), one program per (batch, head), with or without the clip.
 
 What they compute is exactly :func:`~.scan.chunked_scan` for a depth-2 MLP memory
 ``M(x) = W₂ act(W₁ x)`` (``W₁``: ``F × d``, ``W₂``: ``d × F``, act = GELU or SiLU, no
@@ -33,14 +33,15 @@ the backward walks the chunks in reverse with the adjoints of W and S in global 
 each chunk's activations from the saved state (formulas in the kernel's docstring, including the
 second derivative of the activation and the clip).
 
-Status (H100, 2026-11-25): the forward streams 394k tokens/s per layer at batch 1
-(docs/performance.md). The backward matches autograd through ``chunked_scan`` in the interpreter
-(1e-4) and on the H100 with IEEE dots (1e-3 at d = 128, F = 256, C = 64), but its TF32 build with
-32 hidden units per pass and 8 warps needed 344 KiB of shared memory (227 available); it now uses
-16 units and 4 warps (216 KiB, compiled offline for sm_90), falls back to IEEE dots if a build
-still does not fit, and it has **not been timed**. So training an MLP
-memory through it is opt-in (``OLMO_MIRAS_TRITON_MLP_TRAIN=1``); by default, calls that need a
-gradient fall back to the compiled PyTorch scan (``impl="graphed"`` is the measured fast path).
+Status (H100): without the clip the dispatcher (``triton_scan``) runs the hidden-split kernels of
+:mod:`.triton_mlp_split` instead, for training and inference; these kernels serve the clipped
+rule. Their forward streams 394k tokens/s per layer at batch 1 (2026-11-25, docs/performance.md).
+Their backward matches autograd through ``chunked_scan`` (interpreter 1e-4; H100 IEEE 1e-3 at
+d = 128, F = 256, C = 64) but is slow: 52.9 ms backward + 10.9 ms forward at 4k tokens
+(2026-11-26) against 18 ms for the whole ``graphed`` layer, because one program per (batch, head)
+uses 16 of 132 SMs at batch 1. So training a *clipped* MLP memory through it is opt-in
+(``OLMO_MIRAS_TRITON_MLP_TRAIN=1``); by default such calls fall back to the compiled PyTorch scan
+(``impl="graphed"``), and ``max_grad_norm=math.inf`` is the fast path.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` (as for the linear kernel),
 ``OLMO_MIRAS_TRITON_MLP_BLOCK`` (hidden units per forward pass, default 32),
@@ -481,8 +482,8 @@ def unsupported_reason(
         return "the momentum optimizer needs a state with momentum"
     if _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
         return (
-            "the MLP memory's Triton backward is experimental (correct, not yet faster: docs/performance.md); "
-            f"set {TRAIN_ENV}=1 to train through it, else impl='graphed' is the fast path"
+            "the clipped MLP memory's Triton backward is slower than the compiled scan (docs/performance.md); "
+            f"set {TRAIN_ENV}=1 to train through it anyway, or max_grad_norm=inf for the fast hidden-split kernels"
         )
     return tensor_reason(state, k, v, q, chunk_size)
 

@@ -1,7 +1,8 @@
 """``impl="triton"``: route each call to a Triton kernel, with the PyTorch scan for what it can't do.
 
-Kernels (one module each): ``triton_linear`` (linear memory) and ``triton_mlp`` (depth-2 MLP
-memory), each forward and backward. A kernel takes whole chunks from a
+Kernels (one module each): ``triton_linear`` (linear memory), ``triton_mlp_split`` (depth-2 MLP
+memory without the per-token clip: hidden units split over programs) and ``triton_mlp`` (depth-2
+MLP memory, one program per head, with the clip), each forward and backward. A kernel takes whole chunks from a
 chunk boundary; :func:`scan` runs any partial head/tail chunk through :func:`~.scan.chunked_scan`
 and the whole chunks in between through the kernel. Where no kernel can run the call at all
 (another rule, no CUDA, Triton missing, float64, ...) everything
@@ -15,7 +16,7 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from . import triton_linear, triton_mlp
+from . import triton_linear, triton_mlp, triton_mlp_split
 from .scan import Gates, MemoryRule, ScanState, chunked_scan
 
 try:
@@ -53,7 +54,9 @@ def kernel_for(
     if rule.architecture.depth == 1:
         fn, reason = triton_linear.linear_scan, triton_linear.unsupported_reason(rule, state, k, chunk_size, v, q)
     else:
-        fn, reason = triton_mlp.mlp_scan, triton_mlp.unsupported_reason(rule, state, k, v, q, gates, chunk_size)
+        fn, reason = triton_mlp_split.split_mlp_scan, triton_mlp_split.unsupported_reason(rule, state, k, v, q, chunk_size)
+        if reason is not None:  # the clip (or a knob): the one-program-per-head kernels
+            fn, reason = triton_mlp.mlp_scan, triton_mlp.unsupported_reason(rule, state, k, v, q, gates, chunk_size)
     if reason is None and (fn.__name__, k.device.type, k.shape[-1], chunk_size) in _FAILED:
         reason = "the triton kernel failed to launch for this shape before (see the log)"
     return (fn, None) if reason is None else (None, reason)

@@ -1,0 +1,468 @@
+"""Hidden-split Triton kernels for the depth-2 MLP memory without the per-token clip: what
+``impl="triton"`` / ``"triton_graphed"`` run for such a memory, training included
+(:mod:`.triton_mlp` keeps the one-program-per-head kernels, which also do the clip).
+
+Same rule and formulas as :mod:`.triton_mlp` (its docstring has them) with σ_t = 1. The
+difference is the layout. One program per (batch, head) runs on 16 of an H100's 132 SMs at batch
+1 and streams its 256–512 KiB of weights through L2 several times per chunk (measured at 4k
+tokens: 10.9 ms forward, 52.9 ms backward). Here each head's hidden units are split over programs
+(``BF`` units each; 8 × 32 at F = 256): a program's slices of W₁, W₂ (and S₁, S₂, and in the
+backward their adjoints) are ``BF × d`` tiles that stay on chip for the chunk, and the grid covers
+the GPU.
+
+Hidden units interact only through sums over all of them: the keys' prediction
+``Σ_f act(K W₁ᵀ) W₂ᵀ`` (forward) and ``dE`` (backward). Programs add their share to a float32
+buffer with atomics and the *next* launch reads the total, so the kernels run one launch per chunk
+(``N + 1`` launches each way), each doing the second half of one chunk and the first half of the
+next:
+
+    forward launch c:   finish chunk c − 1 (E = Σ − V from the buffer; the update, giving W_c)
+                        start chunk c (read-out into y, keys' prediction into the buffer)
+    backward launch c:  finish chunk c + 1 (with its total dE: dK, dQ, the adjoints of W_c+1)
+                        start chunk c (its share of dE and of the token weights' gradients)
+
+The launch boundary is the barrier between programs, so nothing relies on programs being
+co-resident, and Triton's interpreter runs the same code on CPU (tests). Under
+``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
+make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
+(float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
+rows at a time (16 rows: small tiles stay in registers; 64 rows spilled and was 1.5× slower).
+
+Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats per (batch, head)
+and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
+a gradient it keeps two state slots, so streaming inference stays flat in T.
+
+Measured (H100, 2026-11-26, docs/performance.md): the MLP memory layer (titans, no clip, OLMo2-1B
+shapes) 11.6 / 42.4 / 83.0 ms forward+backward at 4k / 16k / 32k under ``triton_graphed``, vs
+17.5 ms at 4k for the compiled ``graphed`` path; still above the ≤ 3 / 8 / 16 ms target. Each
+launch is latency-bound (~35 µs forward, ~86 µs backward, a chain of small dots).
+
+Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
+units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,
+default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 4),
+``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels), ``OLMO_MIRAS_TRITON_SPLIT=0`` (use
+the one-program-per-head kernels instead).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .scan import Gates, MemoryRule, ScanState
+from .architecture import ActivationName
+from .triton_linear import (
+    _bd, _env_rows, _interpreted, _precision, _rows, _strides, chunk_coefficients, piece_reason, tensor_reason,
+)
+from .triton_mlp import _f32, rule_reason, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from .triton_mlp import _act, _act_grad, _act_grad2
+
+__all__ = ["unsupported_reason", "split_mlp_scan"]
+
+SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
+BLOCK, ROWS, FWD_WARPS, BWD_WARPS = 32, 16, 4, 4
+
+
+if triton is not None:
+
+    @triton.jit
+    def _slice_offsets(f0, D, F, rd, dmask, BF: tl.constexpr):
+        """This program's hidden units f0 … f0 + BF − 1: offsets and masks of its W₁ rows ``(BF, BD)``
+        (in an ``F × D`` matrix) and W₂ columns ``(BD, BF)`` (in a ``D × F`` matrix)."""
+        rf = f0 + tl.arange(0, BF)
+        fmask = rf < F
+        return (
+            rf[:, None] * D + rd[None, :],
+            fmask[:, None] & dmask[None, :],
+            rd[:, None] * F + rf[None, :],
+            dmask[:, None] & fmask[None, :],
+        )
+
+    @triton.jit
+    def _split_fwd_kernel(
+        k_ptr, v_ptr, q_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t,
+        y_ptr, pk_ptr,  # (BH, T, D) float32, zeroed: read-out and keys' prediction, summed by atomics
+        ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # (BH, N), (BH, N), (BH, N), (BH, N, C), (BH, N, C)
+        w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, NS, F, D), (BH, NS, D, F): state slots (chunk c in slot c % NS)
+        c, H, N, NS, D, F,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
+        PREC: tl.constexpr, RB: tl.constexpr,
+    ):
+        bh = tl.program_id(0).to(tl.int64)
+        f0 = tl.program_id(1) * BF
+        b = bh // H
+        h = bh % H
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        row_mask = dmask[None, :]
+        fd = F * D
+        off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
+        slot = bh * NS + c % NS
+        if c > 0:
+            # Finish chunk c − 1 (its keys' prediction is complete: the previous launch summed it).
+            cp = c - 1
+            prev = bh * NS + cp % NS
+            W1 = tl.load(w1_ptr + prev * fd + off1, mask=mask1, other=0.0)
+            W2 = tl.load(w2_ptr + prev * fd + off2, mask=mask2, other=0.0)
+            cc = bh * N + cp
+            a_keep = tl.load(ak_ptr + cc)
+            acc1 = a_keep * W1
+            acc2 = a_keep * W2
+            if MOM:
+                a_mom = tl.load(am_ptr + cc)
+                s_keep = tl.load(skeep_ptr + cc)
+                S1 = tl.load(s1_ptr + prev * fd + off1, mask=mask1, other=0.0)
+                S2 = tl.load(s2_ptr + prev * fd + off2, mask=mask2, other=0.0)
+                acc1 += a_mom * S1
+                acc2 += a_mom * S2
+                S1 = s_keep * S1
+                S2 = s_keep * S2
+            # RB rows at a time (small tiles stay in registers): the weighted gradient sums.
+            for r0 in range(0, C, RB):
+                rr = r0 + tl.arange(0, RB)
+                rows = (cp * C + rr).to(tl.int64)
+                out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
+                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
+                K = K.to(tl.float32)
+                V = tl.load(v_ptr + b * sv_b + h * sv_h + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
+                E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
+                Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)  # (RB, BF)
+                Ak = _act(Hk, GELU)
+                Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)  # (RB, BF)
+                wa = tl.load(wa_ptr + cc * C + rr)
+                if MOM:
+                    ws = tl.load(ws_ptr + cc * C + rr)
+                    S1 = tl.dot(tl.trans(Dk * (-ws)[:, None]), K, acc=S1, input_precision=PREC)
+                    S2 = tl.dot(tl.trans(E * (-ws)[:, None]), Ak, acc=S2, input_precision=PREC)
+                acc1 = tl.dot(tl.trans(Dk * (-wa)[:, None]), K, acc=acc1, input_precision=PREC)  # (BF, BD)
+                acc2 = tl.dot(tl.trans(E * (-wa)[:, None]), Ak, acc=acc2, input_precision=PREC)  # (BD, BF)
+            if MOM:
+                tl.store(s1_ptr + slot * fd + off1, S1, mask=mask1)
+                tl.store(s2_ptr + slot * fd + off2, S2, mask=mask2)
+            W1 = acc1
+            W2 = acc2
+            tl.store(w1_ptr + slot * fd + off1, W1, mask=mask1)
+            tl.store(w2_ptr + slot * fd + off2, W2, mask=mask2)
+        else:
+            W1 = tl.load(w1_ptr + slot * fd + off1, mask=mask1, other=0.0)
+            W2 = tl.load(w2_ptr + slot * fd + off2, mask=mask2, other=0.0)
+        if c < N:
+            # Start chunk c at W_c: this slice's share of the read-out and of the keys' prediction.
+            for r0 in range(0, C, RB):
+                rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
+                out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
+                Q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0)
+                Aq = _act(tl.dot(Q.to(tl.float32), tl.trans(W1), input_precision=PREC), GELU)
+                Yq = tl.dot(Aq, tl.trans(W2), input_precision=PREC)
+                tl.atomic_add(y_ptr + out_rows, Yq, mask=row_mask, sem="relaxed")
+                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
+                Ak = _act(tl.dot(K.to(tl.float32), tl.trans(W1), input_precision=PREC), GELU)
+                Yk = tl.dot(Ak, tl.trans(W2), input_precision=PREC)
+                tl.atomic_add(pk_ptr + out_rows, Yk, mask=row_mask, sem="relaxed")
+
+    @triton.jit
+    def _split_bwd_kernel(
+        k_ptr, v_ptr, q_ptr, dy_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sdy_b, sdy_h, sdy_t,
+        pk_ptr,  # (BH, T, D): the forward's keys' prediction
+        ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # as the forward's
+        w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
+        g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D) / (BH, D, F): adjoints of W, S at the current chunk end
+        r1_ptr, r2_ptr,  # the read weights' adjoint (written at chunk 0)
+        de_ptr, dk_ptr, dq_ptr,  # (BH, T, D) float32, zeroed, summed by atomics (dV = −dE)
+        dw_ptr,  # (2, BH, N, C), zeroed: d w_A, d w_S
+        dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
+        c, H, N, D, F,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
+        PREC: tl.constexpr, RB: tl.constexpr,
+    ):
+        """Launch c: finish chunk c + 1, then start chunk c (c = N − 1 … −1). With G, H the adjoints
+        of a chunk's end state and ω = w (no clip), from :func:`~.triton_mlp._mlp_bwd_kernel`:
+
+            start (this slice's share):  dω_A = −rowsum(D ∘ K G₁ᵀ) − rowsum((E G₂) ∘ Ak)
+                                         dE  += dB W₂ᵀ − ω_A∘Ak G₂ᵀ − ω_S∘Ak H₂ᵀ,  dB = dD ∘ act'(Hk),
+                                         dD   = −(ω_A∘K G₁ᵀ + ω_S∘K H₁ᵀ)
+            finish (with the total dE):  dAk = dE W₂ − ω_A∘E G₂ − ω_S∘E H₂
+                                         dHk = dAk ∘ act'(Hk) + dD ∘ B ∘ act''(Hk)
+                                         dK  += dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁,   dQ += dHq W₁
+                                         G ← a_keep G + (via W₁: dHkᵀ K + dHqᵀ Q; via W₂: Eᵀ dB + dEᵀ Ak + dYᵀ Aq)
+                                         H ← a_mom G + s_keep H
+        """
+        bh = tl.program_id(0).to(tl.int64)
+        f0 = tl.program_id(1) * BF
+        b = bh // H
+        h = bh % H
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        row_mask = dmask[None, :]
+        fd = F * D
+        n_all = tl.num_programs(0).to(tl.int64) * N
+        off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
+        G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
+        G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0)
+        H1 = G1
+        H2 = G2
+        if MOM:
+            H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
+            H2 = tl.load(h2_ptr + bh * fd + off2, mask=mask2, other=0.0)
+        if c + 1 < N:
+            cn = c + 1
+            cc = bh * N + cn
+            st = (bh * (N + 1) + cn) * fd
+            W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
+            W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+            R1 = tl.zeros([BF, BD], dtype=tl.float32)  # everything via W₁ …
+            R2 = tl.zeros([BD, BF], dtype=tl.float32)  # … and via W₂
+            # RB rows at a time: fewer (rows × d) tiles live at once (shared memory).
+            for r0 in range(0, C, RB):
+                rr = r0 + tl.arange(0, RB)
+                rows = (cn * C + rr).to(tl.int64)
+                out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
+                # The read-out's part first (Q, dY are dead before the keys' tensors load).
+                Q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0)
+                Q = Q.to(tl.float32)
+                dY = tl.load(dy_ptr + b * sdy_b + h * sdy_h + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0)
+                dY = dY.to(tl.float32)
+                Hq = tl.dot(Q, tl.trans(W1), input_precision=PREC)
+                dHq = tl.dot(dY, W2, input_precision=PREC) * _act_grad(Hq, GELU)  # (RB, BF)
+                tl.atomic_add(dq_ptr + out_rows, tl.dot(dHq, W1, input_precision=PREC), mask=row_mask, sem="relaxed")
+                R1 = tl.dot(tl.trans(dHq), Q, acc=R1, input_precision=PREC)  # (BF, BD)
+                R2 = tl.dot(tl.trans(dY), _act(Hq, GELU), acc=R2, input_precision=PREC)  # (BD, BF)
+                # The keys' part, with the total dE of chunk cn.
+                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
+                K = K.to(tl.float32)
+                V = tl.load(v_ptr + b * sv_b + h * sv_h + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
+                E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
+                dE = tl.load(de_ptr + out_rows, mask=row_mask, other=0.0)
+                wa = tl.load(wa_ptr + cc * C + rr)
+                Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
+                Ak = _act(Hk, GELU)
+                B = tl.dot(E, W2, input_precision=PREC)
+                Dk = B * _act_grad(Hk, GELU)
+                dD = -wa[:, None] * tl.dot(K, tl.trans(G1), input_precision=PREC)
+                dAk = tl.dot(dE, W2, input_precision=PREC) - wa[:, None] * tl.dot(E, G2, input_precision=PREC)
+                dK = tl.dot(-wa[:, None] * Dk, G1, input_precision=PREC)
+                if MOM:
+                    ws = tl.load(ws_ptr + cc * C + rr)
+                    dD -= ws[:, None] * tl.dot(K, tl.trans(H1), input_precision=PREC)
+                    dAk -= ws[:, None] * tl.dot(E, H2, input_precision=PREC)
+                    dK = tl.dot(-ws[:, None] * Dk, H1, acc=dK, input_precision=PREC)
+                dHk = dAk * _act_grad(Hk, GELU) + dD * B * _act_grad2(Hk, GELU)
+                dK = tl.dot(dHk, W1, acc=dK, input_precision=PREC)
+                tl.atomic_add(dk_ptr + out_rows, dK, mask=row_mask, sem="relaxed")
+                R1 = tl.dot(tl.trans(dHk), K, acc=R1, input_precision=PREC)
+                R2 = tl.dot(tl.trans(E), dD * _act_grad(Hk, GELU), acc=R2, input_precision=PREC)
+                R2 = tl.dot(tl.trans(dE), Ak, acc=R2, input_precision=PREC)
+            # The coefficients' gradients and the adjoints of chunk cn's start state.
+            a_keep = tl.load(ak_ptr + cc)
+            tl.atomic_add(dcoef_ptr + cc, tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0), sem="relaxed")
+            if MOM:
+                a_mom = tl.load(am_ptr + cc)
+                s_keep = tl.load(skeep_ptr + cc)
+                S1 = tl.load(s1_ptr + st + off1, mask=mask1, other=0.0)
+                S2 = tl.load(s2_ptr + st + off2, mask=mask2, other=0.0)
+                tl.atomic_add(dcoef_ptr + n_all + cc, tl.sum(tl.sum(G1 * S1, axis=1), axis=0) + tl.sum(tl.sum(G2 * S2, axis=1), axis=0), sem="relaxed")
+                tl.atomic_add(dcoef_ptr + 2 * n_all + cc, tl.sum(tl.sum(H1 * S1, axis=1), axis=0) + tl.sum(tl.sum(H2 * S2, axis=1), axis=0), sem="relaxed")
+                H1 = a_mom * G1 + s_keep * H1
+                H2 = a_mom * G2 + s_keep * H2
+                tl.store(h1_ptr + bh * fd + off1, H1, mask=mask1)
+                tl.store(h2_ptr + bh * fd + off2, H2, mask=mask2)
+            if cn > 0:  # chunk cn reads its start accumulator: the read path joins G
+                G1 = a_keep * G1 + R1
+                G2 = a_keep * G2 + R2
+            else:  # chunk 0's read weights are a separate input
+                tl.store(r1_ptr + bh * fd + off1, R1, mask=mask1)
+                tl.store(r2_ptr + bh * fd + off2, R2, mask=mask2)
+                G1 = a_keep * G1
+                G2 = a_keep * G2
+            tl.store(g1_ptr + bh * fd + off1, G1, mask=mask1)
+            tl.store(g2_ptr + bh * fd + off2, G2, mask=mask2)
+        if c >= 0:
+            # Start chunk c: this slice's share of dE and of dω, with the adjoints of its end state.
+            cc = bh * N + c
+            st = (bh * (N + 1) + c) * fd
+            W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
+            W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+            for r0 in range(0, C, RB):
+                rr = r0 + tl.arange(0, RB)
+                rows = (c * C + rr).to(tl.int64)
+                out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
+                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
+                K = K.to(tl.float32)
+                V = tl.load(v_ptr + b * sv_b + h * sv_h + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
+                E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
+                wa = tl.load(wa_ptr + cc * C + rr)
+                Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
+                Ak = _act(Hk, GELU)
+                Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)
+                KG1 = tl.dot(K, tl.trans(G1), input_precision=PREC)
+                g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * tl.dot(E, G2, input_precision=PREC), axis=1)
+                tl.atomic_add(dw_ptr + cc * C + rr, -g_a, sem="relaxed")
+                dD = -wa[:, None] * KG1
+                dE = tl.dot(-wa[:, None] * Ak, tl.trans(G2), input_precision=PREC)
+                if MOM:
+                    ws = tl.load(ws_ptr + cc * C + rr)
+                    KH1 = tl.dot(K, tl.trans(H1), input_precision=PREC)
+                    g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * tl.dot(E, H2, input_precision=PREC), axis=1)
+                    tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, -g_s, sem="relaxed")
+                    dD -= ws[:, None] * KH1
+                    dE = tl.dot(-ws[:, None] * Ak, tl.trans(H2), acc=dE, input_precision=PREC)
+                dE = tl.dot(dD * _act_grad(Hk, GELU), tl.trans(W2), acc=dE, input_precision=PREC)
+                tl.atomic_add(de_ptr + out_rows, dE, mask=row_mask, sem="relaxed")
+
+
+def _block(hidden: int, env: str) -> int:
+    cap = max(16, triton.next_power_of_2(hidden))
+    return _env_rows(env, min(BLOCK, cap), cap)
+
+
+def _rows_per_pass(chunk: int) -> int:
+    """Rows per pass (``RB``). At d = 128 and 32 hidden units the backward needs 176 KiB of shared
+    memory with 16 rows, 208 KiB with 32 and 272 KiB with all 64 (over an H100's 227)."""
+    env = os.environ.get("OLMO_MIRAS_TRITON_SPLIT_ROWS")
+    rows = int(env) if env else min(ROWS, chunk)
+    if rows < 1 or rows & (rows - 1) or chunk % rows:
+        raise ValueError(f"OLMO_MIRAS_TRITON_SPLIT_ROWS must be a power of two dividing the chunk ({chunk}), got {env!r}")
+    return rows
+
+
+def _opts(env: str, warps: int) -> dict:
+    if _interpreted():
+        return {}
+    return dict(num_warps=int(os.environ.get(env, str(warps))), num_stages=1)
+
+
+class _SplitMLPScan(torch.autograd.Function):
+    """Same inputs and outputs as :class:`~.triton_mlp._MLPScan` (without the clip's τ)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2, chunk, gelu
+    ):
+        b, h, t, d = k.shape
+        n = t // chunk
+        mom = m1 is not None
+        k, v, q = _rows(k), _rows(v), _rows(q)
+        ak, wa = _f32(a_keep), _f32(w_a)
+        am, sk, ws = (_f32(a_mom), _f32(s_keep), _f32(w_a if w_s is None else w_s)) if mom else (ak, ak, wa)
+        save = any(ctx.needs_input_grad)
+        hidden = a1.shape[-2]
+        # Chunk c's start state lives in slot c % NS: every chunk when saving for backward, else two.
+        ns = n + 1 if save else 2
+        dev = k.device
+        w1 = torch.empty(b, h, ns, hidden, d, device=dev, dtype=torch.float32)
+        w2 = torch.empty(b, h, ns, d, hidden, device=dev, dtype=torch.float32)
+        w1[:, :, 0], w2[:, :, 0] = a1.detach(), a2.detach()
+        if mom:
+            s1, s2 = torch.empty_like(w1), torch.empty_like(w2)
+            s1[:, :, 0], s2[:, :, 0] = m1.detach(), m2.detach()
+        else:
+            s1, s2 = w1, w2  # never read without MOM
+        y = torch.zeros(b, h, t, d, device=dev, dtype=torch.float32)
+        pk = torch.zeros_like(y)
+        prec = _precision(dev)
+        bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BLOCK")
+        grid = (b * h, triton.cdiv(hidden, bf))
+        opts = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
+        rb = _rows_per_pass(chunk)
+        for c in range(n + 1):
+            _split_fwd_kernel[grid](
+                k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, ak, am, sk, wa, ws, w1, w2, s1, s2,
+                c, h, n, ns, d, hidden, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, **opts,
+            )
+        last = n % ns
+        outs = [w1[:, :, last].clone(), w2[:, :, last].clone()]
+        if mom:
+            outs += [s1[:, :, last].clone(), s2[:, :, last].clone()]
+        if save:
+            ctx.save_for_backward(k, v, q, pk, ak, am, sk, wa, ws, w1, w2, s1, s2)
+            ctx.meta = (chunk, gelu, mom, prec, [x.dtype if x is not None else None for x in
+                        (k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2)])
+        return (y.to(q.dtype), *outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dw1, dw2, *ds):  # type: ignore[override]
+        k, v, q, pk, ak, am, sk, wa, ws, w1, w2, s1, s2 = ctx.saved_tensors
+        chunk, gelu, mom, prec, dtypes = ctx.meta
+        b, h, t, d = k.shape
+        n = t // chunk
+        hidden = w1.shape[-2]
+        dev = k.device
+        dy = torch.zeros_like(q) if dy is None else _rows(dy)
+
+        def adjoint(g: Optional[torch.Tensor], shape) -> torch.Tensor:  # updated in place: a copy
+            return torch.zeros(shape, device=dev, dtype=torch.float32) if g is None else g.float().contiguous().clone()
+
+        shape1, shape2 = (b, h, hidden, d), (b, h, d, hidden)
+        g1, g2 = adjoint(dw1, shape1), adjoint(dw2, shape2)
+        h1, h2 = (adjoint(ds[0], shape1), adjoint(ds[1], shape2)) if mom else (g1, g2)
+        r1, r2 = torch.empty_like(g1), torch.empty_like(g2)
+        de, dk, dq = (torch.zeros(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
+        dw = torch.zeros(2, b * h, n, chunk, device=dev, dtype=torch.float32)
+        dcoef = torch.zeros(3, b * h, n, device=dev, dtype=torch.float32)
+        bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_BLOCK")
+        grid = (b * h, triton.cdiv(hidden, bf))
+        opts = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS", BWD_WARPS)
+        rb = _rows_per_pass(chunk)
+        for c in range(n - 1, -2, -1):
+            _split_bwd_kernel[grid](
+                k, v, q, dy, *_strides(k), *_strides(v), *_strides(q), *_strides(dy), pk,
+                ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, de, dk, dq, dw, dcoef,
+                c, h, n, d, hidden, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, **opts,
+            )
+        grads = [
+            dk, -de, dq,
+            dcoef[0].view(b, h, n), dcoef[1].view(b, h, n) if mom else None, dcoef[2].view(b, h, n) if mom else None,
+            dw[0].view(b, h, n, chunk), dw[1].view(b, h, n, chunk) if mom else None,
+            r1, r2, g1, g2, h1 if mom else None, h2 if mom else None,
+        ]
+        grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]
+        return (*grads, None, None)
+
+
+def unsupported_reason(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, chunk_size: int
+) -> Optional[str]:
+    """Why the hidden-split kernels cannot run this call at all (None: they can), independent of
+    where the piece starts and ends (see :func:`split_mlp_scan` for that)."""
+    if triton is None:
+        return "triton is not installed"
+    if os.environ.get(SPLIT_ENV, "1") == "0":
+        return f"{SPLIT_ENV}=0"
+    reason = rule_reason(rule)
+    if reason is not None:
+        return reason
+    if rule.optimizer.max_grad_norm is not None:
+        return "the hidden-split MLP kernels do not do the per-token clip (max_grad_norm=inf turns it off)"
+    if rule.optimizer.uses_momentum and state.momentum is None:
+        return "the momentum optimizer needs a state with momentum"
+    return tensor_reason(state, k, v, q, chunk_size)
+
+
+def split_mlp_scan(
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
+) -> Tuple[torch.Tensor, ScanState]:
+    """The hidden-split kernels: whole chunks from a chunk boundary. Same contract as
+    ``chunked_scan``; raises ``ValueError`` (with the reason) where they cannot run this call."""
+    reason = unsupported_reason(rule, state, k, v, q, chunk_size) or piece_reason(state, k.shape[2], chunk_size)
+    if reason is not None:
+        raise ValueError(reason)
+    c, t = chunk_size, k.shape[2]
+    optimizer = rule.optimizer
+    coef = chunk_coefficients(rule, gates, c)
+    momentum = state.momentum if optimizer.uses_momentum else None
+    y, w1, w2, *s12 = _SplitMLPScan.apply(
+        k, v, q,
+        coef.accum_keep, coef.accum_from_momentum, coef.momentum_keep,
+        coef.accum_token_weight, coef.momentum_token_weight,
+        *state.read_weights, *state.accum, *(momentum or (None, None)),
+        c, rule.architecture.activation == ActivationName.gelu,
+    )
+    # decay retention: the next chunk reads W itself
+    return y, ScanState([w1, w2], list(s12) if s12 else None, [w1, w2], state.position + t)
