@@ -53,7 +53,7 @@ def test_kernels_fit_h100_shared_memory(name: str):
         # with the clip one program holds a head's whole state: the largest linear tiles
         "linear_forward_whole_rows": (triton_linear._fwd_kernel, {**linear, "SAVE": True}, 8),
         "linear_backward_whole_rows": (triton_linear._bwd_kernel, linear, 8),
-        "split_forward": (triton_mlp_split._split_fwd_kernel, split, triton_mlp_split.FWD_WARPS),
+        "split_forward": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True}, triton_mlp_split.FWD_WARPS),
         "split_backward": (triton_mlp_split._split_bwd_kernel, split, triton_mlp_split.BWD_WARPS),
     }
     fn, constexprs, warps = cases[name]

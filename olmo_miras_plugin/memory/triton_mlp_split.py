@@ -66,7 +66,7 @@ if triton is not None:
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
-BLOCK, ROWS, FWD_WARPS, BWD_WARPS = 32, 16, 4, 4
+BLOCK, ROWS, FWD_WARPS, BWD_WARPS = 32, 16, 4, 8
 
 
 if triton is not None:
@@ -85,6 +85,36 @@ if triton is not None:
         )
 
     @triton.jit
+    def _readout(q_base, sq_t, y_ptr, out_base, c, W1, W2, rd, row_mask, D, C: tl.constexpr, RB: tl.constexpr,
+                 GELU: tl.constexpr, PREC: tl.constexpr):
+        """This slice's share of chunk c's read-out ``act(Q W₁ᵀ) W₂ᵀ``, added into y."""
+        for r0 in range(0, C, RB):
+            rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
+            Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+            Aq = _act(tl.dot(Q, tl.trans(W1), input_precision=PREC), GELU)
+            Yq = tl.dot(Aq, tl.trans(W2), input_precision=PREC)
+            tl.atomic_add(y_ptr + (out_base + rows[:, None]) * D + rd[None, :], Yq, mask=row_mask, sem="relaxed")
+
+    @triton.jit
+    def _split_read_kernel(
+        q_ptr, sq_b, sq_h, sq_t, y_ptr, w1_ptr, w2_ptr, H, N, D, F,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, RB: tl.constexpr, GELU: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """The read-out of every chunk at once from the saved start states (it is off the chunk
+        chain: nothing in the scan depends on it). Grid ``(BH, programs per head, N)``."""
+        bh = tl.program_id(0).to(tl.int64)
+        c = tl.program_id(2)
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        off1, mask1, off2, mask2 = _slice_offsets(tl.program_id(1) * BF, D, F, rd, dmask, BF)
+        st = (bh * (N + 1) + c) * F * D
+        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
+        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        q_base = q_ptr + (bh // H) * sq_b + (bh % H) * sq_h
+        _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, dmask[None, :], D, C, RB, GELU, PREC)
+
+    @triton.jit
     def _split_fwd_kernel(
         k_ptr, v_ptr, q_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t,
         y_ptr, pk_ptr,  # (BH, T, D) float32, zeroed: read-out and keys' prediction, summed by atomics
@@ -92,7 +122,7 @@ if triton is not None:
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, NS, F, D), (BH, NS, D, F): state slots (chunk c in slot c % NS)
         c, H, N, NS, D, F,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
-        PREC: tl.constexpr, RB: tl.constexpr,
+        PREC: tl.constexpr, RB: tl.constexpr, READ: tl.constexpr,
     ):
         bh = tl.program_id(0).to(tl.int64)
         f0 = tl.program_id(1) * BF
@@ -153,14 +183,14 @@ if triton is not None:
             W1 = tl.load(w1_ptr + slot * fd + off1, mask=mask1, other=0.0)
             W2 = tl.load(w2_ptr + slot * fd + off2, mask=mask2, other=0.0)
         if c < N:
-            # Start chunk c at W_c: this slice's share of the read-out and of the keys' prediction.
+            # Start chunk c at W_c: this slice's share of the keys' prediction (and of the read-out:
+            # with saved states :func:`_split_read_kernel` does all chunks' at once afterwards).
+            if READ:
+                q_base = q_ptr + b * sq_b + h * sq_h
+                _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, row_mask, D, C, RB, GELU, PREC)
             for r0 in range(0, C, RB):
                 rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
                 out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
-                Q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0)
-                Aq = _act(tl.dot(Q.to(tl.float32), tl.trans(W1), input_precision=PREC), GELU)
-                Yq = tl.dot(Aq, tl.trans(W2), input_precision=PREC)
-                tl.atomic_add(y_ptr + out_rows, Yq, mask=row_mask, sem="relaxed")
                 K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
                 Ak = _act(tl.dot(K.to(tl.float32), tl.trans(W1), input_precision=PREC), GELU)
                 Yk = tl.dot(Ak, tl.trans(W2), input_precision=PREC)
@@ -174,6 +204,7 @@ if triton is not None:
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
         g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D) / (BH, D, F): adjoints of W, S at the current chunk end
         r1_ptr, r2_ptr,  # the read weights' adjoint (written at chunk 0)
+        scr_ptr,  # (2, 4, BH, C, F): Hk, B, dD and dAk's part without dE, kept from start to finish
         de_ptr, dk_ptr, dq_ptr,  # (BH, T, D) float32, zeroed, summed by atomics (dV = −dE)
         dw_ptr,  # (2, BH, N, C), zeroed: d w_A, d w_S
         dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
@@ -192,6 +223,8 @@ if triton is not None:
                                          dK  += dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁,   dQ += dHq W₁
                                          G ← a_keep G + (via W₁: dHkᵀ K + dHqᵀ Q; via W₂: Eᵀ dB + dEᵀ Ak + dYᵀ Aq)
                                          H ← a_mom G + s_keep H
+
+        The start half keeps Hk, B, dD and dAk's part without dE for the finish half (no recompute).
         """
         bh = tl.program_id(0).to(tl.int64)
         f0 = tl.program_id(1) * BF
@@ -203,6 +236,9 @@ if triton is not None:
         fd = F * D
         n_all = tl.num_programs(0).to(tl.int64) * N
         off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
+        rf = f0 + tl.arange(0, BF)
+        kmask = (rf < F)[None, :]
+        BHCF = tl.num_programs(0).to(tl.int64) * C * F
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
         G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0)
         H1 = G1
@@ -216,10 +252,9 @@ if triton is not None:
             st = (bh * (N + 1) + cn) * fd
             W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
             W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
-            R1 = tl.zeros([BF, BD], dtype=tl.float32)  # everything via W₁ …
-            R2 = tl.zeros([BD, BF], dtype=tl.float32)  # … and via W₂
-            # RB rows at a time: fewer (rows × d) tiles live at once (shared memory).
-            for r0 in range(0, C, RB):
+            R1 = tl.zeros([BF, BD], dtype=tl.float32)  # the adjoint of W_cn via everything in the chunk …
+            R2 = tl.zeros([BD, BF], dtype=tl.float32)
+            for r0 in range(0, C, RB):  # RB rows at a time (fewer (rows × d) tiles live at once)
                 rr = r0 + tl.arange(0, RB)
                 rows = (cn * C + rr).to(tl.int64)
                 out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
@@ -233,24 +268,23 @@ if triton is not None:
                 tl.atomic_add(dq_ptr + out_rows, tl.dot(dHq, W1, input_precision=PREC), mask=row_mask, sem="relaxed")
                 R1 = tl.dot(tl.trans(dHq), Q, acc=R1, input_precision=PREC)  # (BF, BD)
                 R2 = tl.dot(tl.trans(dY), _act(Hq, GELU), acc=R2, input_precision=PREC)  # (BD, BF)
-                # The keys' part, with the total dE of chunk cn.
+                # The keys' part, with the total dE of chunk cn and what the previous launch kept.
                 K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
                 K = K.to(tl.float32)
                 V = tl.load(v_ptr + b * sv_b + h * sv_h + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
                 E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
                 dE = tl.load(de_ptr + out_rows, mask=row_mask, other=0.0)
-                wa = tl.load(wa_ptr + cc * C + rr)
-                Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
+                kept = scr_ptr + (cn % 2) * 4 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
+                Hk = tl.load(kept, mask=kmask, other=0.0)
+                B = tl.load(kept + BHCF, mask=kmask, other=0.0)
+                dD = tl.load(kept + 2 * BHCF, mask=kmask, other=0.0)
+                dAk = tl.dot(dE, W2, acc=tl.load(kept + 3 * BHCF, mask=kmask, other=0.0), input_precision=PREC)
                 Ak = _act(Hk, GELU)
-                B = tl.dot(E, W2, input_precision=PREC)
                 Dk = B * _act_grad(Hk, GELU)
-                dD = -wa[:, None] * tl.dot(K, tl.trans(G1), input_precision=PREC)
-                dAk = tl.dot(dE, W2, input_precision=PREC) - wa[:, None] * tl.dot(E, G2, input_precision=PREC)
+                wa = tl.load(wa_ptr + cc * C + rr)
                 dK = tl.dot(-wa[:, None] * Dk, G1, input_precision=PREC)
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
-                    dD -= ws[:, None] * tl.dot(K, tl.trans(H1), input_precision=PREC)
-                    dAk -= ws[:, None] * tl.dot(E, H2, input_precision=PREC)
                     dK = tl.dot(-ws[:, None] * Dk, H1, acc=dK, input_precision=PREC)
                 dHk = dAk * _act_grad(Hk, GELU) + dD * B * _act_grad2(Hk, GELU)
                 dK = tl.dot(dHk, W1, acc=dK, input_precision=PREC)
@@ -299,20 +333,32 @@ if triton is not None:
                 wa = tl.load(wa_ptr + cc * C + rr)
                 Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
                 Ak = _act(Hk, GELU)
-                Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)
+                B = tl.dot(E, W2, input_precision=PREC)
+                Dk = B * _act_grad(Hk, GELU)
                 KG1 = tl.dot(K, tl.trans(G1), input_precision=PREC)
-                g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * tl.dot(E, G2, input_precision=PREC), axis=1)
+                EG2 = tl.dot(E, G2, input_precision=PREC)
+                g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
                 tl.atomic_add(dw_ptr + cc * C + rr, -g_a, sem="relaxed")
                 dD = -wa[:, None] * KG1
+                X = -wa[:, None] * EG2  # dAk's part without dE
                 dE = tl.dot(-wa[:, None] * Ak, tl.trans(G2), input_precision=PREC)
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
                     KH1 = tl.dot(K, tl.trans(H1), input_precision=PREC)
-                    g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * tl.dot(E, H2, input_precision=PREC), axis=1)
+                    EH2 = tl.dot(E, H2, input_precision=PREC)
+                    g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * EH2, axis=1)
                     tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, -g_s, sem="relaxed")
                     dD -= ws[:, None] * KH1
+                    X -= ws[:, None] * EH2
                     dE = tl.dot(-ws[:, None] * Ak, tl.trans(H2), acc=dE, input_precision=PREC)
                 dE = tl.dot(dD * _act_grad(Hk, GELU), tl.trans(W2), acc=dE, input_precision=PREC)
+                # Kept for finishing this chunk in the next launch (two slots: that launch writes
+                # the other one while it reads this).
+                kept = scr_ptr + (c % 2) * 4 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
+                tl.store(kept, Hk, mask=kmask)
+                tl.store(kept + BHCF, B, mask=kmask)
+                tl.store(kept + 2 * BHCF, dD, mask=kmask)
+                tl.store(kept + 3 * BHCF, X, mask=kmask)
                 tl.atomic_add(de_ptr + out_rows, dE, mask=row_mask, sem="relaxed")
 
 
@@ -334,7 +380,7 @@ def _rows_per_pass(chunk: int) -> int:
 def _opts(env: str, warps: int) -> dict:
     if _interpreted():
         return {}
-    return dict(num_warps=int(os.environ.get(env, str(warps))), num_stages=1)
+    return dict(num_warps=int(os.environ.get(env, str(warps))), num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_SPLIT_STAGES", "1")))
 
 
 class _SplitMLPScan(torch.autograd.Function):
@@ -373,7 +419,13 @@ class _SplitMLPScan(torch.autograd.Function):
         for c in range(n + 1):
             _split_fwd_kernel[grid](
                 k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, ak, am, sk, wa, ws, w1, w2, s1, s2,
-                c, h, n, ns, d, hidden, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, **opts,
+                c, h, n, ns, d, hidden, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb,
+                READ=not save, **opts,
+            )
+        if save:  # every chunk's start state is kept: all read-outs at once
+            _split_read_kernel[(*grid, n)](
+                q, *_strides(q), y, w1, w2, h, n, d, hidden,
+                C=chunk, BD=_bd(d), BF=bf, RB=rb, GELU=gelu, PREC=prec, **opts,
             )
         last = n % ns
         outs = [w1[:, :, last].clone(), w2[:, :, last].clone()]
@@ -406,6 +458,7 @@ class _SplitMLPScan(torch.autograd.Function):
         de, dk, dq = (torch.zeros(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
         dw = torch.zeros(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.zeros(3, b * h, n, device=dev, dtype=torch.float32)
+        kept = torch.empty(2, 4, b * h, chunk, hidden, device=dev, dtype=torch.float32)
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_BLOCK")
         grid = (b * h, triton.cdiv(hidden, bf))
         opts = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS", BWD_WARPS)
@@ -413,7 +466,7 @@ class _SplitMLPScan(torch.autograd.Function):
         for c in range(n - 1, -2, -1):
             _split_bwd_kernel[grid](
                 k, v, q, dy, *_strides(k), *_strides(v), *_strides(q), *_strides(dy), pk,
-                ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, de, dk, dq, dw, dcoef,
+                ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, kept, de, dk, dq, dw, dcoef,
                 c, h, n, d, hidden, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, **opts,
             )
         grads = [
