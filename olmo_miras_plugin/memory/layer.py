@@ -7,9 +7,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
-from . import triton_scan
+from . import fusion, triton_scan
 from .config import MemoryImpl, NeuralMemoryConfig
 from .conv import ShortCausalConv
 from .cuda_graphs import GraphedChunkedScan
@@ -133,21 +132,21 @@ class NeuralMemory(nn.Module):
         """θ, α (, η): the order of the gate logits everywhere below."""
         return [self.w_theta, self.w_alpha] + ([self.w_eta] if self.w_eta is not None else [])
 
-    def _project(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """``[q | k | v]`` ``(batch, seq, 3·heads·head_dim)`` and the gate logits ``(batch, seq, heads)``.
+    def _project(self, x: torch.Tensor) -> torch.Tensor:
+        """``[q | k | v | gate logits]`` ``(batch, seq, 3·heads·head_dim + n_gates·heads)``.
 
         One GEMM for all of them (weights concatenated on the fly; the parameters stay separate
         for checkpoints and optimizer groups). Separately, the three ``d_model → heads`` gate
         projections cost more than q, k, v together on a GPU: their weight gradients are
-        ``heads × T`` by ``T × d_model`` products that cuBLAS runs on a handful of SMs.
+        ``heads × T`` by ``T × d_model`` products that cuBLAS runs on a handful of SMs. The output
+        stays one tensor: :func:`fusion.prepare` splits it, so its gradient is written in place
+        (a ``split`` here would concatenate the pieces' gradients in backward).
         """
         gate_lins = self._gate_projections()
         weight = torch.cat([self.w_q.weight, self.w_k.weight, self.w_v.weight, *(g.weight for g in gate_lins)])
         n_qkv = 3 * self.n_heads * self.head_dim
         qkv_bias = torch.zeros(n_qkv, dtype=self.w_theta.bias.dtype, device=self.w_theta.bias.device)
-        z = F.linear(x, weight, torch.cat([qkv_bias, *(g.bias for g in gate_lins)]))
-        qkv, *gate_logits = z.split([n_qkv] + [g.out_features for g in gate_lins], dim=-1)
-        return qkv, gate_logits
+        return F.linear(x, weight, torch.cat([qkv_bias, *(g.bias for g in gate_lins)]))
 
     def gates(self, x: torch.Tensor) -> Gates:
         """Per-token gates ``(batch, heads, seq)`` in float32."""
@@ -155,14 +154,7 @@ class NeuralMemory(nn.Module):
 
     def _gates_from_logits(self, dtype: torch.dtype, logits: List[torch.Tensor]) -> Gates:
         """Gates from the θ, α (, η) logits ``(batch, seq, heads)``, in :meth:`_gate_projections` order."""
-        dt = _inner_dtype(dtype)
-        z_theta, z_alpha, *z_eta = (rearrange(z.to(dt), "b t h -> b h t") for z in logits)
-        theta = self.config.theta_max * torch.sigmoid(z_theta)
-        if z_eta:
-            eta, log_eta = torch.sigmoid(z_eta[0]), F.logsigmoid(z_eta[0])
-        else:
-            eta = log_eta = torch.zeros_like(z_theta)
-        return Gates(theta, eta, torch.sigmoid(z_alpha), log_eta, F.logsigmoid(-z_alpha))
+        return fusion.gates_from_logits(logits, _inner_dtype(dtype), self.config.theta_max)
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, state: Optional[MemoryState] = None
@@ -178,27 +170,34 @@ class NeuralMemory(nn.Module):
         if x.shape[1] == 0:
             return x.new_zeros(x.shape), state
 
-        qkv, gate_logits = self._project(x)
-        conv_ctx = state.conv
+        z = self._project(x)
+        dt = _inner_dtype(x.dtype)
+        # w_out's GEMM input dtype: the read-outs are cast once, straight from the norm.
+        device = x.device.type
+        autocast = torch.is_autocast_enabled(device) and x.dtype != torch.float64
+        out_dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        conv_weight, conv_ctx = None, state.conv
         if self.conv is not None:
-            qkv, conv_ctx = self.conv(qkv, state.conv)
-            conv_ctx = conv_ctx.to(_inner_dtype(x.dtype))
-        q, k, v = qkv.chunk(3, dim=-1)
-        gates = self._gates_from_logits(x.dtype, gate_logits)
-
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            # shape: (batch, heads, seq, head_dim)
-            dt = _inner_dtype(x.dtype)
-            q, k, v = (rearrange(z.to(dt), "b t (h d) -> b h t d", h=self.n_heads) for z in (q, k, v))
-            if self.config.qk_norm:
-                q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+            conv_weight = self.conv.weight
+            if conv_ctx is None:
+                conv_ctx = self.conv.empty_context(x.shape[0], x.device, dt)
+        with torch.autocast(device_type=device, enabled=False):
+            q, k, v, gates, conv_ctx = fusion.prepare(
+                z,
+                conv_weight,
+                conv_ctx,
+                n_heads=self.n_heads,
+                head_dim=self.head_dim,
+                qk_norm=self.config.qk_norm,
+                theta_max=self.config.theta_max,
+                dtype=dt,
+            )
             scan_state = ScanState(state.accum, state.momentum, state.read_weights, state.position)
             y, new = self.scan(scan_state, k, v, q, gates)
-            y = F.rms_norm(y, (self.head_dim,), weight=self.o_norm_weight.to(dt), eps=1e-6)
+            y = fusion.finish(y, self.o_norm_weight, out_dtype)
 
         if self.record_diagnostics:
             self.last_diagnostics = self._diagnostics(gates, new)
-        y = rearrange(y, "b h t d -> b t (h d)").to(x.dtype)
         new_state = MemoryState(new.accum, new.momentum, new.read_weights, conv_ctx, new.position, self.signature)
         return self.w_out(y), new_state
 
