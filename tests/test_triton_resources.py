@@ -53,9 +53,10 @@ def test_kernels_fit_h100_shared_memory(name: str):
         # with the clip one program holds a head's whole state: the largest linear tiles
         "linear_forward_whole_rows": (triton_linear._fwd_kernel, {**linear, "SAVE": True}, 8),
         "linear_backward_whole_rows": (triton_linear._bwd_kernel, linear, 8),
-        "split_forward": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True}, triton_mlp_split.FWD_WARPS),
-        "split_backward": (triton_mlp_split._split_bwd_kernel, split, triton_mlp_split.BWD_WARPS),
+        "split_forward": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True}, triton_mlp_split.FWD_WARPS,
+                          triton_mlp_split.STAGES),
+        "split_backward": (triton_mlp_split._split_bwd_kernel, split, triton_mlp_split.BWD_WARPS, triton_mlp_split.STAGES),
     }
-    fn, constexprs, warps = cases[name]
-    shared = _compile_shared_bytes(fn, constexprs, warps)
+    fn, constexprs, warps, *stages = cases[name]
+    shared = _compile_shared_bytes(fn, constexprs, warps, *stages)
     assert 0 < shared <= H100_SHARED_BYTES, f"{name} needs {shared / 1024:.0f} KiB of shared memory"

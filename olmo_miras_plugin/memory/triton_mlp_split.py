@@ -39,7 +39,8 @@ launch is latency-bound (~35 µs forward, ~86 µs backward, a chain of small dot
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,
-default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 4),
+default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 8),
+``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2),
 ``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels), ``OLMO_MIRAS_TRITON_SPLIT=0`` (use
 the one-program-per-head kernels instead).
 """
@@ -66,7 +67,7 @@ if triton is not None:
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
-BLOCK, ROWS, FWD_WARPS, BWD_WARPS = 32, 16, 4, 8
+BLOCK, ROWS, FWD_WARPS, BWD_WARPS, STAGES = 32, 16, 4, 8, 2
 
 
 if triton is not None:
@@ -380,7 +381,7 @@ def _rows_per_pass(chunk: int) -> int:
 def _opts(env: str, warps: int) -> dict:
     if _interpreted():
         return {}
-    return dict(num_warps=int(os.environ.get(env, str(warps))), num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_SPLIT_STAGES", "1")))
+    return dict(num_warps=int(os.environ.get(env, str(warps))), num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_SPLIT_STAGES", str(STAGES))))
 
 
 class _SplitMLPScan(torch.autograd.Function):
