@@ -19,8 +19,9 @@ pytestmark = [
 ]
 
 # bf16 autocast against the fp32 reference; memora's input gradient is ill-conditioned under
-# bf16 (see docs/memory.md) and gets the looser bound.
-GRAD_TOL = {"memora": 0.3}
+# bf16 (see docs/memory.md) and gets the looser bound: on an H100 (2026-11-26) 16 fresh draws
+# gave 0.09-0.31 (chunked and graphed, with and without the compiled prepare/finish).
+GRAD_TOL = {"memora": 0.45}
 
 
 @pytest.mark.parametrize("impl", ["chunked", "compiled", "graphed"])

@@ -32,10 +32,12 @@ Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats p
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
 a gradient it keeps two state slots, so streaming inference stays flat in T.
 
-Measured (H100, 2026-11-26, docs/performance.md): the MLP memory layer (titans, no clip, OLMo2-1B
-shapes) 11.6 / 42.4 / 83.0 ms forward+backward at 4k / 16k / 32k under ``triton_graphed``, vs
-17.5 ms at 4k for the compiled ``graphed`` path; still above the ≤ 3 / 8 / 16 ms target. Each
-launch is latency-bound (~35 µs forward, ~86 µs backward, a chain of small dots).
+Measured (H100, 2026-11-26, docs/performance.md): the scan alone 6.6 / 25.0 / 49.6 ms forward +
+backward at 4k / 16k / 32k tokens (OLMo2-1B shapes, batch 1), the whole MLP memory layer 9.2 /
+34.6 / 66.4 ms under ``triton_graphed`` (17.2 ms at 4k for ``graphed`` with the clip); OLMo2-1B +
+MAL every 4th layer trains at 81 % of the base's tokens/s. Each launch is latency-bound (~28 µs
+forward, ~75 µs backward: a chain of small dots), which is what keeps the layer above the ≤ 3 / 8
+/ 16 ms target.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,
