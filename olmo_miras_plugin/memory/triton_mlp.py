@@ -506,6 +506,24 @@ def _f32(x: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if x is None else x.detach().float().contiguous()
 
 
+def _state_adjoints(
+    dw1: Optional[torch.Tensor], dw2: Optional[torch.Tensor], ds: tuple, mom: bool,
+    shape: Tuple[int, int, int, int], device: torch.device,
+) -> Tuple[torch.Tensor, ...]:
+    """The backward kernels' in-place buffers, ``shape = (batch, heads, hidden, d)``: the adjoints
+    of the final W₁, W₂ (and S₁, S₂; the same tensors without momentum) as fresh float32 copies
+    (zeros where autograd passed None), and room for the read weights' adjoint."""
+    b, h, hidden, d = shape
+
+    def adjoint(g: Optional[torch.Tensor], s: Tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(s, device=device, dtype=torch.float32) if g is None else g.float().contiguous().clone()
+
+    shape1, shape2 = (b, h, hidden, d), (b, h, d, hidden)
+    g1, g2 = adjoint(dw1, shape1), adjoint(dw2, shape2)
+    h1, h2 = (adjoint(ds[0], shape1), adjoint(ds[1], shape2)) if mom else (g1, g2)
+    return g1, g2, h1, h2, torch.empty_like(g1), torch.empty_like(g2)
+
+
 class _MLPScan(torch.autograd.Function):
     """Forward kernel (saving each chunk's start state when a gradient is needed) and the reverse
     kernel. Momentum inputs (``a_mom, s_keep, w_s, m1, m2``) are None for plain gd; then the
@@ -559,13 +577,7 @@ class _MLPScan(torch.autograd.Function):
         dev = k.device
         dy = torch.zeros_like(q) if dy is None else _rows(dy)
 
-        def adjoint(g: Optional[torch.Tensor], shape) -> torch.Tensor:  # updated in place: a copy
-            return torch.zeros(shape, device=dev, dtype=torch.float32) if g is None else g.float().contiguous().clone()
-
-        shape1, shape2 = (b, h, hidden, d), (b, h, d, hidden)
-        g1, g2 = adjoint(dw1, shape1), adjoint(dw2, shape2)
-        h1, h2 = (adjoint(ds[0], shape1), adjoint(ds[1], shape2)) if mom else (g1, g2)
-        r1, r2 = torch.empty_like(g1), torch.empty_like(g2)
+        g1, g2, h1, h2, r1, r2 = _state_adjoints(dw1, dw2, ds, mom, (b, h, hidden, d), dev)
         dk, dv, dq = (torch.empty(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
         dw = torch.empty(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.empty(3, b * h, n, device=dev, dtype=torch.float32)

@@ -59,7 +59,7 @@ from .architecture import ActivationName
 from .triton_linear import (
     _bd, _env_rows, _interpreted, _precision, _rows, _strides, chunk_coefficients, piece_reason, tensor_reason,
 )
-from .triton_mlp import _f32, rule_reason, triton
+from .triton_mlp import _f32, _state_adjoints, rule_reason, triton
 
 if triton is not None:
     import triton.language as tl
@@ -88,6 +88,17 @@ if triton is not None:
         )
 
     @triton.jit
+    def _program(H, D, F, BD: tl.constexpr, BF: tl.constexpr):
+        """This program's (batch·head, batch, head), its first hidden unit, the feature lanes and
+        its slice offsets (:func:`_slice_offsets`). Grid ``(BH, programs per head[, …])``."""
+        bh = tl.program_id(0).to(tl.int64)
+        f0 = tl.program_id(1) * BF
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
+        return bh, bh // H, bh % H, f0, rd, dmask, off1, mask1, off2, mask2
+
+    @triton.jit
     def _readout(q_base, sq_t, y_ptr, out_base, c, W1, W2, rd, row_mask, D, C: tl.constexpr, RB: tl.constexpr,
                  GELU: tl.constexpr, PREC: tl.constexpr):
         """This slice's share of chunk c's read-out ``act(Q W₁ᵀ) W₂ᵀ``, added into y."""
@@ -106,15 +117,12 @@ if triton is not None:
     ):
         """The read-out of every chunk at once from the saved start states (it is off the chunk
         chain: nothing in the scan depends on it). Grid ``(BH, programs per head, N)``."""
-        bh = tl.program_id(0).to(tl.int64)
+        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         c = tl.program_id(2)
-        rd = tl.arange(0, BD)
-        dmask = rd < D
-        off1, mask1, off2, mask2 = _slice_offsets(tl.program_id(1) * BF, D, F, rd, dmask, BF)
         st = (bh * (N + 1) + c) * F * D
         W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
         W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
-        q_base = q_ptr + (bh // H) * sq_b + (bh % H) * sq_h
+        q_base = q_ptr + b * sq_b + h * sq_h
         _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, dmask[None, :], D, C, RB, GELU, PREC)
 
     @triton.jit
@@ -127,15 +135,9 @@ if triton is not None:
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, READ: tl.constexpr,
     ):
-        bh = tl.program_id(0).to(tl.int64)
-        f0 = tl.program_id(1) * BF
-        b = bh // H
-        h = bh % H
-        rd = tl.arange(0, BD)
-        dmask = rd < D
+        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         row_mask = dmask[None, :]
         fd = F * D
-        off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
         slot = bh * NS + c % NS
         if c > 0:
             # Finish chunk c − 1 (its keys' prediction is complete: the previous launch summed it).
@@ -229,16 +231,10 @@ if triton is not None:
 
         The start half keeps Hk, B, dD and dAk's part without dE for the finish half (no recompute).
         """
-        bh = tl.program_id(0).to(tl.int64)
-        f0 = tl.program_id(1) * BF
-        b = bh // H
-        h = bh % H
-        rd = tl.arange(0, BD)
-        dmask = rd < D
+        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         row_mask = dmask[None, :]
         fd = F * D
         n_all = tl.num_programs(0).to(tl.int64) * N
-        off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
         rf = f0 + tl.arange(0, BF)
         kmask = (rf < F)[None, :]
         BHCF = tl.num_programs(0).to(tl.int64) * C * F
@@ -451,13 +447,7 @@ class _SplitMLPScan(torch.autograd.Function):
         dev = k.device
         dy = torch.zeros_like(q) if dy is None else _rows(dy)
 
-        def adjoint(g: Optional[torch.Tensor], shape) -> torch.Tensor:  # updated in place: a copy
-            return torch.zeros(shape, device=dev, dtype=torch.float32) if g is None else g.float().contiguous().clone()
-
-        shape1, shape2 = (b, h, hidden, d), (b, h, d, hidden)
-        g1, g2 = adjoint(dw1, shape1), adjoint(dw2, shape2)
-        h1, h2 = (adjoint(ds[0], shape1), adjoint(ds[1], shape2)) if mom else (g1, g2)
-        r1, r2 = torch.empty_like(g1), torch.empty_like(g2)
+        g1, g2, h1, h2, r1, r2 = _state_adjoints(dw1, dw2, ds, mom, (b, h, hidden, d), dev)
         de, dk, dq = (torch.zeros(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
         dw = torch.zeros(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.zeros(3, b * h, n, device=dev, dtype=torch.float32)
