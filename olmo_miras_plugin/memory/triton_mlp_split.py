@@ -17,7 +17,8 @@ buffer with atomics and the *next* launch reads the total, so the kernels run on
 next:
 
     forward launch c:   finish chunk c − 1 (E = Σ − V from the buffer; the update, giving W_c)
-                        start chunk c (read-out into y, keys' prediction into the buffer)
+                        start chunk c (keys' prediction into the buffer; the read-out into y
+                        too without a gradient, else one launch for all chunks afterwards)
     backward launch c:  finish chunk c + 1 (with its total dE: dK, dQ, the adjoints of W_c+1)
                         start chunk c (its share of dE and of the token weights' gradients)
 
@@ -26,7 +27,7 @@ co-resident, and Triton's interpreter runs the same code on CPU (tests). Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
 make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
 (float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
-rows at a time (16 rows: small tiles stay in registers; 64 rows spilled and was 1.5× slower).
+rows at a time (16 rows keep the tiles small; 32 or 64 rows measured 1.3–1.5× slower).
 
 Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats per (batch, head)
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
@@ -54,8 +55,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from .scan import Gates, MemoryRule, ScanState
 from .architecture import ActivationName
+from .scan import Gates, MemoryRule, ScanState
 from .triton_linear import (
     _bd, _env_rows, _interpreted, _precision, _rows, _strides, chunk_coefficients, piece_reason, tensor_reason,
 )
