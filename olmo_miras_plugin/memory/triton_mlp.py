@@ -468,11 +468,13 @@ def rule_reason(rule: MemoryRule) -> Optional[str]:
 
 
 def unsupported_reason(
-    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates,
-    chunk_size: int,
+    rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Optional[Gates],
+    chunk_size: int, training_gate: bool = True,
 ) -> Optional[str]:
     """Why the MLP kernel cannot run this call at all (None: it can), independent of where the
-    piece starts and ends (see :func:`mlp_scan` for that)."""
+    piece starts and ends (see :func:`mlp_scan` for that). ``training_gate=False`` leaves out the
+    opt-in for training through these kernels (the hidden-split kernels, which need no ``gates``
+    here, share the other checks)."""
     if triton is None:
         return "triton is not installed"
     reason = rule_reason(rule)
@@ -480,7 +482,7 @@ def unsupported_reason(
         return reason
     if rule.optimizer.uses_momentum and state.momentum is None:
         return "the momentum optimizer needs a state with momentum"
-    if _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
+    if training_gate and _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
         return (
             "the clipped MLP memory's Triton backward is slower than the compiled scan (docs/performance.md); "
             f"set {TRAIN_ENV}=1 to train through it anyway, or max_grad_norm=inf for the fast hidden-split kernels"

@@ -57,10 +57,9 @@ import torch
 
 from .architecture import ActivationName
 from .scan import Gates, MemoryRule, ScanState
-from .triton_linear import (
-    _bd, _env_rows, _interpreted, _precision, _rows, _strides, chunk_coefficients, piece_reason, tensor_reason,
-)
-from .triton_mlp import _f32, _state_adjoints, rule_reason, triton
+from . import triton_mlp
+from .triton_linear import _bd, _env_rows, _interpreted, _precision, _rows, _strides, chunk_coefficients, piece_reason
+from .triton_mlp import _f32, _state_adjoints, triton
 
 if triton is not None:
     import triton.language as tl
@@ -477,19 +476,13 @@ def unsupported_reason(
     rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, chunk_size: int
 ) -> Optional[str]:
     """Why the hidden-split kernels cannot run this call at all (None: they can), independent of
-    where the piece starts and ends (see :func:`split_mlp_scan` for that)."""
-    if triton is None:
-        return "triton is not installed"
+    where the piece starts and ends (see :func:`split_mlp_scan` for that): the clip, else the
+    checks every MLP kernel makes (:func:`~.triton_mlp.unsupported_reason`, no opt-in needed)."""
     if os.environ.get(SPLIT_ENV, "1") == "0":
         return f"{SPLIT_ENV}=0"
-    reason = rule_reason(rule)
-    if reason is not None:
-        return reason
     if rule.optimizer.max_grad_norm is not None:
         return "the hidden-split MLP kernels do not do the per-token clip (max_grad_norm=inf turns it off)"
-    if rule.optimizer.uses_momentum and state.momentum is None:
-        return "the momentum optimizer needs a state with momentum"
-    return tensor_reason(state, k, v, q, chunk_size)
+    return triton_mlp.unsupported_reason(rule, state, k, v, q, None, chunk_size, training_gate=False)
 
 
 def split_mlp_scan(
