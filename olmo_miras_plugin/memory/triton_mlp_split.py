@@ -64,7 +64,7 @@ from .triton_mlp import _f32, _state_adjoints, triton
 if triton is not None:
     import triton.language as tl
 
-    from .triton_mlp import _act, _act_grad, _act_grad2
+    from .triton_mlp import _act, _act_grad, _act_grad2, _key_block
 
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
@@ -110,6 +110,29 @@ if triton is not None:
             tl.atomic_add(y_ptr + (out_base + rows[:, None]) * D + rd[None, :], Yq, mask=row_mask, sem="relaxed")
 
     @triton.jit
+    def _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C: tl.constexpr):
+        """Rows of K and E = prediction − V (float32, the prediction summed over all hidden units
+        by the previous launch) and the rows' offsets in the ``(BH, T, D)`` buffers."""
+        out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
+        K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
+        V = tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
+        E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
+        return K, E, out_rows
+
+    @triton.jit
+    def _clip(K, E, aa_ptr, dd_ptr, tok, tau):
+        """The clip of these rows (:mod:`.triton_mlp`'s formulas) from the totals ‖Ak_t‖², ‖D_t‖²
+        over all hidden units at ``tok`` (rows of the ``(BH, T)`` buffers): ‖Ak‖², ‖D‖², ‖e‖²,
+        ‖k‖², n_t = ‖e‖²‖Ak‖² + ‖D‖²‖k‖² + 1e-12, raw_t = τ / √n_t and σ_t = min(1, raw_t)."""
+        aa = tl.load(aa_ptr + tok)
+        dd = tl.load(dd_ptr + tok)
+        ee = tl.sum(E * E, axis=1)
+        kk = tl.sum(K * K, axis=1)
+        nrm = ee * aa + dd * kk + 1e-12
+        raw = tau * tl.rsqrt(nrm)
+        return aa, dd, ee, kk, nrm, raw, tl.minimum(raw, 1.0)
+
+    @triton.jit
     def _split_read_kernel(
         q_ptr, sq_b, sq_h, sq_t, y_ptr, w1_ptr, w2_ptr, H, N, D, F,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, RB: tl.constexpr, GELU: tl.constexpr,
@@ -129,18 +152,22 @@ if triton is not None:
     def _split_fwd_kernel(
         k_ptr, v_ptr, q_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t,
         y_ptr, pk_ptr,  # (BH, T, D) float32, zeroed: read-out and keys' prediction, summed by atomics
+        aa_ptr, dd_ptr,  # (BH, T) float32, zeroed (clip only): ‖Ak_t‖², ‖D_t‖², summed by atomics
         ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # (BH, N), (BH, N), (BH, N), (BH, N, C), (BH, N, C)
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, NS, F, D), (BH, NS, D, F): state slots (chunk c in slot c % NS)
-        c, H, N, NS, D, F,
+        c, H, N, NS, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
-        PREC: tl.constexpr, RB: tl.constexpr, READ: tl.constexpr,
+        PREC: tl.constexpr, RB: tl.constexpr, READ: tl.constexpr, CLIP: tl.constexpr,
     ):
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         row_mask = dmask[None, :]
         fd = F * D
         slot = bh * NS + c % NS
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
         if c > 0:
-            # Finish chunk c − 1 (its keys' prediction is complete: the previous launch summed it).
+            # Finish chunk c − 1 (its keys' prediction is complete: the previous launch summed it;
+            # with the clip, so is ‖D‖²: :func:`_split_norm_kernel` ran in between).
             cp = c - 1
             prev = bh * NS + cp % NS
             W1 = tl.load(w1_ptr + prev * fd + off1, mask=mask1, other=0.0)
@@ -162,17 +189,18 @@ if triton is not None:
             for r0 in range(0, C, RB):
                 rr = r0 + tl.arange(0, RB)
                 rows = (cp * C + rr).to(tl.int64)
-                out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
-                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
-                K = K.to(tl.float32)
-                V = tl.load(v_ptr + b * sv_b + h * sv_h + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
-                E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
+                K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)  # (RB, BF)
                 Ak = _act(Hk, GELU)
                 Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)  # (RB, BF)
                 wa = tl.load(wa_ptr + cc * C + rr)
+                if CLIP:  # ω = σ∘w
+                    _, _, _, _, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, bh * N * C + rows, tau)
+                    wa = wa * sig
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
+                    if CLIP:
+                        ws = ws * sig
                     S1 = tl.dot(tl.trans(Dk * (-ws)[:, None]), K, acc=S1, input_precision=PREC)
                     S2 = tl.dot(tl.trans(E * (-ws)[:, None]), Ak, acc=S2, input_precision=PREC)
                 acc1 = tl.dot(tl.trans(Dk * (-wa)[:, None]), K, acc=acc1, input_precision=PREC)  # (BF, BD)
@@ -188,48 +216,86 @@ if triton is not None:
             W1 = tl.load(w1_ptr + slot * fd + off1, mask=mask1, other=0.0)
             W2 = tl.load(w2_ptr + slot * fd + off2, mask=mask2, other=0.0)
         if c < N:
-            # Start chunk c at W_c: this slice's share of the keys' prediction (and of the read-out:
-            # with saved states :func:`_split_read_kernel` does all chunks' at once afterwards).
+            # Start chunk c at W_c: this slice's share of the keys' prediction, of ‖Ak‖² with the
+            # clip, and of the read-out (with saved states :func:`_split_read_kernel` does all
+            # chunks' at once afterwards).
             if READ:
                 q_base = q_ptr + b * sq_b + h * sq_h
                 _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, row_mask, D, C, RB, GELU, PREC)
             for r0 in range(0, C, RB):
                 rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
                 out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
-                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
+                K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
                 Ak = _act(tl.dot(K.to(tl.float32), tl.trans(W1), input_precision=PREC), GELU)
                 Yk = tl.dot(Ak, tl.trans(W2), input_precision=PREC)
                 tl.atomic_add(pk_ptr + out_rows, Yk, mask=row_mask, sem="relaxed")
+                if CLIP:
+                    tl.atomic_add(aa_ptr + bh * N * C + rows, tl.sum(Ak * Ak, axis=1), sem="relaxed")
+
+    @triton.jit
+    def _split_norm_kernel(
+        k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+        pk_ptr,  # (BH, T, D): the keys' prediction, complete for chunk c
+        dd_ptr,  # (BH, T), as the forward's: this slice's share of ‖D_t‖² goes in by atomics
+        w1_ptr, w2_ptr,  # the forward's state slots
+        c, H, N, NS, D, F,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
+        RB: tl.constexpr,
+    ):
+        """With the clip, between forward launches c and c + 1: ‖D_t‖² needs chunk c's whole E, so
+        it is a second sum over hidden units per chunk (and a second launch)."""
+        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        st = (bh * NS + c % NS) * F * D
+        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
+        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        for r0 in range(0, C, RB):
+            rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
+            K, E, _ = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, dmask[None, :], D, N, C)
+            _, _, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+            tl.atomic_add(dd_ptr + bh * N * C + rows, tl.sum(Dk * Dk, axis=1), sem="relaxed")
 
     @triton.jit
     def _split_bwd_kernel(
         k_ptr, v_ptr, q_ptr, dy_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sdy_b, sdy_h, sdy_t,
         pk_ptr,  # (BH, T, D): the forward's keys' prediction
+        aa_ptr, dd_ptr,  # (BH, T): the forward's ‖Ak_t‖², ‖D_t‖² (clip only)
         ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # as the forward's
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
         g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D) / (BH, D, F): adjoints of W, S at the current chunk end
         r1_ptr, r2_ptr,  # the read weights' adjoint (written at chunk 0)
         scr_ptr,  # (2, 4, BH, C, F): Hk, B, dD and dAk's part without dE, kept from start to finish
         de_ptr, dk_ptr, dq_ptr,  # (BH, T, D) float32, zeroed, summed by atomics (dV = −dE)
+        xe_ptr,  # (BH, T, D) float32, zeroed (clip only): ∂dE/∂(2 dn), summed by atomics
+        dsig_ptr,  # (BH, T) float32, zeroed (clip only): ∂L/∂σ, summed by atomics
+        dn_ptr,  # (BH, T) float32 (clip only): 2 ∂L/∂n, so that dV = −(dE + dn ∘ xe) afterwards
         dw_ptr,  # (2, BH, N, C), zeroed: d w_A, d w_S
         dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
-        c, H, N, D, F,
+        c, H, N, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
-        PREC: tl.constexpr, RB: tl.constexpr,
+        PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
     ):
         """Launch c: finish chunk c + 1, then start chunk c (c = N − 1 … −1). With G, H the adjoints
-        of a chunk's end state and ω = w (no clip), from :func:`~.triton_mlp._mlp_bwd_kernel`:
+        of a chunk's end state, ω = σ∘w and dn = 2 ∂L/∂n (:func:`~.triton_mlp._mlp_bwd_kernel`):
 
             start (this slice's share):  dω_A = −rowsum(D ∘ K G₁ᵀ) − rowsum((E G₂) ∘ Ak)
-                                         dE  += dB W₂ᵀ − ω_A∘Ak G₂ᵀ − ω_S∘Ak H₂ᵀ,  dB = dD ∘ act'(Hk),
-                                         dD   = −(ω_A∘K G₁ᵀ + ω_S∘K H₁ᵀ)
-            finish (with the total dE):  dAk = dE W₂ − ω_A∘E G₂ − ω_S∘E H₂
+                                         ∂L/∂σ = dω_A∘w_A + dω_S∘w_S
+                                         dE₀ += dB₀ W₂ᵀ − ω_A∘Ak G₂ᵀ − ω_S∘Ak H₂ᵀ,  dB₀ = dD₀ ∘ act'(Hk),
+                                         dD₀  = −(ω_A∘K G₁ᵀ + ω_S∘K H₁ᵀ)
+                                         xe  += ‖k‖² (D ∘ act'(Hk)) W₂ᵀ  (+ ‖Ak‖² E, once)
+            finish (with the totals):    dn = −∂L/∂σ · raw / n where raw ≤ 1, else 0
+                                         dE = dE₀ + dn xe,   dD = dD₀ + dn ‖k‖² D
+                                         dAk = dE W₂ − ω_A∘E G₂ − ω_S∘E H₂ + dn ‖e‖² Ak
                                          dHk = dAk ∘ act'(Hk) + dD ∘ B ∘ act''(Hk)
-                                         dK  += dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁,   dQ += dHq W₁
+                                         dK  += dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁ (+ dn ‖D‖² K, once),   dQ += dHq W₁
                                          G ← a_keep G + (via W₁: dHkᵀ K + dHqᵀ Q; via W₂: Eᵀ dB + dEᵀ Ak + dYᵀ Aq)
                                          H ← a_mom G + s_keep H
 
-        The start half keeps Hk, B, dD and dAk's part without dE for the finish half (no recompute).
+        dE is linear in the per-token dn, which needs ∂L/∂σ summed over all hidden units: summing
+        dE₀ and xe separately keeps one launch per chunk with the clip too (without it σ = 1,
+        dn = 0 and xe, ∂L/∂σ are not formed). "Once": by the head's first program. The start half
+        keeps Hk, B, dD₀ and dAk's part without dE for the finish half (no recompute).
         """
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         row_mask = dmask[None, :]
@@ -238,6 +304,9 @@ if triton is not None:
         rf = f0 + tl.arange(0, BF)
         kmask = (rf < F)[None, :]
         BHCF = tl.num_programs(0).to(tl.int64) * C * F
+        lead = tl.program_id(1) == 0  # adds the terms that are not a sum over hidden units
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
         G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0)
         H1 = G1
@@ -268,22 +337,34 @@ if triton is not None:
                 R1 = tl.dot(tl.trans(dHq), Q, acc=R1, input_precision=PREC)  # (BF, BD)
                 R2 = tl.dot(tl.trans(dY), _act(Hq, GELU), acc=R2, input_precision=PREC)  # (BD, BF)
                 # The keys' part, with the total dE of chunk cn and what the previous launch kept.
-                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
-                K = K.to(tl.float32)
-                V = tl.load(v_ptr + b * sv_b + h * sv_h + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
-                E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
+                K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 dE = tl.load(de_ptr + out_rows, mask=row_mask, other=0.0)
                 kept = scr_ptr + (cn % 2) * 4 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
                 Hk = tl.load(kept, mask=kmask, other=0.0)
                 B = tl.load(kept + BHCF, mask=kmask, other=0.0)
                 dD = tl.load(kept + 2 * BHCF, mask=kmask, other=0.0)
-                dAk = tl.dot(dE, W2, acc=tl.load(kept + 3 * BHCF, mask=kmask, other=0.0), input_precision=PREC)
+                dAk = tl.load(kept + 3 * BHCF, mask=kmask, other=0.0)
                 Ak = _act(Hk, GELU)
                 Dk = B * _act_grad(Hk, GELU)
                 wa = tl.load(wa_ptr + cc * C + rr)
+                if CLIP:
+                    tok = bh * N * C + rows
+                    _, dd, ee, kk, nrm, raw, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
+                    dn = tl.where(raw <= 1.0, -tl.load(dsig_ptr + tok) * raw / nrm, 0.0)
+                    if lead:
+                        tl.store(dn_ptr + tok, dn)
+                    dE += dn[:, None] * tl.load(xe_ptr + out_rows, mask=row_mask, other=0.0)
+                    dD += (dn * kk)[:, None] * Dk
+                    dAk += (dn * ee)[:, None] * Ak
+                    wa = wa * sig
+                dAk = tl.dot(dE, W2, acc=dAk, input_precision=PREC)
                 dK = tl.dot(-wa[:, None] * Dk, G1, input_precision=PREC)
+                if CLIP:
+                    dK += (tl.where(lead, dn * dd, 0.0))[:, None] * K
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
+                    if CLIP:
+                        ws = ws * sig
                     dK = tl.dot(-ws[:, None] * Dk, H1, acc=dK, input_precision=PREC)
                 dHk = dAk * _act_grad(Hk, GELU) + dD * B * _act_grad2(Hk, GELU)
                 dK = tl.dot(dHk, W1, acc=dK, input_precision=PREC)
@@ -316,7 +397,8 @@ if triton is not None:
             tl.store(g1_ptr + bh * fd + off1, G1, mask=mask1)
             tl.store(g2_ptr + bh * fd + off2, G2, mask=mask2)
         if c >= 0:
-            # Start chunk c: this slice's share of dE and of dω, with the adjoints of its end state.
+            # Start chunk c: this slice's share of dE (and xe, ∂L/∂σ) and of dω, with the adjoints
+            # of its end state.
             cc = bh * N + c
             st = (bh * (N + 1) + c) * fd
             W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
@@ -324,12 +406,13 @@ if triton is not None:
             for r0 in range(0, C, RB):
                 rr = r0 + tl.arange(0, RB)
                 rows = (c * C + rr).to(tl.int64)
-                out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
-                K = tl.load(k_ptr + b * sk_b + h * sk_h + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
-                K = K.to(tl.float32)
-                V = tl.load(v_ptr + b * sv_b + h * sv_h + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
-                E = tl.load(pk_ptr + out_rows, mask=row_mask, other=0.0) - V.to(tl.float32)
+                K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 wa = tl.load(wa_ptr + cc * C + rr)
+                om_a = wa
+                if CLIP:
+                    tok = bh * N * C + rows
+                    aa, _, _, kk, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
+                    om_a = wa * sig
                 Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
                 Ak = _act(Hk, GELU)
                 B = tl.dot(E, W2, input_precision=PREC)
@@ -337,20 +420,36 @@ if triton is not None:
                 KG1 = tl.dot(K, tl.trans(G1), input_precision=PREC)
                 EG2 = tl.dot(E, G2, input_precision=PREC)
                 g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
-                tl.atomic_add(dw_ptr + cc * C + rr, -g_a, sem="relaxed")
-                dD = -wa[:, None] * KG1
-                X = -wa[:, None] * EG2  # dAk's part without dE
-                dE = tl.dot(-wa[:, None] * Ak, tl.trans(G2), input_precision=PREC)
+                if CLIP:
+                    tl.atomic_add(dw_ptr + cc * C + rr, -g_a * sig, sem="relaxed")
+                    dsig = -g_a * wa
+                else:
+                    tl.atomic_add(dw_ptr + cc * C + rr, -g_a, sem="relaxed")
+                dD = -om_a[:, None] * KG1
+                X = -om_a[:, None] * EG2  # dAk's part without dE
+                dE = tl.dot(-om_a[:, None] * Ak, tl.trans(G2), input_precision=PREC)
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
+                    om_s = ws
+                    if CLIP:
+                        om_s = ws * sig
                     KH1 = tl.dot(K, tl.trans(H1), input_precision=PREC)
                     EH2 = tl.dot(E, H2, input_precision=PREC)
                     g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * EH2, axis=1)
-                    tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, -g_s, sem="relaxed")
-                    dD -= ws[:, None] * KH1
-                    X -= ws[:, None] * EH2
-                    dE = tl.dot(-ws[:, None] * Ak, tl.trans(H2), acc=dE, input_precision=PREC)
+                    if CLIP:
+                        tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, -g_s * sig, sem="relaxed")
+                        dsig -= g_s * ws
+                    else:
+                        tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, -g_s, sem="relaxed")
+                    dD -= om_s[:, None] * KH1
+                    X -= om_s[:, None] * EH2
+                    dE = tl.dot(-om_s[:, None] * Ak, tl.trans(H2), acc=dE, input_precision=PREC)
                 dE = tl.dot(dD * _act_grad(Hk, GELU), tl.trans(W2), acc=dE, input_precision=PREC)
+                if CLIP:
+                    tl.atomic_add(dsig_ptr + tok, dsig, sem="relaxed")
+                    xe = tl.where(lead, aa, 0.0)[:, None] * E
+                    xe = tl.dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), acc=xe, input_precision=PREC)
+                    tl.atomic_add(xe_ptr + out_rows, xe, mask=row_mask, sem="relaxed")
                 # Kept for finishing this chunk in the next launch (two slots: that launch writes
                 # the other one while it reads this).
                 kept = scr_ptr + (c % 2) * 4 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
@@ -383,11 +482,11 @@ def _opts(env: str, warps: int) -> dict:
 
 
 class _SplitMLPScan(torch.autograd.Function):
-    """Same inputs and outputs as :class:`~.triton_mlp._MLPScan` (without the clip's τ)."""
+    """Same inputs and outputs as :class:`~.triton_mlp._MLPScan` (``tau`` None: no clip)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx, k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2, chunk, gelu
+        ctx, k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2, chunk, tau, gelu
     ):
         b, h, t, d = k.shape
         n = t // chunk
@@ -410,6 +509,10 @@ class _SplitMLPScan(torch.autograd.Function):
             s1, s2 = w1, w2  # never read without MOM
         y = torch.zeros(b, h, t, d, device=dev, dtype=torch.float32)
         pk = torch.zeros_like(y)
+        clip = tau is not None
+        # With the clip, ‖Ak_t‖² and ‖D_t‖² summed over hidden units (kept for the backward).
+        aa, dd = (torch.zeros(b * h, t, device=dev, dtype=torch.float32) for _ in range(2)) if clip else (pk, pk)
+        tau_ = float(tau) if clip else 1.0
         prec = _precision(dev)
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BLOCK")
         grid = (b * h, triton.cdiv(hidden, bf))
@@ -417,10 +520,15 @@ class _SplitMLPScan(torch.autograd.Function):
         rb = _rows_per_pass(chunk)
         for c in range(n + 1):
             _split_fwd_kernel[grid](
-                k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, ak, am, sk, wa, ws, w1, w2, s1, s2,
-                c, h, n, ns, d, hidden, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb,
-                READ=not save, **opts,
+                k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2,
+                c, h, n, ns, d, hidden, tau_, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb,
+                READ=not save, CLIP=clip, **opts,
             )
+            if clip and c < n:  # chunk c's ‖D‖², before launch c + 1 applies its update
+                _split_norm_kernel[grid](
+                    k, v, *_strides(k), *_strides(v), pk, dd, w1, w2, c, h, n, ns, d, hidden,
+                    C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=rb, **opts,
+                )
         if save:  # every chunk's start state is kept: all read-outs at once
             _split_read_kernel[(*grid, n)](
                 q, *_strides(q), y, w1, w2, h, n, d, hidden,
@@ -431,16 +539,17 @@ class _SplitMLPScan(torch.autograd.Function):
         if mom:
             outs += [s1[:, :, last].clone(), s2[:, :, last].clone()]
         if save:
-            ctx.save_for_backward(k, v, q, pk, ak, am, sk, wa, ws, w1, w2, s1, s2)
-            ctx.meta = (chunk, gelu, mom, prec, [x.dtype if x is not None else None for x in
+            ctx.save_for_backward(k, v, q, pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2)
+            ctx.meta = (chunk, tau, gelu, mom, prec, [x.dtype if x is not None else None for x in
                         (k, v, q, a_keep, a_mom, s_keep, w_a, w_s, r1, r2, a1, a2, m1, m2)])
         return (y.to(q.dtype), *outs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dw1, dw2, *ds):  # type: ignore[override]
-        k, v, q, pk, ak, am, sk, wa, ws, w1, w2, s1, s2 = ctx.saved_tensors
-        chunk, gelu, mom, prec, dtypes = ctx.meta
+        k, v, q, pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2 = ctx.saved_tensors
+        chunk, tau, gelu, mom, prec, dtypes = ctx.meta
+        clip = tau is not None
         b, h, t, d = k.shape
         n = t // chunk
         hidden = w1.shape[-2]
@@ -452,6 +561,12 @@ class _SplitMLPScan(torch.autograd.Function):
         dw = torch.zeros(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.zeros(3, b * h, n, device=dev, dtype=torch.float32)
         kept = torch.empty(2, 4, b * h, chunk, hidden, device=dev, dtype=torch.float32)
+        if clip:  # dE's part along dn, ∂L/∂σ (both summed by atomics) and dn itself
+            xe = torch.zeros_like(de)
+            dsig = torch.zeros(b * h, t, device=dev, dtype=torch.float32)
+            dn = torch.empty_like(dsig)
+        else:
+            xe, dsig, dn = de, dcoef, dcoef  # never touched without CLIP
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_BLOCK")
         grid = (b * h, triton.cdiv(hidden, bf))
         opts = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS", BWD_WARPS)
@@ -459,29 +574,29 @@ class _SplitMLPScan(torch.autograd.Function):
         for c in range(n - 1, -2, -1):
             _split_bwd_kernel[grid](
                 k, v, q, dy, *_strides(k), *_strides(v), *_strides(q), *_strides(dy), pk,
-                ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, kept, de, dk, dq, dw, dcoef,
-                c, h, n, d, hidden, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, **opts,
+                aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, kept, de, dk, dq, xe, dsig, dn,
+                dw, dcoef, c, h, n, d, hidden, float(tau) if clip else 1.0,
+                C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, CLIP=clip, **opts,
             )
+        dv = -torch.addcmul(de, dn.view(b, h, t, 1), xe) if clip else -de
         grads = [
-            dk, -de, dq,
+            dk, dv, dq,
             dcoef[0].view(b, h, n), dcoef[1].view(b, h, n) if mom else None, dcoef[2].view(b, h, n) if mom else None,
             dw[0].view(b, h, n, chunk), dw[1].view(b, h, n, chunk) if mom else None,
             r1, r2, g1, g2, h1 if mom else None, h2 if mom else None,
         ]
         grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]
-        return (*grads, None, None)
+        return (*grads, None, None, None)
 
 
 def unsupported_reason(
     rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, chunk_size: int
 ) -> Optional[str]:
     """Why the hidden-split kernels cannot run this call at all (None: they can), independent of
-    where the piece starts and ends (see :func:`split_mlp_scan` for that): the clip, else the
+    where the piece starts and ends (see :func:`split_mlp_scan` for that): the knob, else the
     checks every MLP kernel makes (:func:`~.triton_mlp.unsupported_reason`, no opt-in needed)."""
     if os.environ.get(SPLIT_ENV, "1") == "0":
         return f"{SPLIT_ENV}=0"
-    if rule.optimizer.max_grad_norm is not None:
-        return "the hidden-split MLP kernels do not do the per-token clip (max_grad_norm=inf turns it off)"
     return triton_mlp.unsupported_reason(rule, state, k, v, q, None, chunk_size, training_gate=False)
 
 
@@ -502,7 +617,7 @@ def split_mlp_scan(
         coef.accum_keep, coef.accum_from_momentum, coef.momentum_keep,
         coef.accum_token_weight, coef.momentum_token_weight,
         *state.read_weights, *state.accum, *(momentum or (None, None)),
-        c, rule.architecture.activation == ActivationName.gelu,
+        c, optimizer.max_grad_norm, rule.architecture.activation == ActivationName.gelu,
     )
     # decay retention: the next chunk reads W itself
     return y, ScanState([w1, w2], list(s12) if s12 else None, [w1, w2], state.position + t)
