@@ -170,6 +170,7 @@ def test_backward_segments_with_partial_chunks(monkeypatch):
     """Through the dispatcher, in pieces that start and end inside chunks: the gradient crosses
     kernel and PyTorch pieces and the separate read weights of each kernel piece's first chunk."""
     monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
+    monkeypatch.setenv(triton_mlp_split.SPLIT_ENV, "0")  # these kernels, not the hidden-split ones
     rule = mlp_rule(16, 8, 1.0)
     leaves = leaf_inputs(rule, 2, 2, 45, 16)
     want = run_with_grads(chunked_scan, rule, leaves, 8)
@@ -195,6 +196,7 @@ def test_clip_cases_are_what_they_claim():
 def test_segments_with_partial_chunks(monkeypatch):
     """The dispatcher cuts pieces that start/end inside a chunk (PyTorch) around the whole chunks
     (the kernel); the result equals one chunked scan over the whole sequence."""
+    monkeypatch.setenv(triton_mlp_split.SPLIT_ENV, "0")  # these kernels, not the hidden-split ones
     calls = []
     kernel = triton_mlp.mlp_scan
     monkeypatch.setattr(triton_mlp, "mlp_scan", lambda *a: calls.append(a[2].shape[2]) or kernel(*a))
@@ -252,14 +254,20 @@ def test_fallback_reasons(kw, match):
 
 @interpreted
 @pytest.mark.parametrize("kernel_impl", ["triton", "triton_graphed"])
-def test_layer_uses_kernel(monkeypatch, kernel_impl):
-    """``NeuralMemory(impl="triton")`` with the default MLP memory equals ``chunked`` (outputs,
-    carried state, every parameter's gradient) with the whole chunks through the kernels, in two
-    segments; and under ``no_grad``. (Off CUDA, ``triton_graphed`` runs the kernels without graphs.)"""
-    monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
+@pytest.mark.parametrize("split", [True, False])
+def test_layer_uses_kernel(monkeypatch, kernel_impl, split):
+    """``NeuralMemory(impl="triton")`` with the default MLP memory (the clip at τ = 1) equals
+    ``chunked`` (outputs, carried state, every parameter's gradient) with the whole chunks through
+    the kernels (by default the hidden-split ones; ``OLMO_MIRAS_TRITON_SPLIT=0``: one program per
+    head, training opted in), in two segments; and under ``no_grad``. (Off CUDA,
+    ``triton_graphed`` runs the kernels without graphs.)"""
+    module, name = (triton_mlp_split, "split_mlp_scan") if split else (triton_mlp, "mlp_scan")
+    if not split:
+        monkeypatch.setenv(triton_mlp_split.SPLIT_ENV, "0")
+        monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
     calls = []
-    kernel = triton_mlp.mlp_scan
-    monkeypatch.setattr(triton_mlp, "mlp_scan", lambda *a: calls.append(a[2].shape[2]) or kernel(*a))
+    kernel = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a[2].shape[2]) or kernel(*a))
 
     def build(impl):
         torch.manual_seed(0)
@@ -296,29 +304,59 @@ def test_layer_uses_kernel(monkeypatch, kernel_impl):
 
 
 # ---------------------------------------------------------------------------------------- hidden-split kernels
+def record_clip(monkeypatch, rule) -> list:
+    """The per-token clip factors σ the chunked scan computes with ``rule`` from now on (appended
+    to the returned list), to check that a case clips some tokens and not others."""
+    scales: list = []
+    inner = rule.optimizer.clip_scale
+
+    def clip_scale(sq_norm):
+        scale = inner(sq_norm)
+        scales.append(scale.detach().flatten())
+        return scale
+
+    monkeypatch.setattr(rule.optimizer, "clip_scale", clip_scale)
+    return scales
+
+
+def assert_clips_some(scales: list) -> None:
+    clipped = (torch.cat(scales) < 1).float().mean().item()
+    assert 0.1 <= clipped <= 0.9, f"{clipped:.0%} of the tokens clipped: the case does not test the clip"
+
+
 @interpreted
 @pytest.mark.parametrize(
-    "head_dim,expansion,chunk,activation,optimizer,block,rows",
+    "head_dim,expansion,chunk,activation,optimizer,block,rows,tau",
     [
-        (16, 2.0, 8, "gelu", "momentum", None, None),  # one program per head (hidden 32), all rows at once
-        (16, 2.0, 8, "gelu", "momentum", "16", "4"),  # two programs per head; two row passes per chunk
-        (24, 2.0, 4, "silu", "momentum", "16", None),  # d padded to 32; hidden 48 = 3 programs
-        (16, 1.5, 4, "gelu", "gd", "16", None),  # no momentum; hidden 24: a partly padded slice
+        (16, 2.0, 8, "gelu", "momentum", None, None, None),  # one program per head (hidden 32), all rows at once
+        (16, 2.0, 8, "gelu", "momentum", "16", "4", None),  # two programs per head; two row passes per chunk
+        (24, 2.0, 4, "silu", "momentum", "16", None, None),  # d padded to 32; hidden 48 = 3 programs
+        (16, 1.5, 4, "gelu", "gd", "16", None, None),  # no momentum; hidden 24: a partly padded slice
+        # with the clip (τ: about half the tokens clipped, checked)
+        (16, 2.0, 8, "gelu", "momentum", None, None, 6.0),
+        (16, 2.0, 8, "gelu", "momentum", "16", "4", 6.0),
+        (24, 2.0, 4, "silu", "momentum", "16", None, 6.0),
+        (16, 1.5, 4, "gelu", "gd", "16", None, 2.0),
     ],
 )
-def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activation, optimizer, block, rows):
-    """Hidden units split over programs (sums by atomics, one launch per chunk): outputs, final state
-    and every gradient equal autograd through the chunked scan (no clip)."""
+def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activation, optimizer, block, rows, tau):
+    """Hidden units split over programs (sums by atomics, one launch per chunk; two forward
+    launches with the clip): outputs, final state and every gradient equal autograd through the
+    chunked scan."""
     for env, value in (("BLOCK", block), ("BWD_BLOCK", block), ("ROWS", rows)):
         if value:
             monkeypatch.setenv(f"OLMO_MIRAS_TRITON_SPLIT_{env}", value)
-    rule = mlp_rule(head_dim, chunk, None, expansion, activation, optimizer)
-    leaves = leaf_inputs(rule, 2, 2, 4 * chunk, head_dim, theta_max=0.05)
+    rule = mlp_rule(head_dim, chunk, tau, expansion, activation, optimizer)
+    theta_max = 0.5 if tau else 0.05
+    scales = record_clip(monkeypatch, rule) if tau else None
+    leaves = leaf_inputs(rule, 2, 2, 4 * chunk, head_dim, theta_max=theta_max)
     want = run_with_grads(chunked_scan, rule, leaves, chunk)
+    if tau:
+        assert_clips_some(scales)
     got = run_with_grads(triton_mlp_split.split_mlp_scan, rule, leaves, chunk)
     assert_grads_close(got, want, 1e-4)
     # without a gradient the forward keeps two state slots instead of one per chunk
-    k, v, q, gates, state = make_inputs(rule, 2, 2, 5 * chunk, head_dim, theta_max=0.05)
+    k, v, q, gates, state = make_inputs(rule, 2, 2, 5 * chunk, head_dim, theta_max=theta_max)
     with torch.no_grad():
         y_w, s_w = chunked_scan(rule, state, k, v, q, gates, chunk)
         y_g, s_g = triton_mlp_split.split_mlp_scan(rule, state, k, v, q, gates, chunk)
@@ -327,34 +365,36 @@ def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activati
 
 
 @interpreted
-def test_dispatcher_picks_split_without_clip(monkeypatch):
-    """No clip: whole chunks go to the hidden-split kernels (also when training, no opt-in), in
-    pieces that start and end inside chunks; with the clip they go to the one-program kernels."""
+@pytest.mark.parametrize("tau", [None, 1.0])
+def test_dispatcher_picks_split(monkeypatch, tau):
+    """With or without the clip (τ = 1: the titans default), whole chunks go to the hidden-split
+    kernels (also when training, no opt-in), in pieces that start and end inside chunks; with
+    ``OLMO_MIRAS_TRITON_SPLIT=0`` to the one-program kernels."""
     monkeypatch.delenv(triton_mlp.TRAIN_ENV, raising=False)
     calls = []
     for module, name in ((triton_mlp_split, "split_mlp_scan"), (triton_mlp, "mlp_scan")):
         fn = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name: calls.append((_n, a[2].shape[2])) or _fn(*a))
-    rule = mlp_rule(16, 8, None)
-    leaves = leaf_inputs(rule, 2, 2, 45, 16, theta_max=0.05)
+    rule = mlp_rule(16, 8, tau)
+    leaves = leaf_inputs(rule, 2, 2, 45, 16, theta_max=0.5 if tau else 0.05)
     want = run_with_grads(chunked_scan, rule, leaves, 8)
     got = run_with_grads(triton_scan.scan, rule, leaves, 8, segments=[5, 19, 3, 18])
     assert calls == [("split_mlp_scan", 16), ("split_mlp_scan", 8)]
     assert_grads_close(got, want, 1e-4)
     calls.clear()
-    rule = mlp_rule(16, 8, 1.0)
+    monkeypatch.setenv(triton_mlp_split.SPLIT_ENV, "0")
     k, v, q, gates, state = make_inputs(rule, 1, 2, 16, 16)
     with torch.no_grad():
         triton_scan.scan(rule, state, k, v, q, gates, 8)
     assert calls == [("mlp_scan", 16)]
-    monkeypatch.setenv(triton_mlp_split.SPLIT_ENV, "0")
-    assert "OLMO_MIRAS_TRITON_SPLIT=0" in triton_mlp_split.unsupported_reason(mlp_rule(16, 8, None), state, k, v, q, 8)
+    assert "OLMO_MIRAS_TRITON_SPLIT=0" in triton_mlp_split.unsupported_reason(rule, state, k, v, q, 8)
 
 
 def test_split_refuses_bad_input(monkeypatch):
     rule = mlp_rule(16, 4, None)
     k, v, q, gates, state = make_inputs(rule, 1, 2, 8, 16)
-    assert "clip" in triton_mlp_split.unsupported_reason(mlp_rule(16, 4, 1.0), state, k, v, q, 4)
+    if INTERPRETED:  # the clip is no reason (on CPU without the interpreter: "needs CUDA")
+        assert triton_mlp_split.unsupported_reason(mlp_rule(16, 4, 1.0), state, k, v, q, 4) is None
     monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_ROWS", "3")
     with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_ROWS must be a power of two dividing the chunk"):
         triton_mlp_split._rows_per_pass(64)
