@@ -40,7 +40,7 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
     "name",
     [
         "mlp_forward", "mlp_backward", "linear_forward_whole_rows", "linear_backward_whole_rows",
-        "split_forward", "split_backward",
+        "split_forward", "split_backward", "split_forward_clip", "split_norm_clip", "split_backward_clip",
     ],
 )
 def test_kernels_fit_h100_shared_memory(name: str):
@@ -53,9 +53,17 @@ def test_kernels_fit_h100_shared_memory(name: str):
         # with the clip one program holds a head's whole state: the largest linear tiles
         "linear_forward_whole_rows": (triton_linear._fwd_kernel, {**linear, "SAVE": True}, 8),
         "linear_backward_whole_rows": (triton_linear._bwd_kernel, linear, 8),
-        "split_forward": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True}, triton_mlp_split.FWD_WARPS,
-                          triton_mlp_split.STAGES),
-        "split_backward": (triton_mlp_split._split_bwd_kernel, split, triton_mlp_split.BWD_WARPS, triton_mlp_split.STAGES),
+        "split_forward": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True, "CLIP": False},
+                          triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
+        "split_backward": (triton_mlp_split._split_bwd_kernel, {**split, "CLIP": False}, triton_mlp_split.BWD_WARPS,
+                           triton_mlp_split.STAGES),
+        # the clip: the forward's extra ‖D‖² launch and the backward's extra sums (xe, ∂L/∂σ)
+        "split_forward_clip": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True, "CLIP": True},
+                               triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
+        "split_norm_clip": (triton_mlp_split._split_norm_kernel, {k: v for k, v in split.items() if k != "MOM"},
+                            triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
+        "split_backward_clip": (triton_mlp_split._split_bwd_kernel, {**split, "CLIP": True}, triton_mlp_split.BWD_WARPS,
+                                triton_mlp_split.STAGES),
     }
     fn, constexprs, warps, *stages = cases[name]
     shared = _compile_shared_bytes(fn, constexprs, warps, *stages)
