@@ -7,8 +7,8 @@
 - ``scan.py``          the reference loop and the chunk-parallel scan
 - ``triton_scan.py``   ``impl="triton"``: whole chunks to a kernel, the rest to ``scan.py``
 - ``triton_linear.py`` Triton kernels of the linear memory (forward and backward)
-- ``triton_mlp_split.py`` Triton kernels of the depth-2 MLP memory without the clip (hidden units split over programs)
-- ``triton_mlp.py``    Triton kernels of the depth-2 MLP memory, one program per head (with the clip)
+- ``triton_mlp_split.py`` Triton kernels of the depth-2 MLP memory (hidden units split over programs)
+- ``triton_mlp.py``    Triton kernels of the depth-2 MLP memory, one program per head (``OLMO_MIRAS_TRITON_SPLIT=0``)
 - ``cuda_graphs.py``   ``impl="graphed"`` / ``"triton_graphed"``: CUDA-graph capture of a scan
 - ``conv.py``          the short causal conv on q, k, v
 - ``fusion.py``        conv, q/k/v layout and norm, gates / read-out norm: compiled around the scan on CUDA

@@ -1,6 +1,7 @@
 """Triton kernels for the depth-2 MLP memory (``impl="triton"`` / ``"triton_graphed"``): a forward
-kernel (streaming inference, evaluation and generation over long contexts) and a backward kernel
-(training; opt-in, see "Status"), one program per (batch, head), with or without the clip.
+kernel and a backward kernel (training; opt-in, see "Status"), one program per (batch, head), with
+or without the clip. The dispatcher runs the hidden-split kernels of :mod:`.triton_mlp_split`
+instead unless ``OLMO_MIRAS_TRITON_SPLIT=0``.
 
 What they compute is exactly :func:`~.scan.chunked_scan` for a depth-2 MLP memory
 ``M(x) = W₂ act(W₁ x)`` (``W₁``: ``F × d``, ``W₂``: ``d × F``, act = GELU or SiLU, no
@@ -33,15 +34,15 @@ the backward walks the chunks in reverse with the adjoints of W and S in global 
 each chunk's activations from the saved state (formulas in the kernel's docstring, including the
 second derivative of the activation and the clip).
 
-Status (H100): without the clip the dispatcher (``triton_scan``) runs the hidden-split kernels of
-:mod:`.triton_mlp_split` instead, for training and inference; these kernels serve the clipped
-rule. Their forward streams 394k tokens/s per layer at batch 1 (2026-11-25, docs/performance.md).
-Their backward matches autograd through ``chunked_scan`` (interpreter 1e-4; H100 IEEE 1e-3 at
-d = 128, F = 256, C = 64) but is slow: 52.9 ms backward + 10.9 ms forward at 4k tokens
-(2026-11-26) against 18 ms for the whole ``graphed`` layer, because one program per (batch, head)
-uses 16 of 132 SMs at batch 1. So training a *clipped* MLP memory through it is opt-in
-(``OLMO_MIRAS_TRITON_MLP_TRAIN=1``); by default such calls fall back to the compiled PyTorch scan
-(``impl="graphed"``), and ``max_grad_norm=math.inf`` is the fast path.
+Status (H100): the dispatcher (``triton_scan``) runs the hidden-split kernels of
+:mod:`.triton_mlp_split` instead, with and without the clip, for training and inference; these
+kernels are the fallback with ``OLMO_MIRAS_TRITON_SPLIT=0``. Their forward streams 394k tokens/s
+per layer at batch 1 (2026-11-25, docs/performance.md). Their backward matches autograd through
+``chunked_scan`` (interpreter 1e-4; H100 IEEE 1e-3 at d = 128, F = 256, C = 64) but is slow:
+52.9 ms backward + 10.9 ms forward at 4k tokens (2026-11-26) against 18 ms for the whole
+``graphed`` layer, because one program per (batch, head) uses 16 of 132 SMs at batch 1. So
+training a *clipped* MLP memory through them is opt-in (``OLMO_MIRAS_TRITON_MLP_TRAIN=1``); with
+``OLMO_MIRAS_TRITON_SPLIT=0`` and without it such calls fall back to the compiled PyTorch scan.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_PRECISION`` (as for the linear kernel),
 ``OLMO_MIRAS_TRITON_MLP_BLOCK`` (hidden units per forward pass, default 32),
@@ -485,7 +486,8 @@ def unsupported_reason(
     if training_gate and _grad_needed(state, k, v, q, gates) and os.environ.get(TRAIN_ENV) != "1":
         return (
             "the clipped MLP memory's Triton backward is slower than the compiled scan (docs/performance.md); "
-            f"set {TRAIN_ENV}=1 to train through it anyway, or max_grad_norm=inf for the fast hidden-split kernels"
+            f"set {TRAIN_ENV}=1 to train through it anyway, or leave OLMO_MIRAS_TRITON_SPLIT unset for the fast "
+            "hidden-split kernels"
         )
     return tensor_reason(state, k, v, q, chunk_size)
 

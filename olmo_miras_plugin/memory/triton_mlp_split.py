@@ -1,26 +1,36 @@
-"""Hidden-split Triton kernels for the depth-2 MLP memory without the per-token clip: what
-``impl="triton"`` / ``"triton_graphed"`` run for such a memory, training included
-(:mod:`.triton_mlp` keeps the one-program-per-head kernels, which also do the clip).
+"""Hidden-split Triton kernels for the depth-2 MLP memory, with or without the per-token clip:
+what ``impl="triton"`` / ``"triton_graphed"`` run for such a memory, training included
+(:mod:`.triton_mlp` keeps the one-program-per-head kernels, the fallback with
+``OLMO_MIRAS_TRITON_SPLIT=0``).
 
-Same rule and formulas as :mod:`.triton_mlp` (its docstring has them) with σ_t = 1. The
-difference is the layout. One program per (batch, head) runs on 16 of an H100's 132 SMs at batch
-1 and streams its 256–512 KiB of weights through L2 several times per chunk (measured at 4k
-tokens: 10.9 ms forward, 52.9 ms backward). Here each head's hidden units are split over programs
-(``BF`` units each; 8 × 32 at F = 256): a program's slices of W₁, W₂ (and S₁, S₂, and in the
-backward their adjoints) are ``BF × d`` tiles that stay on chip for the chunk, and the grid covers
-the GPU.
+Same rule and formulas as :mod:`.triton_mlp` (its docstring has them). The difference is the
+layout. One program per (batch, head) runs on 16 of an H100's 132 SMs at batch 1 and streams its
+256–512 KiB of weights through L2 several times per chunk (measured at 4k tokens: 10.9 ms
+forward, 52.9 ms backward). Here each head's hidden units are split over programs (``BF`` units
+each; 8 × 32 at F = 256): a program's slices of W₁, W₂ (and S₁, S₂, and in the backward their
+adjoints) are ``BF × d`` tiles that stay on chip for the chunk, and the grid covers the GPU.
 
 Hidden units interact only through sums over all of them: the keys' prediction
-``Σ_f act(K W₁ᵀ) W₂ᵀ`` (forward) and ``dE`` (backward). Programs add their share to a float32
-buffer with atomics and the *next* launch reads the total, so the kernels run one launch per chunk
-(``N + 1`` launches each way), each doing the second half of one chunk and the first half of the
-next:
+``Σ_f act(K W₁ᵀ) W₂ᵀ`` (forward) and ``dE`` (backward), and with the clip the squared norms
+``‖Ak_t‖²``, ``‖D_t‖²`` (forward) and ``∂L/∂σ_t`` (backward). Programs add their share to a float32
+buffer with atomics and the *next* launch reads the total. Without the clip the kernels run one
+launch per chunk (``N + 1`` launches each way), each doing the second half of one chunk and the
+first half of the next:
 
     forward launch c:   finish chunk c − 1 (E = Σ − V from the buffer; the update, giving W_c)
                         start chunk c (keys' prediction into the buffer; the read-out into y
                         too without a gradient, else one launch for all chunks afterwards)
     backward launch c:  finish chunk c + 1 (with its total dE: dK, dQ, the adjoints of W_c+1)
                         start chunk c (its share of dE and of the token weights' gradients)
+
+The clip ``σ_t = min(1, τ / √n_t)``, ``n_t = ‖E_t‖²‖Ak_t‖² + ‖D_t‖²‖k_t‖²``: ``‖Ak_t‖²`` is summed
+with the keys' prediction, but ``D_t = (W₂ᵀ E_t) ∘ act'(h_t)`` needs the whole E_t first, so
+``‖D_t‖²`` is a second sum in sequence. The forward adds a launch per chunk between the two
+halves (:func:`_split_norm_kernel`: E, this slice's ‖D‖²), ``2N + 1`` launches. The backward
+needs ``∂L/∂σ_t`` over all hidden units before ``dn_t = 2 ∂L/∂n_t`` and so dE, but dE is linear
+in dn_t: the start half sums ``dE₀`` (dE at dn = 0) and ``xe = ∂dE/∂dn`` separately with
+``∂L/∂σ``, and the finish half forms ``dE = dE₀ + dn xe``, still ``N + 1`` launches. (Without
+the clip, a constexpr, neither the extra launch nor the extra sums exist.)
 
 The launch boundary is the barrier between programs, so nothing relies on programs being
 co-resident, and Triton's interpreter runs the same code on CPU (tests). Under
@@ -31,14 +41,18 @@ rows at a time (16 rows keep the tiles small; 32 or 64 rows measured 1.3–1.5×
 
 Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats per (batch, head)
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
-a gradient it keeps two state slots, so streaming inference stays flat in T.
+a gradient it keeps two state slots, so streaming inference stays flat in T. The clip adds
+``‖Ak_t‖²``, ``‖D_t‖²`` ``(B·H, T)`` (saved) and, in the backward, ``xe`` ``(B, H, T, d)`` and two
+``(B·H, T)`` buffers.
 
-Measured (H100, 2026-11-26, docs/performance.md): the scan alone 6.6 / 25.0 / 49.6 ms forward +
-backward at 4k / 16k / 32k tokens (OLMo2-1B shapes, batch 1), the whole MLP memory layer 9.2 /
-34.6 / 66.4 ms under ``triton_graphed`` (17.2 ms at 4k for ``graphed`` with the clip); OLMo2-1B +
-MAL every 4th layer trains at 81 % of the base's tokens/s. Each launch is latency-bound (~28 µs
-forward, ~75 µs backward: a chain of small dots), which is what keeps the layer above the ≤ 3 / 8
-/ 16 ms target.
+Measured without the clip (H100, 2026-11-26, docs/performance.md): the scan alone 6.6 / 25.0 /
+49.6 ms forward + backward at 4k / 16k / 32k tokens (OLMo2-1B shapes, batch 1), the whole MLP
+memory layer 9.2 / 34.6 / 66.4 ms under ``triton_graphed`` (17.2 ms at 4k for ``graphed`` with
+the clip); OLMo2-1B + MAL every 4th layer trains at 81 % of the base's tokens/s. Each launch is
+latency-bound (~28 µs forward, ~75 µs backward: a chain of small dots), which is what keeps the
+layer above the ≤ 3 / 8 / 16 ms target. With the clip: not yet measured on a GPU (the forward's
+norm launch per chunk is shorter than a forward launch; the backward's launches do one more dot
+and three more atomic sums per row pass).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,

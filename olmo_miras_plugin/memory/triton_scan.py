@@ -1,9 +1,9 @@
 """``impl="triton"``: route each call to a Triton kernel, with the PyTorch scan for what it can't do.
 
 Kernels (one module each): ``triton_linear`` (linear memory), ``triton_mlp_split`` (depth-2 MLP
-memory without the per-token clip: hidden units split over programs) and ``triton_mlp`` (depth-2
-MLP memory, one program per head, with the clip), each forward and backward. A kernel takes whole chunks from a
-chunk boundary; :func:`scan` runs any partial head/tail chunk through :func:`~.scan.chunked_scan`
+memory with or without the per-token clip: hidden units split over programs) and ``triton_mlp``
+(depth-2 MLP memory, one program per head: only with ``OLMO_MIRAS_TRITON_SPLIT=0``), each forward
+and backward. A kernel takes whole chunks from a chunk boundary; :func:`scan` runs any partial head/tail chunk through :func:`~.scan.chunked_scan`
 and the whole chunks in between through the kernel. Where no kernel can run the call at all
 (another rule, no CUDA, Triton missing, float64, ...) everything
 goes to ``chunked_scan`` (``compiled`` on CUDA), with the reason logged once.
@@ -55,7 +55,7 @@ def kernel_for(
         fn, reason = triton_linear.linear_scan, triton_linear.unsupported_reason(rule, state, k, chunk_size, v, q)
     else:
         fn, reason = triton_mlp_split.split_mlp_scan, triton_mlp_split.unsupported_reason(rule, state, k, v, q, chunk_size)
-        if reason is not None:  # the clip (or a knob): the one-program-per-head kernels
+        if reason is not None:  # OLMO_MIRAS_TRITON_SPLIT=0 (or a shared check, refused again)
             fn, reason = triton_mlp.mlp_scan, triton_mlp.unsupported_reason(rule, state, k, v, q, gates, chunk_size)
     if reason is None and (fn.__name__, k.device.type, k.shape[-1], chunk_size) in _FAILED:
         reason = "the triton kernel failed to launch for this shape before (see the log)"
