@@ -449,14 +449,20 @@ def test_gpu_backward_matches_chunked(monkeypatch, precision: str, tol: float, t
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
-@pytest.mark.parametrize("precision,tol,optimizer", [("ieee", 1e-4, "momentum"), ("tf32", 3e-2, "momentum"), ("tf32", 3e-2, "gd")])
-def test_gpu_split_matches_chunked(monkeypatch, precision: str, tol: float, optimizer: str):
+@pytest.mark.parametrize(
+    "precision,tol,optimizer,tau",
+    [
+        ("ieee", 1e-4, "momentum", None), ("tf32", 3e-2, "momentum", None), ("tf32", 3e-2, "gd", None),
+        ("ieee", 1e-3, "momentum", 1.0), ("tf32", 3e-2, "momentum", 1.0),  # the clip (tolerances as the one-program kernels')
+    ],
+)
+def test_gpu_split_matches_chunked(monkeypatch, precision: str, tol: float, optimizer: str, tau):
     """The hidden-split kernels at OLMo2-1B memory shapes (d = 128, hidden 256, C = 64), fp32
     inputs, against autograd through the chunked scan (IEEE matmuls): outputs, state, gradients."""
     monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    rule = mlp_rule(128, 64, None, optimizer=optimizer)
-    leaves, theta_max = leaf_inputs(rule, 2, 4, 8 * 64, 128, theta_max=0.05)
+    rule = mlp_rule(128, 64, tau, optimizer=optimizer)
+    leaves, theta_max = leaf_inputs(rule, 2, 4, 8 * 64, 128, theta_max=0.5 if tau else 0.05)
     leaves = ([x.detach().cuda().requires_grad_() for x in leaves], theta_max)
     want = run_with_grads(chunked_scan, rule, leaves, 64)
     assert all(torch.isfinite(r).all() for r in want[0])
