@@ -281,9 +281,9 @@ if triton is not None:
         r1_ptr, r2_ptr,  # the read weights' adjoint (written at chunk 0)
         scr_ptr,  # (2, 4, BH, C, F): Hk, B, dD and dAk's part without dE, kept from start to finish
         de_ptr, dk_ptr, dq_ptr,  # (BH, T, D) float32, zeroed, summed by atomics (dV = −dE)
-        xe_ptr,  # (BH, T, D) float32, zeroed (clip only): ∂dE/∂(2 dn), summed by atomics
+        xe_ptr,  # (BH, T, D) float32, zeroed (clip only): ∂dE/∂dn, summed by atomics
         dsig_ptr,  # (BH, T) float32, zeroed (clip only): ∂L/∂σ, summed by atomics
-        dn_ptr,  # (BH, T) float32 (clip only): 2 ∂L/∂n, so that dV = −(dE + dn ∘ xe) afterwards
+        dn_ptr,  # (BH, T) float32 (clip only): dn = 2 ∂L/∂n, for dV = −(dE₀ + dn xe) afterwards
         dw_ptr,  # (2, BH, N, C), zeroed: d w_A, d w_S
         dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
         c, H, N, D, F, tau,
@@ -434,11 +434,11 @@ if triton is not None:
                 KG1 = tl.dot(K, tl.trans(G1), input_precision=PREC)
                 EG2 = tl.dot(E, G2, input_precision=PREC)
                 g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
-                if CLIP:
-                    tl.atomic_add(dw_ptr + cc * C + rr, -g_a * sig, sem="relaxed")
+                dw_a = -g_a
+                if CLIP:  # d w = dω ∘ σ;  ∂L/∂σ = Σ dω ∘ w
+                    dw_a = dw_a * sig
                     dsig = -g_a * wa
-                else:
-                    tl.atomic_add(dw_ptr + cc * C + rr, -g_a, sem="relaxed")
+                tl.atomic_add(dw_ptr + cc * C + rr, dw_a, sem="relaxed")
                 dD = -om_a[:, None] * KG1
                 X = -om_a[:, None] * EG2  # dAk's part without dE
                 dE = tl.dot(-om_a[:, None] * Ak, tl.trans(G2), input_precision=PREC)
@@ -450,11 +450,11 @@ if triton is not None:
                     KH1 = tl.dot(K, tl.trans(H1), input_precision=PREC)
                     EH2 = tl.dot(E, H2, input_precision=PREC)
                     g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * EH2, axis=1)
+                    dw_s = -g_s
                     if CLIP:
-                        tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, -g_s * sig, sem="relaxed")
+                        dw_s = dw_s * sig
                         dsig -= g_s * ws
-                    else:
-                        tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, -g_s, sem="relaxed")
+                    tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, dw_s, sem="relaxed")
                     dD -= om_s[:, None] * KH1
                     X -= om_s[:, None] * EH2
                     dE = tl.dot(-om_s[:, None] * Ak, tl.trans(H2), acc=dE, input_precision=PREC)
