@@ -288,7 +288,8 @@ if triton is not None:
         k_ptr, dy_ptr, sk_b, sk_h, sk_t, sdy_b, sdy_h, sdy_t,
         wa_ptr, ws_ptr,  # (BH, N, C)
         e_save_ptr,  # (BH, T, D)
-        a_save_ptr, s_save_ptr, da_save_ptr, ds_save_ptr,  # (BH, N, D, D)
+        a_save_ptr, s_save_ptr,  # (BH, N, D, D)
+        adj_ptr,  # (2, BH, N, D, D): dA', dS' of each chunk's end state (two planes of one buffer)
         dk_ptr, dv_ptr, dq_ptr,  # (BH, T, D) float32
         d_coef_ptr,  # (3, BH, N) float32: d a_keep, d a_mom, d s_keep
         d_w_ptr,  # (2, BH, N, C): d w_A, d w_S
@@ -304,7 +305,10 @@ if triton is not None:
             dK = −(σw_A∘E) dA' − (σw_S∘E) dS' + dE A (+ (2 d_n ‖e‖²)∘K)
             d w_A = σ⟨e, U_A⟩,  d w_S = σ⟨e, U_S⟩,  d a_keep = ⟨dA', A⟩, d a_mom = ⟨dA', S⟩, d s_keep = ⟨dS', S⟩
 
-        The state's rows are visited BR at a time, so no d×d matrix is ever held whole.
+        The state's rows are visited BR at a time, so no d×d matrix is ever held whole. dA' and dS'
+        are loaded as one ``(2·BR, d)`` tile with their rows interleaved, so U_A, U_S come from one
+        dot and both adjoints' share of dK from another (K = 2·BR): two dots fewer per row block
+        than one per adjoint, whose K = BR = 16 dots are what this kernel spends its time on.
         """
         pid = tl.program_id(0).to(tl.int64)
         c = tl.program_id(1).to(tl.int64)
@@ -345,6 +349,8 @@ if triton is not None:
         d_am = 0.0
         d_sk = 0.0
         mat_base = cc * D * D
+        plane = tl.num_programs(0).to(tl.int64) * N * D * D  # dS' plane offset in adj
+        ri = tl.arange(0, 2 * BR)  # interleaved rows: 2j → dA'[r0 + j], 2j + 1 → dS'[r0 + j]
         for r0 in range(0, D, BR):
             rr = r0 + tl.arange(0, BR)
             rmask = rr < D
@@ -352,18 +358,22 @@ if triton is not None:
             mat_mask = rmask[:, None] & dmask[None, :]
             A = tl.load(a_save_ptr + mat_off, mask=mat_mask, other=0.0)
             S = tl.load(s_save_ptr + mat_off, mask=mat_mask, other=0.0)
-            dA = tl.load(da_save_ptr + mat_off, mask=mat_mask, other=0.0)
-            dS = tl.load(ds_save_ptr + mat_off, mask=mat_mask, other=0.0)
+            adj_rows = r0 + ri // 2
+            adj = tl.load(  # (2·BR, BD)
+                adj_ptr + (ri % 2).to(tl.int64)[:, None] * plane + mat_base + adj_rows[:, None] * D + rd[None, :],
+                mask=(adj_rows < D)[:, None] & dmask[None, :], other=0.0,
+            )
+            dA, dS = tl.split(tl.permute(tl.reshape(adj, (BR, 2, BD)), (0, 2, 1)))
             E = tl.load(e_base + rr[None, :], mask=rmask[None, :], other=0.0)
             dY = tl.load(dy_base + rr[None, :], mask=rmask[None, :], other=0.0).to(tl.float32)
-            Ua = -tl.dot(K, tl.trans(dA), input_precision=PREC)  # (C, BR)
-            Us = -tl.dot(K, tl.trans(dS), input_precision=PREC)
+            Ua, Us = tl.split(tl.reshape(-tl.dot(K, tl.trans(adj), input_precision=PREC), (C, BR, 2)))  # (C, BR) each
             g_wa += tl.sum(E * Ua, axis=1)
             g_ws += tl.sum(E * Us, axis=1)
             dE = wa[:, None] * Ua + ws[:, None] * Us
             tl.store(dv_ptr + (pid * N * C + rows[:, None]) * D + rr[None, :], -dE, mask=rmask[None, :])
-            dK = tl.dot(E * (-wa)[:, None], dA, acc=dK, input_precision=PREC)
-            dK = tl.dot(E * (-ws)[:, None], dS, acc=dK, input_precision=PREC)
+            # −(σw_A∘E) dA' − (σw_S∘E) dS' as one dot over the interleaved rows
+            E_w = tl.reshape(tl.join(E * (-wa)[:, None], E * (-ws)[:, None]), (C, 2 * BR))
+            dK = tl.dot(E_w, adj, acc=dK, input_precision=PREC)
             dK = tl.dot(dE, A, acc=dK, input_precision=PREC)
             dQ = tl.dot(dY, A, acc=dQ, input_precision=PREC)
             if CLIP:
@@ -390,7 +400,7 @@ if triton is not None:
         tl.store(d_coef_ptr + 2 * n_all + cc, d_sk)
 
 
-def _bwd_parallel(k, e, dy, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau, prec):
+def _bwd_parallel(k, e, dy, w_a, w_s, a_save, s_save, adj_save, chunk, tau, prec):
     """Gradients of the per-chunk inputs, all chunks at once (:func:`_bwd_parallel_kernel`), from the
     saved chunk-start states and the adjoints of each chunk's end state (from :func:`_bwd_kernel`)."""
     b, h, t, d = k.shape
@@ -402,7 +412,7 @@ def _bwd_parallel(k, e, dy, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, t
     clip_c = torch.empty(b * h, t, device=dev, dtype=torch.float32) if tau is not None else d_coef
     bd = _bd(d)
     _bwd_parallel_kernel[(b * h, n)](
-        k, dy, *_strides(k), *_strides(dy), w_a, w_s, e, a_save, s_save, da_save, ds_save,
+        k, dy, *_strides(k), *_strides(dy), w_a, w_s, e, a_save, s_save, adj_save,
         dk, dv, dq, d_coef, d_w, clip_c,
         h, n, d, float(tau) if tau is not None else 1.0,
         # 16 rows × 4 warps: fastest of (4|8 warps) × (16|32|64 rows) on an H100 at T = 16k, d = 128
@@ -527,7 +537,8 @@ class _LinearScan(torch.autograd.Function):
         zeros = lambda: torch.zeros(b, h, d, d, device=k.device, dtype=torch.float32)  # noqa: E731
         da_out = zeros() if da_out is None else da_out.float().contiguous()
         ds_out = zeros() if ds_out is None else ds_out.float().contiguous()
-        da_save, ds_save = torch.empty_like(a_save), torch.empty_like(s_save)
+        adj_save = torch.empty(2, *a_save.shape, device=a_save.device, dtype=torch.float32)  # dA', dS' planes
+        da_save, ds_save = adj_save[0], adj_save[1]
         dw0, da0, ds0 = zeros(), zeros(), zeros()
         bd = _bd(d)
         _bwd_kernel[(b * h, bd // bv)](
@@ -538,9 +549,9 @@ class _LinearScan(torch.autograd.Function):
             C=chunk, BD=bd, BV=bv, CLIP=tau is not None, PREC=prec, **_launch_opts(bv),
         )
         dk, dv, dq, d_coefs = _bwd_parallel(
-            k, e_save, dy, w_a, w_s, a_save, s_save, da_save, ds_save, chunk, tau, prec
+            k, e_save, dy, w_a, w_s, a_save, s_save, adj_save, chunk, tau, prec
         )
-        del da_save, ds_save
+        del adj_save, da_save, ds_save
         d_coefs = [g.to(dt) for g, dt in zip(d_coefs, coef_dts)]
         return dk.to(k.dtype), dv.to(v_dt), dq.to(q.dtype), *d_coefs, dw0.to(read_dt), da0.to(accum_dt), ds0.to(mom_dt), None, None
 
