@@ -104,3 +104,35 @@ def test_gpu_graphed_segments_match_chunked(monkeypatch, impl: str, depth: int, 
         errs = {n: rel(a, b) for (n, _), a, b in zip(m.named_parameters(), gp_f, gp_r) if b.norm() > 0}
         assert max(errs.values()) < tol, errs
         assert st_f.read_weights[0] is st_f.accum[0] and st_f.position == 96
+
+
+def test_gpu_linear_long_segments_run_without_graph(monkeypatch):
+    """Linear memory under ``triton_graphed``: segments of at least ``eager_from_tokens`` tokens
+    run the kernels without a graph (copying into the graph's buffers costs more than the launches
+    it saves), shorter ones are captured; outputs and gradients equal the chunked scan's either way."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", "ieee")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+    def build(name: str):
+        torch.manual_seed(0)
+        cfg = NeuralMemoryConfig.from_preset("titans", d_model=64, n_heads=4, chunk_size=16, impl=name, check_finite=False)
+        cfg.architecture.depth = 1
+        return cfg.build(init_device="cuda")
+
+    ref, fast = build("chunked"), build("triton_graphed")
+    graphed = fast._graphed_triton_scan
+    assert graphed._eager_from_tokens is not None  # the linear memory's default threshold
+    monkeypatch.setattr(graphed, "_eager_from_tokens", 64)
+    x = torch.randn(2, 96, 64, device="cuda")
+    results = []
+    for m in (ref, fast):
+        xi = x.clone().requires_grad_()
+        y1, st = m(xi[:, :32])  # 32 tokens: captured
+        y2, st = m(xi[:, 32:], st)  # 64 tokens: eager
+        (torch.cat([y1, y2], 1).square().sum() + st.accum[0].sum()).backward()
+        results.append((torch.cat([y1, y2], 1).detach(), xi.grad))
+    (y_r, gx_r), (y_f, gx_f) = results
+    assert ((y_f - y_r).norm() / y_r.norm()).item() < 1e-4
+    assert ((gx_f - gx_r).norm() / gx_r.norm()).item() < 1e-4
+    assert len(graphed._graphs) == 1

@@ -17,6 +17,10 @@ from .state import MemoryState
 
 __all__ = ["NeuralMemory"]
 
+# impl="triton_graphed" with the linear memory runs segments of at least this many tokens without
+# the CUDA graph (GraphedChunkedScan's eager_from_tokens; docs/performance.md, sixth session).
+LINEAR_EAGER_FROM_TOKENS = 16384
+
 
 def _inner_dtype(dtype: torch.dtype) -> torch.dtype:
     """The memory state's dtype: at least float32 (float64 stays float64, for gradcheck)."""
@@ -66,7 +70,9 @@ class NeuralMemory(nn.Module):
             architecture, config.objective.build(), config.retention.build(), config.optimizer.build()
         )
         self._graphed_scan = GraphedChunkedScan()
-        self._graphed_triton_scan = GraphedChunkedScan(triton_scan.scan)
+        self._graphed_triton_scan = GraphedChunkedScan(
+            triton_scan.scan, eager_from_tokens=LINEAR_EAGER_FROM_TOKENS if architecture.depth == 1 else None
+        )
         self.last_diagnostics: Optional[Dict[str, torch.Tensor]] = None
         self.record_diagnostics = False
         if init_device != "meta":
