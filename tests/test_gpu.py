@@ -64,6 +64,17 @@ def test_gpu_non_finite_input_reported():
         m(x)
 
 
+def _small_titans_layer(impl: str, depth: int, max_grad_norm=None):
+    """A titans memory layer at d_model 64, 4 heads, chunk 16 on CUDA, seeded (same weights for
+    every impl); ``max_grad_norm`` overrides the preset's (inf: no clip)."""
+    torch.manual_seed(0)
+    cfg = NeuralMemoryConfig.from_preset("titans", d_model=64, n_heads=4, chunk_size=16, impl=impl, check_finite=False)
+    cfg.architecture.depth = depth
+    if max_grad_norm is not None:
+        cfg.optimizer.max_grad_norm = max_grad_norm
+    return cfg.build(init_device="cuda")
+
+
 @pytest.mark.parametrize(
     "impl,depth,max_grad_norm,tol",
     [("graphed", 2, None, 1e-4), ("triton_graphed", 1, None, 1e-4), ("triton_graphed", 2, math.inf, 1e-4)],
@@ -76,16 +87,7 @@ def test_gpu_graphed_segments_match_chunked(monkeypatch, impl: str, depth: int, 
         pytest.importorskip("triton")
         monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", "ieee")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-    def build(name: str):
-        torch.manual_seed(0)
-        cfg = NeuralMemoryConfig.from_preset("titans", d_model=64, n_heads=4, chunk_size=16, impl=name, check_finite=False)
-        cfg.architecture.depth = depth
-        if max_grad_norm is not None:  # inf: the MLP memory goes through the hidden-split kernels
-            cfg.optimizer.max_grad_norm = max_grad_norm
-        return cfg.build(init_device="cuda")
-
-    ref, fast = build("chunked"), build(impl)
+    ref, fast = (_small_titans_layer(name, depth, max_grad_norm) for name in ("chunked", impl))
     for _ in range(2):
         x = torch.randn(2, 96, 64, device="cuda")
         results = []
@@ -113,14 +115,7 @@ def test_gpu_linear_long_segments_run_without_graph(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", "ieee")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-
-    def build(name: str):
-        torch.manual_seed(0)
-        cfg = NeuralMemoryConfig.from_preset("titans", d_model=64, n_heads=4, chunk_size=16, impl=name, check_finite=False)
-        cfg.architecture.depth = 1
-        return cfg.build(init_device="cuda")
-
-    ref, fast = build("chunked"), build("triton_graphed")
+    ref, fast = (_small_titans_layer(name, depth=1) for name in ("chunked", "triton_graphed"))
     graphed = fast._graphed_triton_scan
     assert graphed._eager_from_tokens is not None  # the linear memory's default threshold
     monkeypatch.setattr(graphed, "_eager_from_tokens", 64)
