@@ -27,14 +27,16 @@ class MemoryImpl(StrEnum):
     """``compiled``, with the whole forward+backward captured as CUDA graphs per input shape
     (CUDA only; see ``cuda_graphs.py`` for when it falls back to ``compiled``)."""
     triton = "triton"
-    """Fused Triton kernels for the linear memory (``architecture.depth=1``, l2 objective, decay
-    retention, momentum; the ``titans`` rule): one program per (batch, head) runs every chunk with
-    the state on chip. Partial chunks, other rules, CPU tensors or a missing ``triton`` fall back
-    to ``compiled`` (CUDA) / ``chunked`` (CPU); see ``triton_linear.py``."""
+    """Fused Triton kernels, forward and backward, for the ``titans`` rule (l2 objective, decay
+    retention, momentum (the MLP memory also plain gd), with or without the inner clip) with a linear memory
+    (``architecture.depth=1``: ``triton_linear.py``) or the depth-2 MLP memory
+    (``triton_mlp_split.py``). Partial chunks go through the chunked scan; other rules, CPU
+    tensors or a missing ``triton`` fall back to ``compiled`` (CUDA) / ``chunked`` (CPU)."""
     triton_graphed = "triton_graphed"
     """``triton``, with the forward+backward captured as CUDA graphs per input shape (as ``graphed``
-    does for ``compiled``): removes the ~3 ms of Python/launch overhead per call that dominates at
-    4k tokens. For fixed-shape training loops (each new shape captures and keeps a graph)."""
+    does for ``compiled``): removes the Python/launch overhead per call that dominates at 4k
+    tokens (the linear memory's segments of ≥ 16k tokens run without the graph, where its input
+    copies cost more). For fixed-shape training loops (each new shape captures and keeps a graph)."""
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {
