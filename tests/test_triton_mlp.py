@@ -429,6 +429,17 @@ def test_gpu_kernel_matches_chunked(monkeypatch, precision: str, tol: float, tau
     assert_states_close(s_g, s_w, max(tol, 2e-2))
 
 
+def _gpu_grads_match_chunked(scan_fn, rule, batch: int, n_chunks: int, theta_max: float, tol: float) -> None:
+    """``scan_fn`` on CUDA at d = 128, 4 heads, C = 64: outputs, state and every gradient against
+    autograd through the chunked scan (fp32 inputs)."""
+    leaves, theta_max = leaf_inputs(rule, batch, 4, n_chunks * 64, 128, theta_max=theta_max)
+    leaves = ([x.detach().cuda().requires_grad_() for x in leaves], theta_max)
+    want = run_with_grads(chunked_scan, rule, leaves, 64)
+    assert all(torch.isfinite(r).all() for r in want[0])
+    got = run_with_grads(scan_fn, rule, leaves, 64)
+    assert_grads_close(got, want, tol)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
 @pytest.mark.parametrize("precision,tol,tau", [("ieee", 1e-3, 1.0), ("tf32", 3e-2, 1.0), ("ieee", 1e-3, None)])
@@ -438,13 +449,7 @@ def test_gpu_backward_matches_chunked(monkeypatch, precision: str, tol: float, t
     monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
     monkeypatch.setenv(triton_mlp.TRAIN_ENV, "1")
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    rule = mlp_rule(128, 64, tau)
-    leaves, theta_max = leaf_inputs(rule, 1, 4, 6 * 64, 128, theta_max=0.5 if tau else 0.02)
-    leaves = ([x.detach().cuda().requires_grad_() for x in leaves], theta_max)
-    want = run_with_grads(chunked_scan, rule, leaves, 64)
-    assert all(torch.isfinite(r).all() for r in want[0])
-    got = run_with_grads(triton_mlp.mlp_scan, rule, leaves, 64)
-    assert_grads_close(got, want, tol)
+    _gpu_grads_match_chunked(triton_mlp.mlp_scan, mlp_rule(128, 64, tau), 1, 6, 0.5 if tau else 0.02, tol)
 
 
 @pytest.mark.gpu
@@ -462,9 +467,4 @@ def test_gpu_split_matches_chunked(monkeypatch, precision: str, tol: float, opti
     monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     rule = mlp_rule(128, 64, tau, optimizer=optimizer)
-    leaves, theta_max = leaf_inputs(rule, 2, 4, 8 * 64, 128, theta_max=0.5 if tau else 0.05)
-    leaves = ([x.detach().cuda().requires_grad_() for x in leaves], theta_max)
-    want = run_with_grads(chunked_scan, rule, leaves, 64)
-    assert all(torch.isfinite(r).all() for r in want[0])
-    got = run_with_grads(triton_mlp_split.split_mlp_scan, rule, leaves, 64)
-    assert_grads_close(got, want, tol)
+    _gpu_grads_match_chunked(triton_mlp_split.split_mlp_scan, rule, 2, 8, 0.5 if tau else 0.05, tol)

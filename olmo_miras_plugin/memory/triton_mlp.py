@@ -626,11 +626,20 @@ def mlp_scan(
     reason = unsupported_reason(rule, state, k, v, q, gates, chunk_size) or piece_reason(state, k.shape[2], chunk_size)
     if reason is not None:
         raise ValueError(reason)
+    return apply_scan_function(_MLPScan, rule, state, k, v, q, gates, chunk_size)
+
+
+def apply_scan_function(
+    function: type, rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor,
+    gates: Gates, chunk_size: int,
+) -> Tuple[torch.Tensor, ScanState]:
+    """Run an MLP-kernel autograd Function (:class:`_MLPScan` or the split kernels', same inputs
+    and outputs) over whole chunks from a chunk boundary, after the caller's checks."""
     c, t = chunk_size, k.shape[2]
     optimizer = rule.optimizer
     coef = chunk_coefficients(rule, gates, c)
     momentum = state.momentum if optimizer.uses_momentum else None
-    y, w1, w2, *s12 = _MLPScan.apply(
+    y, w1, w2, *s12 = function.apply(
         k, v, q,
         coef.accum_keep, coef.accum_from_momentum, coef.momentum_keep,
         coef.accum_token_weight, coef.momentum_token_weight,

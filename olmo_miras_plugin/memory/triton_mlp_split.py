@@ -69,10 +69,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from .architecture import ActivationName
 from .scan import Gates, MemoryRule, ScanState
 from . import triton_mlp
-from .triton_linear import _bd, _env_rows, _interpreted, _precision, _rows, _strides, chunk_coefficients, piece_reason
+from .triton_linear import _bd, _env_rows, _interpreted, _precision, _rows, _strides, piece_reason
 from .triton_mlp import _f32, _state_adjoints, triton
 
 if triton is not None:
@@ -622,16 +621,4 @@ def split_mlp_scan(
     reason = unsupported_reason(rule, state, k, v, q, chunk_size) or piece_reason(state, k.shape[2], chunk_size)
     if reason is not None:
         raise ValueError(reason)
-    c, t = chunk_size, k.shape[2]
-    optimizer = rule.optimizer
-    coef = chunk_coefficients(rule, gates, c)
-    momentum = state.momentum if optimizer.uses_momentum else None
-    y, w1, w2, *s12 = _SplitMLPScan.apply(
-        k, v, q,
-        coef.accum_keep, coef.accum_from_momentum, coef.momentum_keep,
-        coef.accum_token_weight, coef.momentum_token_weight,
-        *state.read_weights, *state.accum, *(momentum or (None, None)),
-        c, optimizer.max_grad_norm, rule.architecture.activation == ActivationName.gelu,
-    )
-    # decay retention: the next chunk reads W itself
-    return y, ScanState([w1, w2], list(s12) if s12 else None, [w1, w2], state.position + t)
+    return triton_mlp.apply_scan_function(_SplitMLPScan, rule, state, k, v, q, gates, chunk_size)
