@@ -606,14 +606,24 @@ class _MLPScan(torch.autograd.Function):
                 raise
             log.warning("MLP memory backward kernel: %s; retrying with IEEE float32 dots", e)
             launch("ieee")
-        grads = [
-            dk, dv, dq,
-            dcoef[0].view(b, h, n), dcoef[1].view(b, h, n) if mom else None, dcoef[2].view(b, h, n) if mom else None,
-            dw[0].view(b, h, n, chunk), dw[1].view(b, h, n, chunk) if mom else None,
-            r1, r2, g1, g2, h1 if mom else None, h2 if mom else None,
-        ]
-        grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]
-        return (*grads, None, None, None)
+        return _input_grads(dk, dv, dq, dcoef, dw, (r1, r2, g1, g2, h1, h2), mom, chunk, dtypes)
+
+
+def _input_grads(dk, dv, dq, dcoef, dw, state_grads, mom: bool, chunk: int, dtypes) -> tuple:
+    """Both MLP kernel Functions' backward return: gradients in the inputs' order and dtypes
+    (``dcoef`` ``(3, B·H, N)``, ``dw`` ``(2, B·H, N, C)``; ``state_grads`` = read weights' W₁, W₂,
+    accumulator's, momentum's), None for the momentum terms without momentum and the non-tensors."""
+    b, h, t, _ = dk.shape
+    n = t // chunk
+    r1, r2, g1, g2, h1, h2 = state_grads
+    grads = [
+        dk, dv, dq,
+        dcoef[0].view(b, h, n), dcoef[1].view(b, h, n) if mom else None, dcoef[2].view(b, h, n) if mom else None,
+        dw[0].view(b, h, n, chunk), dw[1].view(b, h, n, chunk) if mom else None,
+        r1, r2, g1, g2, h1 if mom else None, h2 if mom else None,
+    ]
+    grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]
+    return (*grads, None, None, None)
 
 
 def mlp_scan(

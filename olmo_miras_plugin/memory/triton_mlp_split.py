@@ -72,7 +72,7 @@ import torch
 from .scan import Gates, MemoryRule, ScanState
 from . import triton_mlp
 from .triton_linear import _bd, _env_rows, _interpreted, _precision, _rows, _strides, piece_reason
-from .triton_mlp import _f32, _state_adjoints, triton
+from .triton_mlp import _f32, _input_grads, _state_adjoints, triton
 
 if triton is not None:
     import triton.language as tl
@@ -592,14 +592,7 @@ class _SplitMLPScan(torch.autograd.Function):
                 C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, CLIP=clip, **opts,
             )
         dv = -torch.addcmul(de, dn.view(b, h, t, 1), xe) if clip else -de
-        grads = [
-            dk, dv, dq,
-            dcoef[0].view(b, h, n), dcoef[1].view(b, h, n) if mom else None, dcoef[2].view(b, h, n) if mom else None,
-            dw[0].view(b, h, n, chunk), dw[1].view(b, h, n, chunk) if mom else None,
-            r1, r2, g1, g2, h1 if mom else None, h2 if mom else None,
-        ]
-        grads = [None if g is None or dt is None else g.to(dt) for g, dt in zip(grads, dtypes)]
-        return (*grads, None, None, None)
+        return _input_grads(dk, dv, dq, dcoef, dw, (r1, r2, g1, g2, h1, h2), mom, chunk, dtypes)
 
 
 def unsupported_reason(
