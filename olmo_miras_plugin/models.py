@@ -82,8 +82,10 @@ class MirasMemoryConfig(Config):
     depth: Optional[int] = None
     """Memory MLP depth; ``None`` keeps the preset's."""
     expansion: Optional[float] = None
+    theta_max: Optional[float] = None
+    """Cap of the inner learning rate θ; ``None`` keeps the preset's."""
     theta_init: Optional[float] = None
-    """Initial inner learning rate θ (gate bias); ``None`` keeps the preset's (titans: 0.01)."""
+    """Initial inner learning rate θ (gate bias); ``None`` keeps the preset's."""
     eta_init: Optional[float] = None
     """Initial momentum η; ``None`` keeps the preset's (0.9; presets without momentum ignore it)."""
     alpha_init: Optional[float] = None
@@ -149,7 +151,7 @@ class MirasMemoryConfig(Config):
         )
         if self.impl is not None:
             kwargs["impl"] = self.impl
-        for name in ("theta_init", "eta_init", "alpha_init"):
+        for name in ("theta_max", "theta_init", "eta_init", "alpha_init"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         if self.depth is not None or self.expansion is not None:

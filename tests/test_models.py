@@ -250,7 +250,7 @@ def test_memory_gate_inits_and_inner_clip_reach_every_memory_layer():
     the biases, before any training) and the optimizer's per-token clip, on every memory layer."""
     from olmo_miras_plugin.memory import NeuralMemory
 
-    model = small("mag", theta_init=0.02, eta_init=0.5, alpha_init=1e-3, max_grad_norm=float("inf")).build()
+    model = small("mag", theta_max=0.05, theta_init=0.02, eta_init=0.5, alpha_init=1e-3, max_grad_norm=float("inf")).build()
     model.init_weights(max_seq_len=64, device=torch.device("cpu"))
     mems = [m for m in model.modules() if isinstance(m, NeuralMemory)]
     assert len(mems) == 2
@@ -258,6 +258,7 @@ def test_memory_gate_inits_and_inner_clip_reach_every_memory_layer():
         with torch.no_grad():
             theta = torch.sigmoid(m.w_theta.bias) * m.config.theta_max
             eta, alpha = torch.sigmoid(m.w_eta.bias), torch.sigmoid(m.w_alpha.bias)
+        assert m.config.theta_max == 0.05
         torch.testing.assert_close(theta, torch.full_like(theta, 0.02))
         torch.testing.assert_close(eta, torch.full_like(eta, 0.5))
         torch.testing.assert_close(alpha, torch.full_like(alpha, 1e-3))

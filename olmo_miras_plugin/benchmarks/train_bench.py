@@ -94,10 +94,12 @@ def single_device(args) -> None:
             rows.append(
                 Measurement(
                     name, dict(model=name, seq=seq), sec * 1e3, peak,
-                    extra={"tok_per_s": round(seq / sec), "params": counts["total"], "memory_params": counts["memory"]},
+                    extra={"tok_per_s": round(seq / sec), "params": counts["total"], "memory_params": counts["memory"],
+                           "losses": [round(l, 4) for l in losses]},
                 )
             )
             print(format_table(rows[-1:], ["model", "seq"]).splitlines()[-1], flush=True)
+            print(f"  losses per step: {[round(l, 3) for l in losses]}", flush=True)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -107,6 +109,10 @@ def single_device(args) -> None:
     print(f"\n{device_description(device)}; train step (fwd+bwd+AdamW), bf16 weights, batch 1")
     print(format_table(rows, ["model", "seq"]))
     write_json(args.json, rows, {"device": device_description(device), "date": datetime.date.today().isoformat(), "args": vars(args)})
+    diverged = [r.name for r in rows if not all(math.isfinite(l) for l in r.extra["losses"])]
+    if diverged:
+        # A step time is only a result if the steps trained: NaN/Inf take other code paths.
+        raise SystemExit(f"non-finite loss in {diverged}: these timings are of a diverged run (see the losses above)")
 
 
 def fsdp(args) -> None:

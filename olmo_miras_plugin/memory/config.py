@@ -42,28 +42,35 @@ class MemoryImpl(StrEnum):
 PRESETS: Dict[str, Dict[str, Any]] = {
     # Titans (Behrouz et al., 2024): ℓ = ½‖M(k) − v‖²; S_t = η_t S_{t−1} − θ_t ∇ℓ;
     # M_t = (1 − α_t) M_{t−1} + S_t; M an MLP of depth 2.
-    # Step size: with momentum the effective inner learning rate is θ/(1 − η). At θ = 0.1,
-    # η = 0.9 (effective 1.0) the forward stays finite (gradient clipping) but the *outer*
-    # gradients through 16–64 chunks explode (gate weights 1e3× the output projection's at
-    # OLMo2-1B shapes, T = 1k; a 1B training run diverged at step 2). θ starts at 0.01 and is
-    # capped at 0.1 (effective 0.1 at init), where outer gradients stay at their natural scale.
+    # Step size. A chunk's update sums its C = 64 tokens' gradients taken at the same weights, so
+    # when the keys of a chunk point the same way (real hidden states share a large common
+    # direction) the step acts like C·θ: the inner iteration stops contracting and the *outer*
+    # gradients through the chunk chain grow exponentially with T, while the forward stays finite
+    # (the clip). Measured (docs/memory.md "Inner step size"): OLMo2-1B + MAL every 4th layer at
+    # 8k tokens, θ_init 0.01 / θ_max 0.1 gave infinite gradients at the second step (NaN loss
+    # from the third); θ_init 0.001 / θ_max 0.1 gradients of 3e5; θ_init 0.005 / θ_max 0.01 5e13;
+    # θ_init 0.001 / θ_max 0.01 the base model's scale (≤ 2). tests/test_stability.py checks it.
     "titans": dict(
         objective=AttentionalBiasConfig(name=ObjectiveName.l2),
         retention=RetentionConfig(name=RetentionName.decay),
         optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.momentum),
-        theta_init=0.01,
-        theta_max=0.1,
+        theta_init=0.001,
+        theta_max=0.01,
     ),
     # Moneta (MIRAS): ℓ = (1/p)‖M(k) − v‖_p^p with p = 3; ℓq retention (mirror descent):
     # A_t = (1 − α_t) A_{t−1} − θ_t ∇ℓ;  W_t = A_t / ‖A_t‖_q^{q−2}.
     # The paper's q = 4 made the inner loop chaotic here (float32 and float64 runs of the same
     # layer part ways after a few hundred tokens), as did α = 1e-2 with q = 3: φ grows as ‖A‖
-    # shrinks. q = 3 with α starting at 1e-3 stays stable over long streams.
+    # shrinks. q = 3 with α starting at 1e-3 stays stable over long streams. Step size as for
+    # titans, a further 10× down: with aligned keys θ_init 0.1 / θ_max 1 and even 0.001 / 0.01
+    # made the outer gradients explode (1e10 / 1e5 × the output projection's at 4k tokens).
     "moneta": dict(
         objective=AttentionalBiasConfig(name=ObjectiveName.lp, p=3.0),
         retention=RetentionConfig(name=RetentionName.lq, q=3.0),
         optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.gd),
         alpha_init=1e-3,
+        theta_init=1e-4,
+        theta_max=1e-3,
     ),
     # Yaad (MIRAS): Huber attentional bias (quadratic for |e| ≤ δ, linear beyond: robust to
     # outlier tokens) with decay retention: W_t = (1 − α_t) W_{t−1} − θ_t ∇ℓ_Huber.
@@ -71,6 +78,10 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         objective=AttentionalBiasConfig(name=ObjectiveName.huber, delta=1.0),
         retention=RetentionConfig(name=RetentionName.decay),
         optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.gd),
+        # The titans preset's step size, for the same reason (at θ_init 0.1 / θ_max 1 outer
+        # gradients reached 1e3× the output projection's at 2k tokens with aligned keys).
+        theta_init=0.001,
+        theta_max=0.01,
     ),
     # Memora (MIRAS): ℓ2 attentional bias with KL retention; weights on the simplex:
     # log W_t = (1 − α_t) log W_{t−1} − θ_t ∇ℓ  (up to normalisation), W_t = softmax(log W_t).

@@ -1,0 +1,37 @@
+"""``scripts/bench_train.py`` on CPU: both rows, their losses in the table and JSON, and a loud
+failure when a run diverges (its step times would not be a training result)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from olmo_miras_plugin.benchmarks import train_bench
+
+ARGS = ["--device", "cpu", "--preset", "olmo2_30M", "--vocab-size", "512", "--seq", "64", "--steps", "2", "--impl", "chunked"]
+
+
+def test_bench_train_reports_losses(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bench.json"
+    train_bench.main([*ARGS, "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert [r["name"].split(" ")[1] for r in rows] == ["base", "+"]
+    for r in rows:
+        assert len(r["extra"]["losses"]) == 2 and all(math.isfinite(l) for l in r["extra"]["losses"])
+    assert "of base tok/s" in rows[1]["extra"]["vs_base"]
+    assert "losses per step" in capsys.readouterr().out
+
+
+def test_bench_train_fails_on_a_diverged_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = train_bench.train_steps
+
+    def nan_after_first(*args, **kwargs):
+        times, losses = real(*args, **kwargs)
+        return times, losses[:1] + [math.nan] * (len(losses) - 1)
+
+    monkeypatch.setattr(train_bench, "train_steps", nan_after_first)
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train_bench.main([*ARGS, "--json", str(tmp_path / "bench.json")])
