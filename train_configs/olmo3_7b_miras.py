@@ -49,7 +49,9 @@ def build_experiment(overrides: List[str]) -> MirasExperimentConfig:
         max_tokens=MAX_TOKENS,
         base_lr=2e-5,
         memory_lr=4e-4,
-        bptt_segments=2,
+        # Backprop through one 4,096-token segment: at 8k the memory's outer gradients spiked by
+        # 1e3–1e13 (docs/memory.md, "Inner step size and backprop span"); at 4k they stayed at scale.
+        bptt_segments=1,
         save_interval=500,
         ephemeral_save_interval=100,
     )

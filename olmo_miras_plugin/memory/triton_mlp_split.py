@@ -48,11 +48,10 @@ a gradient it keeps two state slots, so streaming inference stays flat in T. The
 Measured without the clip (H100, 2026-11-26, docs/performance.md): the scan alone 6.6 / 25.0 /
 49.6 ms forward + backward at 4k / 16k / 32k tokens (OLMo2-1B shapes, batch 1), the whole MLP
 memory layer 9.2 / 34.6 / 66.4 ms under ``triton_graphed`` (17.2 ms at 4k for ``graphed`` with
-the clip); OLMo2-1B + MAL every 4th layer trains at 81 % of the base's tokens/s. Each launch is
-latency-bound (~28 µs forward, ~75 µs backward: a chain of small dots), which is what keeps the
-layer above the ≤ 3 / 8 / 16 ms target. With the clip (the titans preset's default): the scan
+the clip). Each launch is latency-bound (~28 µs forward, ~75 µs backward: a chain of small
+dots), which is what keeps the layer above the ≤ 3 / 8 / 16 ms target. With the clip (the titans preset's default): the scan
 9.7 / 36.8 ms, the layer 12.2 / 45.6 ms at 4k / 16k under ``triton_graphed`` (``graphed``: 17.2 /
-67.3 ms), OLMo2-1B + MAL every 4th layer at 76.6 % of the base's tokens/s.
+67.3 ms), OLMo2-1B + MAL every 4th layer at 73.8 % of the base's tokens/s (8k, finite losses).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,
