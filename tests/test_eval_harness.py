@@ -338,3 +338,18 @@ def test_recall_experiment_falls_back_from_fused_memory_paths(
     train = run_experiment(cfg, printer=lambda s: None)["models"]["mag:titans"]["train"]
     assert train["memory_impl"] == "chunked" and train["steps"] == 2
     assert "graphed failed" in train["note"] and "compiled failed" in train["note"]
+
+
+def test_recall_experiment_keeps_its_recorded_step_sizes() -> None:
+    """The recall task keeps the inner step sizes docs/results.md was measured with (the presets
+    now start lower); ``theta_init`` / ``theta_max`` override them."""
+    from olmo_miras_plugin.eval.recall_experiment import RECALL_STEP, build_model_config
+
+    cfg = RecallExperimentConfig.quick()
+    for spec in ("mag:titans", "mal:yaad"):
+        variant = parse_variants(spec)[0]
+        mem = build_model_config(cfg, variant).memory.neural_memory(cfg.d_model, 2)
+        assert (mem.theta_init, mem.theta_max) == RECALL_STEP[variant.preset]
+    cfg.theta_init, cfg.theta_max = 0.002, 0.02
+    mem = build_model_config(cfg, parse_variants("mag:titans")[0]).memory.neural_memory(cfg.d_model, 2)
+    assert (mem.theta_init, mem.theta_max) == (0.002, 0.02)

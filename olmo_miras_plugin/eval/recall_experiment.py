@@ -91,6 +91,17 @@ log = logging.getLogger(__name__)
 
 WINDOW_ONLY = "window"
 
+# θ_init, θ_max per preset for this task, the presets' values when docs/results.md was measured.
+# Recall needs one-shot writes on short sequences (2k tokens, chunk 16, linear memory by default),
+# where these larger steps were stable; the presets now start 5–100× lower for long backprop
+# spans through OLMo hidden states (docs/memory.md, "Inner step size and backprop span").
+RECALL_STEP: Dict[str, Tuple[float, float]] = {
+    "titans": (0.01, 0.1),
+    "moneta": (0.1, 1.0),
+    "yaad": (0.1, 1.0),
+    "memora": (0.1, 1.0),
+}
+
 
 # ---------------------------------------------------------------------------------------------
 # Config
@@ -165,7 +176,9 @@ class RecallExperimentConfig(Config):
     alpha_init: Optional[float] = 1e-3
     """Initial forget rate per token (``None``: the preset's; titans 1e-2)."""
     theta_init: Optional[float] = None
-    """Initial memory learning rate θ (``None``: the preset's; titans 0.1)."""
+    """Initial memory learning rate θ (``None``: :data:`RECALL_STEP`'s for the variant's preset)."""
+    theta_max: Optional[float] = None
+    """Cap of θ (``None``: :data:`RECALL_STEP`'s for the variant's preset)."""
     eta_init: Optional[float] = None
     """Initial momentum η (``None``: the preset's; titans 0.9)."""
 
@@ -329,7 +342,8 @@ def build_model_config(cfg: RecallExperimentConfig, variant: Variant, impl: Opti
         chunk_size=cfg.memory_chunk_size,
         n_heads=cfg.memory_heads,
         depth=cfg.memory_depth,
-        theta_init=cfg.theta_init,
+        theta_init=cfg.theta_init if cfg.theta_init is not None else RECALL_STEP[variant.preset][0],
+        theta_max=cfg.theta_max if cfg.theta_max is not None else RECALL_STEP[variant.preset][1],
         eta_init=cfg.eta_init,
         alpha_init=cfg.alpha_init,
         check_finite=False,
@@ -891,7 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-heads", type=int)
     p.add_argument("--memory-depth", type=int)
     p.add_argument("--alpha-init", type=float, help="initial forget rate (titans preset: 0.01)")
-    p.add_argument("--theta-init", type=float, help="initial memory learning rate (titans preset: 0.1)")
+    p.add_argument("--theta-init", type=float, help="initial memory learning rate (default: RECALL_STEP's)")
+    p.add_argument("--theta-max", type=float, help="cap of the memory learning rate (default: RECALL_STEP's)")
     p.add_argument("--eta-init", type=float, help="initial memory momentum (titans preset: 0.9)")
     p.add_argument("--no-autocast", action="store_true", help="fp32 training on CUDA")
     p.add_argument("--eval-distances", type=int, nargs="+")
@@ -913,7 +928,7 @@ _FLAG_FIELDS = (
     "seed", "steps", "time_budget_s", "batch_size", "lr", "weight_decay", "warmup_steps", "log_every",
     "seq_len", "train_pairs", "curriculum_start_gap", "curriculum_start_pairs", "curriculum_frac", "curriculum_threshold", "d_model", "n_layers", "n_heads",
     "window", "memory_layers", "memory_chunk_size", "memory_impl", "memory_heads", "memory_depth",
-    "alpha_init", "theta_init", "eta_init", "eval_distances", "eval_pairs", "eval_pairs_sweep", "eval_pairs_distance",
+    "alpha_init", "theta_init", "theta_max", "eta_init", "eval_distances", "eval_pairs", "eval_pairs_sweep", "eval_pairs_distance",
     "eval_n_per_cell", "eval_length", "eval_segment_len",
 )
 
