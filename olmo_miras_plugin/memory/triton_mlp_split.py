@@ -165,6 +165,7 @@ if triton is not None:
         k_ptr, v_ptr, q_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t,
         y_ptr, pk_ptr,  # (BH, T, D) float32, zeroed: read-out and keys' prediction, summed by atomics
         aa_ptr, dd_ptr,  # (BH, T) float32, zeroed (clip only): ‖Ak_t‖², ‖D_t‖², summed by atomics
+        kept_ptr,  # (2, BH, C, F) float32 (clip only): chunk c − 1's Hk and D from :func:`_split_norm_kernel`
         ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # (BH, N), (BH, N), (BH, N), (BH, N, C), (BH, N, C)
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, NS, F, D), (BH, NS, D, F): state slots (chunk c in slot c % NS)
         c, H, N, NS, D, F, tau,
@@ -173,6 +174,8 @@ if triton is not None:
     ):
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         row_mask = dmask[None, :]
+        rf = f0 + tl.arange(0, BF)
+        kmask = (rf < F)[None, :]
         fd = F * D
         slot = bh * NS + c % NS
         k_base = k_ptr + b * sk_b + h * sk_h
@@ -202,9 +205,14 @@ if triton is not None:
                 rr = r0 + tl.arange(0, RB)
                 rows = (cp * C + rr).to(tl.int64)
                 K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
-                Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)  # (RB, BF)
+                if CLIP:  # the norm launch formed Hk and D at these weights already
+                    kept = kept_ptr + bh * C * F + rr[:, None] * F + rf[None, :]
+                    Hk = tl.load(kept, mask=kmask, other=0.0)
+                    Dk = tl.load(kept + tl.num_programs(0).to(tl.int64) * C * F, mask=kmask, other=0.0)
+                else:
+                    Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)  # (RB, BF)
+                    Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)  # (RB, BF)
                 Ak = _act(Hk, GELU)
-                Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)  # (RB, BF)
                 wa = tl.load(wa_ptr + cc * C + rr)
                 if CLIP:  # ω = σ∘w
                     _, _, _, _, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, bh * N * C + rows, tau)
@@ -249,14 +257,18 @@ if triton is not None:
         k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         pk_ptr,  # (BH, T, D): the keys' prediction, complete for chunk c
         dd_ptr,  # (BH, T), as the forward's: this slice's share of ‖D_t‖² goes in by atomics
+        kept_ptr,  # (2, BH, C, F): this slice's Hk and D, for the next forward launch's update
         w1_ptr, w2_ptr,  # the forward's state slots
         c, H, N, NS, D, F,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         RB: tl.constexpr,
     ):
         """With the clip, between forward launches c and c + 1: ‖D_t‖² needs chunk c's whole E, so
-        it is a second sum over hidden units per chunk (and a second launch)."""
+        it is a second sum over hidden units per chunk (and a second launch). Hk and D are what the
+        update in launch c + 1 needs too: kept (L2-sized, one slot), not formed twice."""
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        rf = f0 + tl.arange(0, BF)
+        kmask = (rf < F)[None, :]
         st = (bh * NS + c % NS) * F * D
         W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
         W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
@@ -265,8 +277,11 @@ if triton is not None:
         for r0 in range(0, C, RB):
             rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
             K, E, _ = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, dmask[None, :], D, N, C)
-            _, _, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+            Hk, _, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
             tl.atomic_add(dd_ptr + bh * N * C + rows, tl.sum(Dk * Dk, axis=1), sem="relaxed")
+            kept = kept_ptr + bh * C * F + (r0 + tl.arange(0, RB))[:, None] * F + rf[None, :]
+            tl.store(kept, Hk, mask=kmask)
+            tl.store(kept + tl.num_programs(0).to(tl.int64) * C * F, Dk, mask=kmask)
 
     @triton.jit
     def _split_bwd_kernel(
@@ -524,6 +539,8 @@ class _SplitMLPScan(torch.autograd.Function):
         clip = tau is not None
         # With the clip, ‖Ak_t‖² and ‖D_t‖² summed over hidden units (kept for the backward).
         aa, dd = (torch.zeros(b * h, t, device=dev, dtype=torch.float32) for _ in range(2)) if clip else (pk, pk)
+        # With the clip, the last chunk's Hk and D from the norm launch (read by the next update).
+        kept = torch.empty(2, b * h, chunk, hidden, device=dev, dtype=torch.float32) if clip else pk
         tau_ = float(tau) if clip else 1.0
         prec = _precision(dev)
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BLOCK")
@@ -532,13 +549,13 @@ class _SplitMLPScan(torch.autograd.Function):
         rb = _rows_per_pass(chunk)
         for c in range(n + 1):
             _split_fwd_kernel[grid](
-                k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2,
+                k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, aa, dd, kept, ak, am, sk, wa, ws, w1, w2, s1, s2,
                 c, h, n, ns, d, hidden, tau_, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb,
                 READ=not save, CLIP=clip, **opts,
             )
             if clip and c < n:  # chunk c's ‖D‖², before launch c + 1 applies its update
                 _split_norm_kernel[grid](
-                    k, v, *_strides(k), *_strides(v), pk, dd, w1, w2, c, h, n, ns, d, hidden,
+                    k, v, *_strides(k), *_strides(v), pk, dd, kept, w1, w2, c, h, n, ns, d, hidden,
                     C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=rb, **opts,
                 )
         if save:  # every chunk's start state is kept: all read-outs at once
