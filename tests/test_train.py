@@ -192,11 +192,12 @@ def test_tiny_training_lowers_loss_and_records_memory_diagnostics(corpus_dir: Pa
     assert losses[0] > 5.0  # ~ln(259) at init
     assert sum(losses[-5:]) / 5 < losses[0] - 1.5, losses
     last = metrics[25]
-    for name in ("surprise_norm", "theta", "eta", "alpha", "weight_norm", "mag_gate"):
+    for name in ("surprise_norm", "theta", "eta", "alpha", "weight_norm", "mag_gate", "grad_norm"):
         value = last[f"memory/layer1/{name}"]
         assert math.isfinite(value), name
     assert 0 < last["memory/layer1/theta"] < 1 and 0 < last["memory/layer1/alpha"] < 1
     assert last["memory/layer1/surprise_norm"] > 0 and last["memory/layer1/weight_norm"] > 0
+    assert last["memory/layer1/grad_norm"] > 0
     # one LR per optimizer group: embeddings (no decay), memory, gates, base
     assert {f"optim/LR (group {i})" for i in range(4)} <= set(last)
 

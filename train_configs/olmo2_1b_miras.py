@@ -50,9 +50,9 @@ def build_experiment(overrides: List[str]) -> MirasExperimentConfig:
         max_tokens=MAX_TOKENS,
         base_lr=4e-5,
         memory_lr=1e-3,
-        # Backprop through 2 × 2,048 tokens: at 8k the memory's outer gradients spiked by 1e3–1e13
-        # (docs/memory.md, "Inner step size and backprop span"); at 4k they stayed at scale.
-        bptt_segments=2,
+        # Backprop through one 2,048-token segment: the memory's outer gradients explode past ~2K
+        # tokens of backprop (docs/memory.md, "Inner step size and backprop span").
+        bptt_segments=1,
         save_interval=500,
         ephemeral_save_interval=100,
     )

@@ -1,5 +1,5 @@
 """olmo3_32b_miras: Titans MAG memory on a pretrained OLMo 3 32B, base frozen, trained on Dolma 3
-longmino (OLMo 3's long-context mix) with 64K-token instances read as 4K segments.
+longmino (OLMo 3's long-context mix) with 64K-token instances read as 2K segments.
 
     torchrun --nnodes=8 --nproc-per-node=8 ... scripts/train.py olmo3_32b_miras \\
         --pretrained.path=<OLMo-core checkpoint of OLMo 3 32B> \\
@@ -9,7 +9,10 @@ longmino (OLMo 3's long-context mix) with 64K-token instances read as 4K segment
 Why these numbers: attention keeps OLMo 3's 4K sliding window (3 of 4 layers) and its full-attention
 layers carry at most 4K keys across segments (``max_kv_context``), so relative distances stay
 within the 8K context OLMo 3 was pretrained on (no RoPE rescaling); everything beyond reaches a
-token only through the memory, which carries its state across the 16 segments of an instance.
+token only through the memory, which carries its state across the 32 segments of an instance.
+Segments are 2K, not 4K: gradients flow back through one segment (``bptt_segments=1``), and the
+memory's outer gradients explode past ~2K tokens of backprop (docs/memory.md, "Inner step size
+and backprop span").
 Memory sits on every 8th layer, all sliding-window ones (1, 9, 17, ...). Backprop is cut after
 every segment to bound activation memory. FSDP shards over all ranks; on many nodes HSDP may be
 faster (``--train_module.dp_config.name=hsdp --train_module.dp_config.shard_degree=64``). Train
@@ -26,7 +29,8 @@ from olmo_miras_plugin.train.recipes import frozen_base_memory_experiment
 
 RUN_NAME = "olmo3_32b_miras"
 SEQUENCE_LENGTH = 65_536  # tokens per instance
-SEGMENT_LENGTH = 4_096  # tokens per forward call; memory state carried between them
+SEGMENT_LENGTH = 2_048  # tokens per forward call (and of backprop); memory state carried between them
+MAX_KV_CONTEXT = 4_096  # keys a full-attention layer carries across segments
 GLOBAL_BATCH_SIZE = 64 * SEQUENCE_LENGTH  # ~4M tokens per step
 MAX_TOKENS = 5_000_000_000
 
@@ -38,7 +42,7 @@ def build_experiment(overrides: List[str]) -> MirasExperimentConfig:
         vocab_size=tokenizer.padded_vocab_size(),
         memory=MirasMemoryConfig(block_type="mag", preset="titans", every=8, offset=1, chunk_size=64),
         freeze_base=True,
-        max_kv_context=SEGMENT_LENGTH,
+        max_kv_context=MAX_KV_CONTEXT,
     )
     return frozen_base_memory_experiment(
         RUN_NAME,

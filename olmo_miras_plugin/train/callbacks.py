@@ -61,6 +61,8 @@ class _SurpriseRecorder:
 @dataclass
 class MemoryDiagnosticsCallback(Callback):
     """Per memory layer: surprise (inner-gradient) norm, mean gates θ / η / α, memory weight norm,
+    the gradient norm of the layer's own parameters (``grad_norm``: the first thing to watch, since
+    it grows exponentially with the backprop span once the inner step is too large; docs/memory.md),
     plus the MAG gate, MAC context gate and LM2 gates, as ``memory/layer<i>/<name>`` metrics.
 
     Values are means over every memory call of the step (all micro-batches and segments), on steps
@@ -127,6 +129,12 @@ class MemoryDiagnosticsCallback(Callback):
         self._restore()
         for key, total in self._sums.items():
             self.trainer.record_metric(f"memory/{key}", total / self._counts[key], ReduceType.mean)
+        for layer, mem in self._memories:
+            grads = [p.grad for p in mem.parameters() if p.grad is not None]
+            if grads:
+                local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shard
+                norm = torch.stack([g.float().norm() for g in local]).norm()
+                self.trainer.record_metric(f"memory/{layer}/grad_norm", norm, ReduceType.l2_norm)
         model = self.trainer.train_module.model  # type: ignore[attr-defined]
         for name, module in model.named_modules():
             if isinstance(module, MirasMemoryParts) and module.context_gate is not None:
