@@ -50,13 +50,14 @@ Measured without the clip (H100, 2026-11-26, docs/performance.md): the scan alon
 memory layer 9.2 / 34.6 / 66.4 ms under ``triton_graphed`` (17.2 ms at 4k for ``graphed`` with
 the clip). Each launch is latency-bound (~28 µs forward, ~75 µs backward: a chain of small
 dots), which is what keeps the layer above the ≤ 3 / 8 / 16 ms target. With the clip (the titans preset's default): the scan
-9.7 / 36.8 ms, the layer 12.2 / 45.6 ms at 4k / 16k under ``triton_graphed`` (``graphed``: 17.2 /
-67.3 ms), OLMo2-1B + MAL every 4th layer at 73.8 % of the base's tokens/s (8k, finite losses).
+8.5 / 32.7 ms, the layer 11.1 / 41.1 ms at 4k / 16k under ``triton_graphed`` (``graphed``: 17.2 /
+67.3 ms), OLMo2-1B + MAL every 4th layer at 75.5 % of the base's tokens/s (8k, finite losses).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,
 default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 8),
-``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2),
+``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2; the
+backward with the clip defaults to 1), ``OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES`` (the backward's alone),
 ``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels), ``OLMO_MIRAS_TRITON_SPLIT=0`` (use
 the one-program-per-head kernels instead).
 """
@@ -81,7 +82,7 @@ if triton is not None:
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
-BLOCK, ROWS, FWD_WARPS, BWD_WARPS, STAGES = 32, 16, 4, 8, 2
+BLOCK, ROWS, FWD_WARPS, BWD_WARPS, STAGES, BWD_CLIP_STAGES = 32, 16, 4, 8, 2, 1
 
 
 if triton is not None:
@@ -502,10 +503,11 @@ def _rows_per_pass(chunk: int) -> int:
     return rows
 
 
-def _opts(env: str, warps: int) -> dict:
+def _opts(env: str, warps: int, stages_env: str = "OLMO_MIRAS_TRITON_SPLIT_STAGES", stages: int = STAGES) -> dict:
     if _interpreted():
         return {}
-    return dict(num_warps=int(os.environ.get(env, str(warps))), num_stages=int(os.environ.get("OLMO_MIRAS_TRITON_SPLIT_STAGES", str(STAGES))))
+    chosen = os.environ.get(stages_env) or os.environ.get("OLMO_MIRAS_TRITON_SPLIT_STAGES", str(stages))
+    return dict(num_warps=int(os.environ.get(env, str(warps))), num_stages=int(chosen))
 
 
 class _SplitMLPScan(torch.autograd.Function):
@@ -598,7 +600,10 @@ class _SplitMLPScan(torch.autograd.Function):
             xe, dsig, dn = de, dcoef, dcoef  # never touched without CLIP
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_BLOCK")
         grid = (b * h, triton.cdiv(hidden, bf))
-        opts = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS", BWD_WARPS)
+        # Pipelining the row passes pays without the clip (6.74 vs 7.15 ms at 4k); with it, the
+        # extra live tiles (xe, ∂L/∂σ) make one stage faster (8.49 vs 9.0 ms; H100, 2026-11-26).
+        opts = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS", BWD_WARPS, "OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES",
+                     BWD_CLIP_STAGES if clip else STAGES)
         rb = _rows_per_pass(chunk)
         for c in range(n - 1, -2, -1):
             _split_bwd_kernel[grid](
