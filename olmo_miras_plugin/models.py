@@ -40,6 +40,7 @@ __all__ = [
     "MEMORY_PARAM_MARKER",
     "MirasMemoryConfig",
     "MirasModelConfig",
+    "PRESET_REVISION",
     "is_memory_param",
     "load_base_state_dict",
     "miras_from_preset",
@@ -49,12 +50,38 @@ __all__ = [
     "parameter_report",
     "set_memory_impl",
     "tiny_miras",
+    "upgrade_saved_config",
 ]
 
 log = logging.getLogger(__name__)
 
 MEMORY_PARAM_MARKER = ".miras."
 """Every memory parameter's name contains this; no base parameter's does."""
+
+PRESET_REVISION = 2
+"""Revision of the presets' values that ``MirasMemoryConfig.preset_revision`` selects. A saved
+config names its preset, not the preset's numbers, so a model must keep the values it was
+trained with when the presets change: revision 1 is the inner step size (θ_init, θ_max) before
+2026-11-26 (docs/memory.md, "Inner step size and backprop span"); revision 2 the current one."""
+
+_REVISION_1_STEP = {"titans": (0.01, 0.1), "moneta": (0.1, 1.0), "yaad": (0.1, 1.0), "memora": (0.1, 1.0)}
+"""(θ_init, θ_max) of each preset in revision 1."""
+
+_MEMORY_CONFIG_CLASS = "olmo_miras_plugin.models.MirasMemoryConfig"
+
+
+def upgrade_saved_config(data: Any) -> Any:
+    """A saved config dict (checkpoint or Hugging Face ``miras_config``), with every
+    ``MirasMemoryConfig`` written before ``preset_revision`` existed marked revision 1, so it
+    builds the memory it was trained with. Returns a new dict; call it before ``from_dict``."""
+    if isinstance(data, dict):
+        out = {k: upgrade_saved_config(v) for k, v in data.items()}
+        if out.get("_CLASS_") == _MEMORY_CONFIG_CLASS and "preset_revision" not in out:
+            out["preset_revision"] = 1
+        return out
+    if isinstance(data, list):
+        return [upgrade_saved_config(v) for v in data]
+    return data
 
 DOLMA2_PADDED_VOCAB_SIZE = 100352
 """OLMo2/OLMo3's tokenizer (dolma2, 100,278 tokens) padded to a multiple of 128."""
@@ -92,6 +119,10 @@ class MirasMemoryConfig(Config):
     """Initial forget rate α; ``None`` keeps the preset's (titans 1e-2, moneta 1e-3). Small values
     let early training see gradients from writes far back (e⁻²⁰ of a write survives 2,000 tokens at
     1e-2)."""
+    preset_revision: int = PRESET_REVISION
+    """Which revision of the presets' values ``None`` fields take (:data:`PRESET_REVISION`): new
+    configs get the current one; configs saved before this field existed load as revision 1
+    (:func:`upgrade_saved_config`), so a trained model keeps its inner step size."""
     max_grad_norm: Optional[float] = None
     """Per-token clip of the *inner* (surprise) gradient; ``None`` keeps the default (1.0),
     ``math.inf`` turns clipping off (see ``MemoryOptimizerConfig.max_grad_norm``)."""
@@ -151,6 +182,12 @@ class MirasMemoryConfig(Config):
         )
         if self.impl is not None:
             kwargs["impl"] = self.impl
+        if self.preset_revision not in (1, PRESET_REVISION):
+            raise OLMoConfigurationError(
+                f"memory.preset_revision must be 1 or {PRESET_REVISION}, got {self.preset_revision!r}"
+            )
+        if self.preset_revision == 1:
+            kwargs["theta_init"], kwargs["theta_max"] = _REVISION_1_STEP[self.preset]
         for name in ("theta_max", "theta_init", "eta_init", "alpha_init"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)

@@ -304,3 +304,40 @@ def test_auto_memory_impl_only_where_a_kernel_applies() -> None:
         assert rule_supported(layer.rule) == supported, (preset, depth)
         assert set_memory_impl(model, "auto", cuda) == ("triton" if supported else None)
         assert layer.impl == (MemoryImpl.triton if supported else MemoryImpl.chunked)
+
+
+def test_saved_configs_keep_the_preset_values_they_were_trained_with():
+    """A config names its preset, not the preset's numbers: one saved before the presets' inner
+    step changed (no ``preset_revision``) must still build the θ it was trained with, through
+    every loader (checkpoint / HF conversion / HF config); new configs record the revision."""
+    import json
+
+    from olmo_miras_plugin.eval.harness import _build_from_config
+    from olmo_miras_plugin.hf.configuration_olmo_miras import OlmoMirasConfig
+    from olmo_miras_plugin.hf.convert import miras_config_from_dict
+    from olmo_miras_plugin.memory import NeuralMemory
+    from olmo_miras_plugin.models import PRESET_REVISION, upgrade_saved_config
+
+    new = small("mag").as_config_dict()
+    assert new["memory"]["preset_revision"] == PRESET_REVISION
+    assert MirasModelConfig.from_dict(new).memory.neural_memory(64, 2).theta_max == 2e-3
+    old = json.loads(json.dumps(new))
+    del old["memory"]["preset_revision"]
+    loaders = {
+        "upgrade": lambda d: MirasModelConfig.from_dict(upgrade_saved_config(d)),
+        "convert": lambda d: miras_config_from_dict(d, "test"),
+        "hf": lambda d: OlmoMirasConfig(miras_config=d).miras_model_config(),
+    }
+    for name, load in loaders.items():
+        mem = load(json.loads(json.dumps(old))).memory.neural_memory(64, 2)
+        assert (mem.theta_init, mem.theta_max) == (0.01, 0.1), name
+    model = _build_from_config(old, torch.device("cpu"), 64)
+    thetas = {m.config.theta_max for m in model.modules() if isinstance(m, NeuralMemory)}
+    assert thetas == {0.1}
+    # Explicit values still win; yaad's revision-1 step; a bad revision is refused with the valid ones.
+    old["memory"].update(theta_init=0.02, theta_max=0.05)
+    assert MirasModelConfig.from_dict(upgrade_saved_config(old)).memory.neural_memory(64, 2).theta_max == 0.05
+    yaad = MirasMemoryConfig(preset="yaad", preset_revision=1).neural_memory(64, 2)
+    assert (yaad.theta_init, yaad.theta_max) == (0.1, 1.0)
+    with pytest.raises(OLMoConfigurationError, match="preset_revision must be 1 or 2, got 7"):
+        MirasMemoryConfig(preset_revision=7).neural_memory(64, 2)

@@ -39,7 +39,7 @@ from olmo_core.config import Config
 
 from ..blocks import carry_memory_states, memory_state_modules
 from ..tokenizer import ByteTokenizer
-from ..models import INFERENCE_IMPL_CHOICES, set_memory_impl
+from ..models import INFERENCE_IMPL_CHOICES, set_memory_impl, upgrade_saved_config
 from .scoring import EvalResults, ExampleScore, LogitsFn, PositionBucket, logits_fn_from_module, score_examples
 from .scoring import _aggregate  # per-cell aggregation exactly as score_examples does it
 from .tasks import (
@@ -733,7 +733,7 @@ def _build_from_config(model_cfg: Dict[str, Any], device: torch.device, max_seq_
     """Build the OLMo-core model named by a config dict (``_CLASS_``), initialised on ``device``
     (OLMo-core's ``init_weights``: also sets up RoPE buffers) so a state dict can be loaded in."""
     try:
-        mc = Config.from_dict(dict(model_cfg))
+        mc = Config.from_dict(upgrade_saved_config(dict(model_cfg)))
     except Exception as e:  # noqa: BLE001
         raise CheckpointFormatError(f"can't rebuild the model from config.json: {type(e).__name__}: {e}") from e
     if not hasattr(mc, "build"):

@@ -127,6 +127,6 @@ class OlmoMirasConfig(PretrainedConfig):
                 "it was not written by olmo-miras' converter"
             )
         check_config_classes(self.miras_config)
-        from olmo_miras_plugin.models import MirasModelConfig
+        from olmo_miras_plugin.models import MirasModelConfig, upgrade_saved_config
 
-        return MirasModelConfig.from_dict(copy.deepcopy(self.miras_config))
+        return MirasModelConfig.from_dict(upgrade_saved_config(self.miras_config))

@@ -25,7 +25,6 @@ config under ``"tokenizer"``. Weights are read with safetensors only.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import re
@@ -38,7 +37,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from ..models import MirasModelConfig, is_memory_param
+from ..models import MirasModelConfig, is_memory_param, upgrade_saved_config
 from .checkpoint import CheckpointError, read_model_state
 from .configuration_olmo_miras import BASE_MODEL_TYPES, OlmoMirasConfig, check_config_classes
 
@@ -130,7 +129,7 @@ def miras_config_from_dict(model_dict: Any, where: str) -> MirasModelConfig:
         )
     try:
         check_config_classes(model_dict, where)
-        return MirasModelConfig.from_dict(copy.deepcopy(model_dict))
+        return MirasModelConfig.from_dict(upgrade_saved_config(model_dict))
     except Exception as e:
         raise ConversionError(f"{where}: invalid MirasModelConfig: {e}") from e
 
