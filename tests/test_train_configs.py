@@ -24,6 +24,7 @@ from olmo_miras_plugin.train import (
     load_experiment,
     parameter_counts,
 )
+from olmo_miras_plugin.train.experiment import STABLE_BACKPROP_SPAN, backprop_span
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = ["tiny_miras", "olmo2_1b_miras", "olmo3_7b_miras", "olmo3_32b_miras"]
@@ -82,6 +83,23 @@ def test_pretrained_experiments_follow_the_recipe(name: str) -> None:
     assert "memory/*" in cbs["console_logger"].metrics  # type: ignore[attr-defined]
     with pytest.raises(OLMoConfigurationError, match="--pretrained.path"):
         config.check_ready_to_train()
+    # Backprop through the memory stays where it trained cleanly (docs/memory.md).
+    assert backprop_span(config) == tm.segment_length * tm.bptt_segments <= STABLE_BACKPROP_SPAN
+
+
+def test_long_backprop_span_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """Past the span measured stable, validation warns with the span and the fields to change;
+    within it (the recipes), it says nothing."""
+    with caplog.at_level("WARNING"):
+        load_experiment("olmo2_1b_miras").validate()
+    assert "backprops through" not in caplog.text
+    config = load_experiment("olmo2_1b_miras", ["--train_module.bptt_segments=4"])
+    assert backprop_span(config) == 8192
+    with caplog.at_level("WARNING"):
+        config.validate()
+    assert "backprops through 8,192 tokens" in caplog.text and "--train_module.bptt_segments" in caplog.text
+    whole = load_experiment("olmo2_1b_miras", ["--train_module.bptt_segments=null"])
+    assert backprop_span(whole) == whole.dataset.sequence_length
 
 
 def test_tiny_is_offline_and_small() -> None:

@@ -36,6 +36,7 @@ from olmo_core.train import LoadStrategy, TrainerConfig
 from olmo_core.train.callbacks import ConfigSaverCallback
 from olmo_core.utils import seed_all
 
+from ..blocks import MemoryBlockType
 from .callbacks import HFPretrainedWeightsCallback
 from .overrides import apply_overrides
 from .train_module import CheckpointMismatchError, MirasTrainModuleConfig, classify_parameters
@@ -132,6 +133,15 @@ class MirasExperimentConfig(Config):
                 "train_module.segment_length needs a memory model (MirasModelConfig); "
                 f"model is a {type(self.model).__name__}"
             )
+        span = backprop_span(self)
+        if span is not None and span > STABLE_BACKPROP_SPAN:
+            log.warning(
+                "the neural memory backprops through %s tokens (train_module.segment_length × bptt_segments, "
+                "else the whole sequence); past ~%s its outer gradients were measured to explode on OLMo hidden "
+                "states (docs/memory.md, 'Inner step size and backprop span'): watch memory/layer<i>/grad_norm, "
+                "or set --train_module.segment_length / --train_module.bptt_segments so the product is <= %s",
+                f"{span:,d}", f"{STABLE_BACKPROP_SPAN:,d}", f"{STABLE_BACKPROP_SPAN:,d}",
+            )
         vocab = getattr(self.model, "vocab_size", None) or getattr(
             getattr(self.model, "base", None), "vocab_size", None
         )
@@ -189,6 +199,26 @@ class MirasExperimentConfig(Config):
 
 def _has_memory(model: ModelConfig) -> bool:
     return hasattr(model, "memory") and hasattr(model, "base")
+
+
+STABLE_BACKPROP_SPAN = 2048
+"""Tokens of backprop through the neural memory that trained cleanly on real text with the titans
+preset (OLMo2-1B + MAL, H100, 2026-11-26: memory gradients ~1 at 1–2K, 1e4–1e17 at 4–8K)."""
+
+
+def backprop_span(config: "MirasExperimentConfig") -> Optional[int]:
+    """How many tokens gradients flow back through a neural memory's state in one training
+    instance (``None``: the model has no neural memory, or the sequence length is unknown)."""
+    model = config.model
+    if not _has_memory(model) or model.memory.resolved_block_type() == MemoryBlockType.lm2:
+        return None
+    tm = config.train_module
+    seq = getattr(config.dataset, "sequence_length", None)
+    if tm.segment_length is not None:
+        if tm.bptt_segments is not None:
+            return tm.segment_length * tm.bptt_segments
+        return seq
+    return seq
 
 
 # ---------------------------------------------------------------------------------------------- loading
