@@ -41,6 +41,7 @@ __all__ = [
     "MirasMemoryConfig",
     "MirasModelConfig",
     "PRESET_REVISION",
+    "REVISION_1_STEP",
     "is_memory_param",
     "load_base_state_dict",
     "miras_from_preset",
@@ -64,7 +65,7 @@ config names its preset, not the preset's numbers, so a model must keep the valu
 trained with when the presets change: revision 1 is the inner step size (θ_init, θ_max) before
 2026-11-26 (docs/memory.md, "Inner step size and backprop span"); revision 2 the current one."""
 
-_REVISION_1_STEP = {"titans": (0.01, 0.1), "moneta": (0.1, 1.0), "yaad": (0.1, 1.0), "memora": (0.1, 1.0)}
+REVISION_1_STEP = {"titans": (0.01, 0.1), "moneta": (0.1, 1.0), "yaad": (0.1, 1.0), "memora": (0.1, 1.0)}
 """(θ_init, θ_max) of each preset in revision 1."""
 
 _MEMORY_CONFIG_CLASS = "olmo_miras_plugin.models.MirasMemoryConfig"
@@ -187,7 +188,7 @@ class MirasMemoryConfig(Config):
                 f"memory.preset_revision must be 1 or {PRESET_REVISION}, got {self.preset_revision!r}"
             )
         if self.preset_revision == 1:
-            kwargs["theta_init"], kwargs["theta_max"] = _REVISION_1_STEP[self.preset]
+            kwargs["theta_init"], kwargs["theta_max"] = REVISION_1_STEP[self.preset]
         for name in ("theta_max", "theta_init", "eta_init", "alpha_init"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)

@@ -71,7 +71,7 @@ from olmo_core.nn.transformer import TransformerConfig
 
 from ..memory import MemoryImpl
 from ..memory import PRESETS
-from ..models import MirasMemoryConfig, set_memory_impl, tiny_miras
+from ..models import REVISION_1_STEP, MirasMemoryConfig, set_memory_impl, tiny_miras
 from .harness import evaluate_examples, resolve_device
 from .scoring import CellScore, EvalResults, format_table
 from .tasks import IGNORE_INDEX, EvalExample, MQARTokenSpec, mqar_token_examples
@@ -91,16 +91,12 @@ log = logging.getLogger(__name__)
 
 WINDOW_ONLY = "window"
 
-# θ_init, θ_max per preset for this task, the presets' values when docs/results.md was measured.
-# Recall needs one-shot writes on short sequences (2k tokens, chunk 16, linear memory by default),
-# where these larger steps were stable; the presets now start 5–100× lower for long backprop
-# spans through OLMo hidden states (docs/memory.md, "Inner step size and backprop span").
-RECALL_STEP: Dict[str, Tuple[float, float]] = {
-    "titans": (0.01, 0.1),
-    "moneta": (0.1, 1.0),
-    "yaad": (0.1, 1.0),
-    "memora": (0.1, 1.0),
-}
+# θ_init, θ_max per preset for this task: revision 1 of the presets (``preset_revision=1``), their
+# values when docs/results.md was measured. Recall needs one-shot writes on short sequences (2k
+# tokens, chunk 16, linear memory by default), where these larger steps were stable; the presets
+# now start 5–100× lower for long backprop spans through OLMo hidden states (docs/memory.md,
+# "Inner step size and backprop span").
+RECALL_STEP: Dict[str, Tuple[float, float]] = REVISION_1_STEP
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,8 +338,9 @@ def build_model_config(cfg: RecallExperimentConfig, variant: Variant, impl: Opti
         chunk_size=cfg.memory_chunk_size,
         n_heads=cfg.memory_heads,
         depth=cfg.memory_depth,
-        theta_init=cfg.theta_init if cfg.theta_init is not None else RECALL_STEP[variant.preset][0],
-        theta_max=cfg.theta_max if cfg.theta_max is not None else RECALL_STEP[variant.preset][1],
+        preset_revision=1,  # RECALL_STEP's θ unless set here
+        theta_init=cfg.theta_init,
+        theta_max=cfg.theta_max,
         eta_init=cfg.eta_init,
         alpha_init=cfg.alpha_init,
         check_finite=False,

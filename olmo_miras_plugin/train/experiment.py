@@ -213,12 +213,9 @@ def backprop_span(config: "MirasExperimentConfig") -> Optional[int]:
     if not _has_memory(model) or model.memory.resolved_block_type() == MemoryBlockType.lm2:
         return None
     tm = config.train_module
-    seq = getattr(config.dataset, "sequence_length", None)
-    if tm.segment_length is not None:
-        if tm.bptt_segments is not None:
-            return tm.segment_length * tm.bptt_segments
-        return seq
-    return seq
+    if tm.segment_length is not None and tm.bptt_segments is not None:
+        return tm.segment_length * tm.bptt_segments
+    return getattr(config.dataset, "sequence_length", None)  # backprop through the whole instance
 
 
 # ---------------------------------------------------------------------------------------------- loading
