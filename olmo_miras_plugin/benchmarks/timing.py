@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["Measurement", "measure", "format_table", "write_json", "device_description"]
+__all__ = ["Measurement", "measure", "format_table", "write_json", "write_payload", "device_description"]
 
 
 @dataclass
@@ -92,9 +92,14 @@ def format_table(rows: List[Measurement], columns: List[str]) -> str:
 
 def write_json(path: str, rows: List[Measurement], meta: Dict[str, Any]) -> None:
     """Write the table as JSON (parent folders created), replacing ``path`` atomically."""
+    write_payload(path, {"meta": meta, "results": [asdict(r) for r in rows]})
+
+
+def write_payload(path: str, payload: Dict[str, Any]) -> None:
+    """Write any JSON payload (parent folders created), replacing ``path`` atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump({"meta": meta, "results": [asdict(r) for r in rows]}, f, indent=2)
+        json.dump(payload, f, indent=2)
     os.replace(tmp, target)

@@ -1,0 +1,133 @@
+"""Does the memory's outer gradient stay at scale while a model trains? (docs/memory.md, "Inner
+step size and backprop span".)
+
+Trains OLMo2-1B (or any OLMo-core preset) with memory layers for a few dozen steps, a fresh
+sequence per step, and reports per step the loss, the largest gradient norm among the memory's
+parameters and the total gradient norm (before clipping), then the median, the maximum and the
+spikes (> 100× the median) of the memory's. The exploding outer gradients this looks for grow
+with the backprop span, ``--seq`` here (the whole sequence, no segments).
+
+Text: byte tokens of ``--corpus`` files (default: this repository's ``.py`` and ``.md`` files,
+so it runs offline), or ``--random-tokens`` (one fixed random batch, the throughput benchmark's
+data: it flatters the memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..memory import MemoryImpl
+from ..models import is_memory_param
+from .timing import device_description, write_payload
+from .train_bench import build_model
+
+__all__ = ["main"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SPIKE = 100.0
+"""A step's memory gradient norm counts as a spike past this multiple of the run's median."""
+
+
+def byte_corpus(paths: Optional[List[str]]) -> torch.Tensor:
+    """Byte tokens (0–255) of the given files, or of the repository's ``.py`` / ``.md`` files."""
+    if paths:
+        files = [Path(p) for p in paths]
+    else:
+        files = sorted(
+            p for p in REPO_ROOT.rglob("*")
+            if p.suffix in (".py", ".md") and not any(part.startswith(".") for part in p.relative_to(REPO_ROOT).parts)
+        )
+    data = b"".join(f.read_bytes() for f in files)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+
+def run(args) -> Dict[str, Any]:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = build_model(args, True, str(device))
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    g = torch.Generator().manual_seed(args.seed)
+    if args.random_tokens:
+        fixed = torch.randint(0, args.vocab_size, (1, args.seq), generator=g)
+    else:
+        tokens = byte_corpus(args.corpus)
+        if len(tokens) <= args.seq:
+            raise ValueError(f"the corpus has {len(tokens):,} tokens; --seq {args.seq} needs more")
+    steps: List[Dict[str, float]] = []
+    for step in range(args.steps):
+        if args.random_tokens:
+            x = fixed
+        else:
+            i = int(torch.randint(0, len(tokens) - args.seq, (1,), generator=g))
+            x = tokens[None, i : i + args.seq]
+        x = x.to(device)
+        loss = F.cross_entropy(model(x)[0, :-1].float(), x[0, 1:])
+        loss.backward()
+        memory = max(p.grad.float().norm().item() for n, p in model.named_parameters() if p.grad is not None and is_memory_param(n))
+        clip = args.clip if args.clip > 0 else math.inf
+        total = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        steps.append({"loss": loss.item(), "memory_grad_norm": memory, "total_grad_norm": total})
+        print(f"step {step:3d}  loss {loss.item():8.4f}  memory grad {memory:9.3g}  total grad {total:9.3g}", flush=True)
+    mem = [s["memory_grad_norm"] for s in steps]
+    finite = [m for m in mem if math.isfinite(m)]
+    median = statistics.median(finite) if finite else math.inf
+    summary = {
+        "memory_grad_median": median,
+        "memory_grad_max": max(mem),
+        "spikes": [i for i, m in enumerate(mem) if not m < SPIKE * median],
+        "loss_first": steps[0]["loss"],
+        "loss_last10": statistics.fmean(s["loss"] for s in steps[-10:]),
+    }
+    return {"steps": steps, "summary": summary}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--preset", default="olmo2_1B", help="OLMo-core TransformerConfig preset")
+    p.add_argument("--vocab-size", type=int, default=100352)
+    p.add_argument("--seq", type=int, default=8192, help="tokens per sequence: the backprop span")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--clip", type=float, default=1.0, help="global gradient clipping (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-type", default="mal")
+    p.add_argument("--every", type=int, default=4)
+    p.add_argument("--memory-preset", default="titans")
+    p.add_argument("--chunk", type=int, default=64)
+    p.add_argument("--impl", default="triton_graphed", choices=[i.value for i in MemoryImpl])
+    p.add_argument("--memory-depth", type=int, default=None)
+    p.add_argument("--memory-max-grad-norm", type=float, default=None)
+    p.add_argument("--theta-init", type=float, default=None, help="default: the preset's")
+    p.add_argument("--theta-max", type=float, default=None, help="default: the preset's")
+    p.add_argument("--corpus", nargs="+", help="text files to read as byte tokens (default: this repository's)")
+    p.add_argument("--random-tokens", action="store_true", help="one fixed batch of random tokens instead")
+    p.add_argument("--json", default="runs/bench/bench_stability.json", help="where the JSON goes (default: %(default)s)")
+    args = p.parse_args(argv)
+    if args.vocab_size < 256 and not args.random_tokens:
+        p.error(f"--vocab-size {args.vocab_size} is too small for byte tokens (needs >= 256)")
+    result = run(args)
+    s = result["summary"]
+    print(
+        f"\n{device_description(torch.device(args.device))}; {args.preset} + {args.block_type} every {args.every}, "
+        f"T={args.seq}, {args.steps} steps\nmemory grad norm: median {s['memory_grad_median']:.3g}, "
+        f"max {s['memory_grad_max']:.3g}, spikes (> {SPIKE:g}x median) at steps {s['spikes']}; "
+        f"loss {s['loss_first']:.3f} -> {s['loss_last10']:.3f} (mean of the last 10)"
+    )
+    meta = {"device": device_description(torch.device(args.device)), "date": datetime.date.today().isoformat(), "args": vars(args)}
+    write_payload(args.json, {"meta": meta, **result})
