@@ -129,6 +129,10 @@ class MirasMemoryConfig(Config):
     ``math.inf`` turns clipping off (see ``MemoryOptimizerConfig.max_grad_norm``)."""
     check_finite: bool = True
     """Memory refuses NaN/Inf inputs (one device sync per layer call)."""
+    backprop_span: Optional[int] = None
+    """Truncate the neural memory's backprop every this many tokens inside a sequence (a multiple
+    of ``chunk_size``; see ``NeuralMemoryConfig.backprop_span``); ``None``: no cut inside a call
+    (the train module's ``bptt_segments`` still cuts between segments)."""
     impl: Optional[MemoryImpl] = None
     """Neural-memory implementation (``chunked``, ``compiled``, ...); ``None`` keeps the default."""
     n_persistent: Optional[int] = None
@@ -180,6 +184,7 @@ class MirasMemoryConfig(Config):
             head_dim=self.head_dim,
             chunk_size=self.chunk_size,
             check_finite=self.check_finite,
+            backprop_span=self.backprop_span,
         )
         if self.impl is not None:
             kwargs["impl"] = self.impl

@@ -40,6 +40,7 @@ def test_bench_stability_memory_gradient_is_the_largest_memory_parameter_norm(mo
         device="cpu", preset="olmo2_30M", vocab_size=512, seq=64, steps=1, lr=0.0, warmup=1, clip=0.0, seed=0,
         block_type="mal", every=4, memory_preset="titans", chunk=64, impl="chunked", memory_depth=None,
         memory_max_grad_norm=None, theta_init=None, theta_max=None, corpus=None, random_tokens=True,
+        memory_backprop_span=None,
     )
     got = stability_bench.run(args)["steps"][0]["memory_grad_norm"]
     torch.manual_seed(0)
@@ -55,3 +56,16 @@ def test_bench_stability_refuses_a_short_corpus(tmp_path: Path) -> None:
     text.write_text("tiny")
     with pytest.raises(ValueError, match="the corpus has 4 tokens; --seq 96 needs more"):
         stability_bench.main([*ARGS, "--steps", "1", "--corpus", str(text), "--json", str(tmp_path / "x.json")])
+
+
+def test_bench_stability_passes_the_memory_backprop_span() -> None:
+    """``--memory-backprop-span`` reaches every memory layer (what it does: tests/test_memory_core.py)."""
+    from olmo_miras_plugin.benchmarks.train_bench import build_model
+    from olmo_miras_plugin.memory import NeuralMemory
+
+    args = stability_bench.argparse.Namespace(
+        preset="olmo2_30M", vocab_size=512, block_type="mal", every=4, memory_preset="titans", chunk=32,
+        impl="chunked", memory_depth=None, memory_max_grad_norm=None, memory_backprop_span=64,
+    )
+    layers = [m for m in build_model(args, True, "cpu").modules() if isinstance(m, NeuralMemory)]
+    assert layers and all(m.config.backprop_span == 64 for m in layers)

@@ -203,6 +203,83 @@ def test_detached_state_keeps_forward_values_and_cuts_graph():
     assert m.memory_init[0].grad.abs().sum() > 0
 
 
+def _grads(m: NeuralMemory) -> dict:
+    return {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p) for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("impl", ["reference", "chunked"])
+@pytest.mark.parametrize("preset", ["titans", "memora"])
+def test_backprop_span_equals_detached_pieces(impl: str, preset: str):
+    """``backprop_span`` cuts the state's graph at absolute multiples of the span: one call on the
+    whole sequence gives the outputs and parameter gradients of calls on the pieces between the
+    cuts with the state detached in between (``MemoryState.detach``, tested above). Without the
+    conv, whose 3-token context ``detach`` also cuts and the layer's span does not."""
+    torch.manual_seed(1)
+    x = torch.randn(2, 50, 24)
+    dy = torch.randn(2, 50, 24)
+    cut = build(preset, impl, chunk_size=4, conv_kernel=0, backprop_span=16)
+    ref = build(preset, impl, chunk_size=4, conv_kernel=0)
+    ref.load_state_dict(cut.state_dict())
+    y, state = cut(x)
+    (y * dy).sum().backward()
+    state_ref, outs = None, []
+    for a, b in [(0, 16), (16, 32), (32, 48), (48, 50)]:
+        y_piece, state_ref = ref(x[:, a:b], None if state_ref is None else state_ref.detach())
+        outs.append(y_piece)
+    (torch.cat(outs, 1) * dy).sum().backward()
+    assert rel_err(y, torch.cat(outs, 1)) <= 1e-6
+    g, g_ref = _grads(cut), _grads(ref)
+    for name in g:
+        assert rel_err(g[name], g_ref[name]) <= 1e-5, name
+    # Not a no-op: without the cut the initial memory also gets the later pieces' gradients.
+    whole = build(preset, impl, chunk_size=4, conv_kernel=0)
+    whole.load_state_dict(cut.state_dict())
+    (whole(x)[0] * dy).sum().backward()
+    assert rel_err(whole.memory_init[0].grad, g["memory_init.0"]) > 1e-2
+    # Where the sequence is split between calls does not move the cuts (absolute positions).
+    cut.zero_grad()
+    y1, s1 = cut(x[:, :23])
+    y2, _ = cut(x[:, 23:], s1)
+    assert rel_err(torch.cat([y1, y2], 1), y) <= 1e-6
+    (torch.cat([y1, y2], 1) * dy).sum().backward()
+    for name, grad in _grads(cut).items():
+        assert rel_err(grad, g[name]) <= 1e-5, name
+
+
+def test_backprop_span_keeps_forward_and_conv():
+    """With the conv and no gradient the span changes nothing; the forward values never change."""
+    m = build("titans", chunk_size=8, backprop_span=16)
+    plain = build("titans", chunk_size=8)
+    plain.load_state_dict(m.state_dict())
+    x = torch.randn(2, 40, 24)
+    y, s = m(x)
+    y_plain, s_plain = plain(x)
+    assert torch.equal(y, y_plain)
+    with torch.no_grad():
+        assert torch.equal(m(x)[0], y_plain)
+    y.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
+
+
+def test_detach_keeps_read_weights_the_accumulator():
+    """At a chunk boundary (identity retention) the read weights *are* the accumulator; detaching
+    and mapping the state keep them one tensor (the Triton kernels take a piece's first chunk only
+    then), and keep separate ones separate."""
+    from olmo_miras_plugin.blocks.state import _map_memory_state
+
+    m = build("titans", chunk_size=8)
+    _, s = m(torch.randn(2, 16, 24))
+    assert all(r is a for r, a in zip(s.read_weights, s.accum))
+    for mapped in (s.detach(), _map_memory_state(s, torch.clone)):
+        assert all(r is a for r, a in zip(mapped.read_weights, mapped.accum))
+        assert all(torch.equal(r, a) for r, a in zip(mapped.read_weights, s.read_weights))
+    _, mid = m(torch.randn(2, 5, 24), s)  # ends inside a chunk: the read weights are the chunk start's
+    assert not any(r is a for r, a in zip(mid.read_weights, mid.accum))
+    d = mid.detach()
+    assert not any(r is a for r, a in zip(d.read_weights, d.accum))
+    assert all(torch.equal(r, r0) for r, r0 in zip(d.read_weights, mid.read_weights))
+
+
 # ---------------------------------------------------------------------------------------- numerics
 def test_bf16_autocast_close_to_fp32():
     m = build("titans", d_model=64, n_heads=4, chunk_size=16)
@@ -246,6 +323,8 @@ def test_long_stream_bf16_stays_finite(preset: str):
         (dict(impl="cuda-magic"), "unknown memory impl 'cuda-magic'"),
         (dict(architecture=MemoryArchitectureConfig(depth=7)), "depth must be an integer in 1..4, got 7"),
         (dict(alpha_init=1.5), "alpha_init must be in \\(0, 1\\), got 1.5"),
+        (dict(backprop_span=100), "backprop_span must be a positive multiple of chunk_size=64 .* got 100"),
+        (dict(backprop_span=0), "backprop_span must be a positive multiple of chunk_size=64 .* got 0"),
     ],
 )
 def test_bad_config_errors(kwargs, match):

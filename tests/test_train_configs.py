@@ -100,6 +100,14 @@ def test_long_backprop_span_warns(caplog: pytest.LogCaptureFixture) -> None:
     assert "backprops through 8,192 tokens" in caplog.text and "--train_module.bptt_segments" in caplog.text
     whole = load_experiment("olmo2_1b_miras", ["--train_module.bptt_segments=null"])
     assert backprop_span(whole) == whole.dataset.sequence_length
+    # The layer's own cut bounds the span too, and silences the warning.
+    cut = load_experiment("olmo2_1b_miras", ["--train_module.bptt_segments=4", "--model.memory.backprop_span=1024"])
+    assert backprop_span(cut) == 1024
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        cut.validate()
+    assert "backprops through" not in caplog.text
+    assert cut.model.memory.neural_memory(2048, 16).backprop_span == 1024
 
 
 def test_tiny_is_offline_and_small() -> None:

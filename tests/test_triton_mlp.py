@@ -459,6 +459,7 @@ def test_gpu_backward_matches_chunked(monkeypatch, precision: str, tol: float, t
     [
         ("ieee", 1e-4, "momentum", None), ("tf32", 3e-2, "momentum", None), ("tf32", 3e-2, "gd", None),
         ("ieee", 1e-3, "momentum", 1.0), ("tf32", 3e-2, "momentum", 1.0),  # the clip (tolerances as the one-program kernels')
+        ("bf16", 5e-2, "momentum", 1.0), ("bf16", 5e-2, "momentum", None),  # bfloat16 operands
     ],
 )
 def test_gpu_split_matches_chunked(monkeypatch, precision: str, tol: float, optimizer: str, tau):

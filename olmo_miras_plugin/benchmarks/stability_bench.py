@@ -5,7 +5,8 @@ Trains OLMo2-1B (or any OLMo-core preset) with memory layers for a few dozen ste
 sequence per step, and reports per step the loss, the largest gradient norm among the memory's
 parameters and the total gradient norm (before clipping), then the median, the maximum and the
 spikes (> 100× the median) of the memory's. The exploding outer gradients this looks for grow
-with the backprop span, ``--seq`` here (the whole sequence, no segments).
+with the backprop span: ``--seq`` here (the whole sequence, no segments), or
+``--memory-backprop-span`` where the memory layers cut their own graph inside the sequence.
 
 Text: byte tokens of ``--corpus`` files (default: this repository's ``.py`` and ``.md`` files,
 so it runs offline), or ``--random-tokens`` (one fixed random batch, the throughput benchmark's
@@ -115,6 +116,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--memory-max-grad-norm", type=float, default=None)
     p.add_argument("--theta-init", type=float, default=None, help="default: the preset's")
     p.add_argument("--theta-max", type=float, default=None, help="default: the preset's")
+    p.add_argument(
+        "--memory-backprop-span", type=int, default=None,
+        help="cut the memory's backprop every this many tokens inside the sequence (default: no cut: --seq)",
+    )
     p.add_argument("--corpus", nargs="+", help="text files to read as byte tokens (default: this repository's)")
     p.add_argument("--random-tokens", action="store_true", help="one fixed batch of random tokens instead")
     p.add_argument("--json", default="runs/bench/bench_stability.json", help="where the JSON goes (default: %(default)s)")
@@ -125,7 +130,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     s = result["summary"]
     print(
         f"\n{device_description(torch.device(args.device))}; {args.preset} + {args.block_type} every {args.every}, "
-        f"T={args.seq}, {args.steps} steps\nmemory grad norm: median {s['memory_grad_median']:.3g}, "
+        f"T={args.seq}, memory backprop span {args.memory_backprop_span or args.seq}, {args.steps} steps\nmemory grad norm: median {s['memory_grad_median']:.3g}, "
         f"max {s['memory_grad_max']:.3g}, spikes (> {SPIKE:g}x median) at steps {s['spikes']}; "
         f"loss {s['loss_first']:.3f} -> {s['loss_last10']:.3f} (mean of the last 10)"
     )

@@ -39,6 +39,7 @@ def build_model(args, memory: bool, device: str):
         chunk_size=args.chunk, impl=MemoryImpl(args.impl), check_finite=False,
         depth=args.memory_depth, max_grad_norm=args.memory_max_grad_norm,
         theta_init=getattr(args, "theta_init", None), theta_max=getattr(args, "theta_max", None),
+        backprop_span=getattr(args, "memory_backprop_span", None),
     )
     return miras_from_preset(args.preset, args.vocab_size, memory=mem).build(init_device=device)
 
@@ -79,6 +80,8 @@ def _memory_desc(args) -> str:
         parts.append("linear" if args.memory_depth == 1 else f"depth {args.memory_depth}")
     if args.memory_max_grad_norm is not None:
         parts.append("no clip" if math.isinf(args.memory_max_grad_norm) else f"clip {args.memory_max_grad_norm:g}")
+    if getattr(args, "memory_backprop_span", None) is not None:
+        parts.append(f"backprop span {args.memory_backprop_span}")
     return ", ".join(parts)
 
 
@@ -169,6 +172,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--memory-depth", type=int, default=None, help="memory MLP depth (1: linear memory); default: the preset's")
     p.add_argument(
         "--memory-max-grad-norm", type=float, default=None, help="inner-gradient clip (inf: off); default: the preset's"
+    )
+    p.add_argument(
+        "--memory-backprop-span", type=int, default=None,
+        help="cut the memory's backprop every this many tokens inside the sequence (default: no cut)",
     )
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
     p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")

@@ -44,6 +44,7 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..memory import MemoryState
+from ..memory.state import map_read_weights
 
 __all__ = [
     "LM2State",
@@ -69,11 +70,12 @@ def _map_kv(kv: Optional[KV], fn: TensorFn) -> Optional[KV]:
 
 
 def _map_memory_state(state: MemoryState, fn: TensorFn) -> MemoryState:
+    accum = [fn(t) for t in state.accum]
     return replace(
         state,
-        accum=[fn(t) for t in state.accum],
+        accum=accum,
         momentum=None if state.momentum is None else [fn(t) for t in state.momentum],
-        read_weights=[fn(t) for t in state.read_weights],
+        read_weights=map_read_weights(fn, state.read_weights, state.accum, accum),
         conv=None if state.conv is None else fn(state.conv),
     )
 

@@ -125,6 +125,13 @@ class NeuralMemoryConfig(Config):
     eta_init: float = 0.9
     alpha_init: float = 0.01
     impl: MemoryImpl = MemoryImpl.chunked
+    backprop_span: Optional[int] = None
+    """Cut the memory state's autograd graph at every multiple of this many tokens (absolute
+    positions, a multiple of ``chunk_size``): the outer gradient flows back through at most this
+    many tokens of memory writes, while the forward carries the state through the whole call
+    (truncated backprop inside one sequence). Past ~2K tokens the outer gradients of the MLP
+    memory explode on real hidden states (docs/memory.md, "Inner step size and backprop span").
+    ``None``: backprop through the whole call."""
     check_finite: bool = True
     """Raise on NaN/Inf inputs (one device sync per call; turn off for maximum speed)."""
     dtype: DType = DType.float32
@@ -170,6 +177,15 @@ class NeuralMemoryConfig(Config):
             val = getattr(self, name)
             if not 0 < val < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {val!r}")
+        if self.backprop_span is not None and (
+            not isinstance(self.backprop_span, int)
+            or self.backprop_span <= 0
+            or self.backprop_span % self.chunk_size != 0
+        ):
+            raise ValueError(
+                f"backprop_span must be a positive multiple of chunk_size={self.chunk_size} (or None: "
+                f"no cut), got {self.backprop_span!r}"
+            )
         valid_impls = ", ".join(i.value for i in MemoryImpl)
         try:
             MemoryImpl(self.impl)

@@ -9,8 +9,10 @@ Rules that keep replays correct:
 - one graph per signature (shapes, dtypes, requires_grad, position mod C); a new signature
   captures a new graph (a few warm-up iterations);
 - a graph whose forward was replayed but whose backward has not run yet is *busy*: a second
-  call with the same signature (e.g. the next segment before ``backward``) runs eagerly instead
-  of overwriting the first call's saved activations;
+  call with the same signature before ``backward`` (the next piece of a sequence cut by
+  ``backprop_span``, or the next segment) gets a graph of its own, up to
+  :data:`MAX_GRAPHS_PER_SIGNATURE`, then runs eagerly, instead of overwriting the first call's
+  saved activations;
 - outputs are cloned out of the graph's static buffers, so states a caller keeps are never
   overwritten by a later replay.
 Graphs hold their activations in a private memory pool for the life of the layer: use this for
@@ -26,7 +28,12 @@ import torch
 
 from .scan import Gates, MemoryRule, ScanState, chunked_scan
 
-__all__ = ["GraphedChunkedScan"]
+__all__ = ["GraphedChunkedScan", "MAX_GRAPHS_PER_SIGNATURE"]
+
+MAX_GRAPHS_PER_SIGNATURE = 16
+"""Graphs of one signature that can hold activations at once (a 32k sequence cut every 2k tokens
+needs 16); each keeps its own activations, so together they hold what one graph of the whole
+sequence would."""
 
 
 ScanFn = Callable[[MemoryRule, ScanState, torch.Tensor, torch.Tensor, torch.Tensor, Gates, int], Tuple[torch.Tensor, ScanState]]
@@ -72,9 +79,11 @@ class GraphedChunkedScan:
             or (self._eager_from_tokens is not None and k.shape[2] >= self._eager_from_tokens)
         ):
             return eager()
-        key = (left, chunk_size, share_in, share_out, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in flat))
-        if key in self._busy:
+        signature = (left, chunk_size, share_in, share_out, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in flat))
+        free = [(signature, i) for i in range(MAX_GRAPHS_PER_SIGNATURE) if (signature, i) not in self._busy]
+        if not free:
             return eager()
+        key = free[0]
 
         graphed = self._graphs.get(key)
         if graphed is None:

@@ -13,7 +13,7 @@ from .config import MemoryImpl, NeuralMemoryConfig
 from .conv import ShortCausalConv
 from .cuda_graphs import GraphedChunkedScan
 from .scan import Gates, MemoryRule, ScanState, chunked_scan, reference_scan
-from .state import MemoryState
+from .state import MemoryState, map_read_weights
 
 __all__ = ["NeuralMemory"]
 
@@ -25,6 +25,12 @@ LINEAR_EAGER_FROM_TOKENS = 16384
 def _inner_dtype(dtype: torch.dtype) -> torch.dtype:
     """The memory state's dtype: at least float32 (float64 stays float64, for gradcheck)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _detached(state: ScanState) -> ScanState:
+    accum = [a.detach() for a in state.accum]
+    momentum = None if state.momentum is None else [m.detach() for m in state.momentum]
+    return ScanState(accum, momentum, map_read_weights(torch.Tensor.detach, state.read_weights, state.accum, accum), state.position)
 
 
 class NeuralMemory(nn.Module):
@@ -199,13 +205,33 @@ class NeuralMemory(nn.Module):
                 dtype=dt,
             )
             scan_state = ScanState(state.accum, state.momentum, state.read_weights, state.position)
-            y, new = self.scan(scan_state, k, v, q, gates)
+            y, new = self.truncated_scan(scan_state, k, v, q, gates)
             y = fusion.finish(y, self.o_norm_weight, out_dtype)
 
         if self.record_diagnostics:
             self.last_diagnostics = self._diagnostics(gates, new)
         new_state = MemoryState(new.accum, new.momentum, new.read_weights, conv_ctx, new.position, self.signature)
         return self.w_out(y), new_state
+
+    def truncated_scan(
+        self, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates
+    ) -> Tuple[torch.Tensor, ScanState]:
+        """:meth:`scan`, with the state detached at every multiple of ``config.backprop_span``
+        (absolute positions, so where a sequence is split between calls does not move the cuts)."""
+        span, t = self.config.backprop_span, k.shape[2]
+        if span is None or not torch.is_grad_enabled():
+            return self.scan(state, k, v, q, gates)
+        start = state.position
+        cuts = [p - start for p in range((start // span + 1) * span, start + t, span)]
+        bounds = [0, *cuts, t]
+        outs: List[torch.Tensor] = []
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            piece = Gates(*(g[:, :, a:b] for g in gates))
+            y, state = self.scan(state, k[:, :, a:b], v[:, :, a:b], q[:, :, a:b], piece)
+            outs.append(y)
+            if b < t:  # a cut: the next piece starts from the same values, outside the graph
+                state = _detached(state)
+        return (torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]), state
 
     def scan(
         self, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates

@@ -430,11 +430,14 @@ def _bwd_parallel(k, e, dy, w_a, w_s, a_save, s_save, adj_save, chunk, tau, prec
 
 
 # ---------------------------------------------------------------------------------------- launch
-def _precision(device: torch.device) -> str:
+def _precision(device: torch.device, allow_bf16: bool = False) -> str:
+    """The dots' operand precision: ``OLMO_MIRAS_TRITON_PRECISION``, else tf32 (ieee when
+    interpreted). ``bf16`` only for kernels whose dots go through :func:`~.triton_mlp._dot`."""
+    valid = ("tf32", "tf32x3", "ieee") + (("bf16",) if allow_bf16 else ())
     env = os.environ.get("OLMO_MIRAS_TRITON_PRECISION")
     if env:
-        if env not in ("tf32", "tf32x3", "ieee"):
-            raise ValueError(f"OLMO_MIRAS_TRITON_PRECISION must be tf32, tf32x3 or ieee, got {env!r}")
+        if env not in valid:
+            raise ValueError(f"OLMO_MIRAS_TRITON_PRECISION must be one of {', '.join(valid)} here, got {env!r}")
         return env
     return "ieee" if _interpreted() else "tf32"
 

@@ -125,6 +125,17 @@ if triton is not None:
         return s * (1.0 - s) * (2.0 + h * (1.0 - 2.0 * s))
 
     @triton.jit
+    def _dot(a, b, acc, PREC: tl.constexpr):
+        """``a @ b (+ acc)`` in float32 with operand precision ``PREC``: Triton's ``tf32``,
+        ``tf32x3`` or ``ieee``, or ``bf16`` (operands rounded to bfloat16: half the shared memory
+        and a shorter tensor-core chain than tf32, the accumulation stays float32)."""
+        if PREC == "bf16":
+            out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc=acc, out_dtype=tl.float32)
+        else:
+            out = tl.dot(a, b, acc=acc, input_precision=PREC)
+        return out
+
+    @triton.jit
     def _block_offsets(f0, D, F, rd, dmask, BF: tl.constexpr):
         """Hidden units f0 … f0 + BF − 1: offsets and masks of their W₁ rows ``(BF, BD)`` (in an
         ``F × D`` matrix) and W₂ columns ``(BD, BF)`` (in a ``D × F`` matrix)."""
@@ -148,8 +159,8 @@ if triton is not None:
     def _key_block(K, E, W1, W2, GELU: tl.constexpr, PREC: tl.constexpr):
         """One hidden block's key-side forward at the chunk-start weights: Hk = K W₁ᵀ, Ak = act(Hk),
         B = E W₂ (= ∂ℓ/∂Ak) and D = B ∘ act'(Hk) (= ∂ℓ/∂Hk)."""
-        Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
-        B = tl.dot(E, W2, input_precision=PREC)
+        Hk = _dot(K, tl.trans(W1), None, PREC)
+        B = _dot(E, W2, None, PREC)
         return Hk, _act(Hk, GELU), B, B * _act_grad(Hk, GELU)
 
     @triton.jit

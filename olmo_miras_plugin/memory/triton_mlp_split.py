@@ -77,7 +77,7 @@ from .triton_mlp import _f32, _input_grads, _state_adjoints, triton
 if triton is not None:
     import triton.language as tl
 
-    from .triton_mlp import _act, _act_grad, _act_grad2, _key_block
+    from .triton_mlp import _act, _act_grad, _act_grad2, _dot, _key_block
 
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
@@ -118,8 +118,8 @@ if triton is not None:
         for r0 in range(0, C, RB):
             rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
             Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0).to(tl.float32)
-            Aq = _act(tl.dot(Q, tl.trans(W1), input_precision=PREC), GELU)
-            Yq = tl.dot(Aq, tl.trans(W2), input_precision=PREC)
+            Aq = _act(_dot(Q, tl.trans(W1), None, PREC), GELU)
+            Yq = _dot(Aq, tl.trans(W2), None, PREC)
             tl.atomic_add(y_ptr + (out_base + rows[:, None]) * D + rd[None, :], Yq, mask=row_mask, sem="relaxed")
 
     @triton.jit
@@ -211,8 +211,8 @@ if triton is not None:
                     Hk = tl.load(kept, mask=kmask, other=0.0)
                     Dk = tl.load(kept + tl.num_programs(0).to(tl.int64) * C * F, mask=kmask, other=0.0)
                 else:
-                    Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)  # (RB, BF)
-                    Dk = tl.dot(E, W2, input_precision=PREC) * _act_grad(Hk, GELU)  # (RB, BF)
+                    Hk = _dot(K, tl.trans(W1), None, PREC)  # (RB, BF)
+                    Dk = _dot(E, W2, None, PREC) * _act_grad(Hk, GELU)  # (RB, BF)
                 Ak = _act(Hk, GELU)
                 wa = tl.load(wa_ptr + cc * C + rr)
                 if CLIP:  # ω = σ∘w
@@ -222,10 +222,10 @@ if triton is not None:
                     ws = tl.load(ws_ptr + cc * C + rr)
                     if CLIP:
                         ws = ws * sig
-                    S1 = tl.dot(tl.trans(Dk * (-ws)[:, None]), K, acc=S1, input_precision=PREC)
-                    S2 = tl.dot(tl.trans(E * (-ws)[:, None]), Ak, acc=S2, input_precision=PREC)
-                acc1 = tl.dot(tl.trans(Dk * (-wa)[:, None]), K, acc=acc1, input_precision=PREC)  # (BF, BD)
-                acc2 = tl.dot(tl.trans(E * (-wa)[:, None]), Ak, acc=acc2, input_precision=PREC)  # (BD, BF)
+                    S1 = _dot(tl.trans(Dk * (-ws)[:, None]), K, S1, PREC)
+                    S2 = _dot(tl.trans(E * (-ws)[:, None]), Ak, S2, PREC)
+                acc1 = _dot(tl.trans(Dk * (-wa)[:, None]), K, acc1, PREC)  # (BF, BD)
+                acc2 = _dot(tl.trans(E * (-wa)[:, None]), Ak, acc2, PREC)  # (BD, BF)
             if MOM:
                 tl.store(s1_ptr + slot * fd + off1, S1, mask=mask1)
                 tl.store(s2_ptr + slot * fd + off2, S2, mask=mask2)
@@ -247,8 +247,8 @@ if triton is not None:
                 rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
                 out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
                 K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
-                Ak = _act(tl.dot(K.to(tl.float32), tl.trans(W1), input_precision=PREC), GELU)
-                Yk = tl.dot(Ak, tl.trans(W2), input_precision=PREC)
+                Ak = _act(_dot(K.to(tl.float32), tl.trans(W1), None, PREC), GELU)
+                Yk = _dot(Ak, tl.trans(W2), None, PREC)
                 tl.atomic_add(pk_ptr + out_rows, Yk, mask=row_mask, sem="relaxed")
                 if CLIP:
                     tl.atomic_add(aa_ptr + bh * N * C + rows, tl.sum(Ak * Ak, axis=1), sem="relaxed")
@@ -359,11 +359,11 @@ if triton is not None:
                 Q = Q.to(tl.float32)
                 dY = tl.load(dy_ptr + b * sdy_b + h * sdy_h + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0)
                 dY = dY.to(tl.float32)
-                Hq = tl.dot(Q, tl.trans(W1), input_precision=PREC)
-                dHq = tl.dot(dY, W2, input_precision=PREC) * _act_grad(Hq, GELU)  # (RB, BF)
-                tl.atomic_add(dq_ptr + out_rows, tl.dot(dHq, W1, input_precision=PREC), mask=row_mask, sem="relaxed")
-                R1 = tl.dot(tl.trans(dHq), Q, acc=R1, input_precision=PREC)  # (BF, BD)
-                R2 = tl.dot(tl.trans(dY), _act(Hq, GELU), acc=R2, input_precision=PREC)  # (BD, BF)
+                Hq = _dot(Q, tl.trans(W1), None, PREC)
+                dHq = _dot(dY, W2, None, PREC) * _act_grad(Hq, GELU)  # (RB, BF)
+                tl.atomic_add(dq_ptr + out_rows, _dot(dHq, W1, None, PREC), mask=row_mask, sem="relaxed")
+                R1 = _dot(tl.trans(dHq), Q, R1, PREC)  # (BF, BD)
+                R2 = _dot(tl.trans(dY), _act(Hq, GELU), R2, PREC)  # (BD, BF)
                 # The keys' part, with the total dE of chunk cn and what the previous launch kept.
                 K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 dE = tl.load(de_ptr + out_rows, mask=row_mask, other=0.0)
@@ -385,21 +385,21 @@ if triton is not None:
                     dD += (dn * kk)[:, None] * Dk
                     dAk += (dn * ee)[:, None] * Ak
                     wa = wa * sig
-                dAk = tl.dot(dE, W2, acc=dAk, input_precision=PREC)
-                dK = tl.dot(-wa[:, None] * Dk, G1, input_precision=PREC)
+                dAk = _dot(dE, W2, dAk, PREC)
+                dK = _dot(-wa[:, None] * Dk, G1, None, PREC)
                 if CLIP:
                     dK += (tl.where(lead, dn * dd, 0.0))[:, None] * K
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
                     if CLIP:
                         ws = ws * sig
-                    dK = tl.dot(-ws[:, None] * Dk, H1, acc=dK, input_precision=PREC)
+                    dK = _dot(-ws[:, None] * Dk, H1, dK, PREC)
                 dHk = dAk * _act_grad(Hk, GELU) + dD * B * _act_grad2(Hk, GELU)
-                dK = tl.dot(dHk, W1, acc=dK, input_precision=PREC)
+                dK = _dot(dHk, W1, dK, PREC)
                 tl.atomic_add(dk_ptr + out_rows, dK, mask=row_mask, sem="relaxed")
-                R1 = tl.dot(tl.trans(dHk), K, acc=R1, input_precision=PREC)
-                R2 = tl.dot(tl.trans(E), dD * _act_grad(Hk, GELU), acc=R2, input_precision=PREC)
-                R2 = tl.dot(tl.trans(dE), Ak, acc=R2, input_precision=PREC)
+                R1 = _dot(tl.trans(dHk), K, R1, PREC)
+                R2 = _dot(tl.trans(E), dD * _act_grad(Hk, GELU), R2, PREC)
+                R2 = _dot(tl.trans(dE), Ak, R2, PREC)
             # The coefficients' gradients and the adjoints of chunk cn's start state.
             a_keep = tl.load(ak_ptr + cc)
             tl.atomic_add(dcoef_ptr + cc, tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0), sem="relaxed")
@@ -441,12 +441,12 @@ if triton is not None:
                     tok = bh * N * C + rows
                     aa, _, _, kk, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
                     om_a = wa * sig
-                Hk = tl.dot(K, tl.trans(W1), input_precision=PREC)
+                Hk = _dot(K, tl.trans(W1), None, PREC)
                 Ak = _act(Hk, GELU)
-                B = tl.dot(E, W2, input_precision=PREC)
+                B = _dot(E, W2, None, PREC)
                 Dk = B * _act_grad(Hk, GELU)
-                KG1 = tl.dot(K, tl.trans(G1), input_precision=PREC)
-                EG2 = tl.dot(E, G2, input_precision=PREC)
+                KG1 = _dot(K, tl.trans(G1), None, PREC)
+                EG2 = _dot(E, G2, None, PREC)
                 g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
                 dw_a = -g_a
                 if CLIP:  # d w = dω ∘ σ;  ∂L/∂σ = Σ dω ∘ w
@@ -455,14 +455,14 @@ if triton is not None:
                 tl.atomic_add(dw_ptr + cc * C + rr, dw_a, sem="relaxed")
                 dD = -om_a[:, None] * KG1
                 X = -om_a[:, None] * EG2  # dAk's part without dE
-                dE = tl.dot(-om_a[:, None] * Ak, tl.trans(G2), input_precision=PREC)
+                dE = _dot(-om_a[:, None] * Ak, tl.trans(G2), None, PREC)
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
                     om_s = ws
                     if CLIP:
                         om_s = ws * sig
-                    KH1 = tl.dot(K, tl.trans(H1), input_precision=PREC)
-                    EH2 = tl.dot(E, H2, input_precision=PREC)
+                    KH1 = _dot(K, tl.trans(H1), None, PREC)
+                    EH2 = _dot(E, H2, None, PREC)
                     g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * EH2, axis=1)
                     dw_s = -g_s
                     if CLIP:
@@ -471,12 +471,12 @@ if triton is not None:
                     tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, dw_s, sem="relaxed")
                     dD -= om_s[:, None] * KH1
                     X -= om_s[:, None] * EH2
-                    dE = tl.dot(-om_s[:, None] * Ak, tl.trans(H2), acc=dE, input_precision=PREC)
-                dE = tl.dot(dD * _act_grad(Hk, GELU), tl.trans(W2), acc=dE, input_precision=PREC)
+                    dE = _dot(-om_s[:, None] * Ak, tl.trans(H2), dE, PREC)
+                dE = _dot(dD * _act_grad(Hk, GELU), tl.trans(W2), dE, PREC)
                 if CLIP:
                     tl.atomic_add(dsig_ptr + tok, dsig, sem="relaxed")
                     xe = tl.where(lead, aa, 0.0)[:, None] * E
-                    xe = tl.dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), acc=xe, input_precision=PREC)
+                    xe = _dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), xe, PREC)
                     tl.atomic_add(xe_ptr + out_rows, xe, mask=row_mask, sem="relaxed")
                 # Kept for finishing this chunk in the next launch (two slots: that launch writes
                 # the other one while it reads this).
@@ -544,7 +544,7 @@ class _SplitMLPScan(torch.autograd.Function):
         # With the clip, the last chunk's Hk and D from the norm launch (read by the next update).
         kept = torch.empty(2, b * h, chunk, hidden, device=dev, dtype=torch.float32) if clip else pk
         tau_ = float(tau) if clip else 1.0
-        prec = _precision(dev)
+        prec = _precision(dev, allow_bf16=True)
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BLOCK")
         grid = (b * h, triton.cdiv(hidden, bf))
         opts = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)

@@ -139,8 +139,9 @@ class MirasExperimentConfig(Config):
                 "the neural memory backprops through %s tokens (train_module.segment_length × bptt_segments, "
                 "else the whole sequence); past ~%s its outer gradients were measured to explode on OLMo hidden "
                 "states (docs/memory.md, 'Inner step size and backprop span'): watch memory/layer<i>/grad_norm, "
-                "or set --train_module.segment_length / --train_module.bptt_segments so the product is <= %s",
-                f"{span:,d}", f"{STABLE_BACKPROP_SPAN:,d}", f"{STABLE_BACKPROP_SPAN:,d}",
+                "or set --train_module.segment_length / --train_module.bptt_segments so the product is <= %s "
+                "(or --model.memory.backprop_span=%s: cuts inside each sequence, attention unchanged)",
+                f"{span:,d}", f"{STABLE_BACKPROP_SPAN:,d}", f"{STABLE_BACKPROP_SPAN:,d}", STABLE_BACKPROP_SPAN,
             )
         vocab = getattr(self.model, "vocab_size", None) or getattr(
             getattr(self.model, "base", None), "vocab_size", None
@@ -214,8 +215,13 @@ def backprop_span(config: "MirasExperimentConfig") -> Optional[int]:
         return None
     tm = config.train_module
     if tm.segment_length is not None and tm.bptt_segments is not None:
-        return tm.segment_length * tm.bptt_segments
-    return getattr(config.dataset, "sequence_length", None)  # backprop through the whole instance
+        span: Optional[int] = tm.segment_length * tm.bptt_segments
+    else:
+        span = getattr(config.dataset, "sequence_length", None)  # backprop through the whole instance
+    layer_span = model.memory.backprop_span  # the layer's own cut inside each call
+    if layer_span is not None:
+        span = layer_span if span is None else min(span, layer_span)
+    return span
 
 
 # ---------------------------------------------------------------------------------------------- loading
