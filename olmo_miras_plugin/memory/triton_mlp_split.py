@@ -49,7 +49,10 @@ Measured without the clip (H100, 2026-11-26, docs/performance.md): the scan alon
 49.6 ms forward + backward at 4k / 16k / 32k tokens (OLMo2-1B shapes, batch 1), the whole MLP
 memory layer 9.2 / 34.6 / 66.4 ms under ``triton_graphed`` (17.2 ms at 4k for ``graphed`` with
 the clip). Each launch is latency-bound (~28 µs forward, ~75 µs backward: a chain of small
-dots), which is what keeps the layer above the ≤ 3 / 8 / 16 ms target. With the clip (the titans preset's default): the scan
+dots), which is what keeps the layer above the ≤ 3 / 8 / 16 ms target. Neither the atomics
+(about 1 %) nor occupancy is what costs: the backward needs 255 registers and 154 KiB of
+shared memory, one program per SM, and smaller slices that fit two per SM measured slower
+(docs/performance.md, eighth session). With the clip (the titans preset's default): the scan
 8.5 / 32.7 ms, the layer 11.1 / 41.1 ms at 4k / 16k under ``triton_graphed`` (``graphed``: 17.2 /
 67.3 ms), OLMo2-1B + MAL every 4th layer at 75.5 % of the base's tokens/s (8k, finite losses).
 
@@ -58,7 +61,9 @@ units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPL
 default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 8),
 ``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2; the
 backward with the clip defaults to 1), ``OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES`` (the backward's alone),
-``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels), ``OLMO_MIRAS_TRITON_SPLIT=0`` (use
+``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels, plus ``bf16`` here: operands rounded
+to bfloat16, accumulation in float32; 5 % faster scan, 0.6 % on the whole model, so not the
+default), ``OLMO_MIRAS_TRITON_SPLIT=0`` (use
 the one-program-per-head kernels instead).
 """
 
