@@ -35,3 +35,15 @@ def test_bench_train_fails_on_a_diverged_run(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(train_bench, "train_steps", nan_after_first)
     with pytest.raises(SystemExit, match="non-finite loss"):
         train_bench.main([*ARGS, "--json", str(tmp_path / "bench.json")])
+
+
+def test_bench_train_memory_backprop_span(tmp_path: Path) -> None:
+    """``--memory-backprop-span`` reaches the layers (named in the row) and the run trains;
+    ``--profile`` is accepted (it profiles on CUDA only)."""
+    out = tmp_path / "bench.json"
+    train_bench.main([*ARGS, "--chunk", "16", "--memory-backprop-span", "32", "--profile", "--json", str(out)])
+    rows = json.loads(out.read_text())["results"]
+    assert "backprop span 32" in rows[1]["name"]
+    assert all(math.isfinite(l) for l in rows[1]["extra"]["losses"])
+    with pytest.raises(Exception, match="backprop_span must be a positive multiple of chunk_size=16"):
+        train_bench.main([*ARGS, "--chunk", "16", "--memory-backprop-span", "24", "--json", str(out)])

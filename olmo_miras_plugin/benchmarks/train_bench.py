@@ -63,7 +63,11 @@ def train_steps(model, opt, x: torch.Tensor, steps: int, device: torch.device) -
     return times, losses
 
 
-def time_train_steps(model, seq: int, steps: int, vocab: int, device: torch.device) -> tuple[float, float, List[float]]:
+def time_train_steps(
+    model, seq: int, steps: int, vocab: int, device: torch.device, profile_label: Optional[str] = None
+) -> tuple[float, float, List[float]]:
+    """Median step time over the steps after the first three, peak memory, every loss; with
+    ``profile_label`` (CUDA) one more step under the profiler, its top GPU kernels printed."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     x = torch.randint(0, vocab, (1, seq), device=device)
     if device.type == "cuda":
@@ -71,6 +75,10 @@ def time_train_steps(model, seq: int, steps: int, vocab: int, device: torch.devi
     times, losses = train_steps(model, opt, x, steps, device)
     warm = sorted(times[min(3, steps - 1):])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    if profile_label is not None and device.type == "cuda":
+        from .memory_bench import profile_step
+
+        profile_step(lambda: train_steps(model, opt, x, 1, device), profile_label, top=25)
     return statistics.median(warm), peak, losses
 
 
@@ -94,7 +102,8 @@ def single_device(args) -> None:
             model = build_model(args, memory, str(device)).to(torch.bfloat16)
             counts = parameter_report(model)
             name = f"{args.preset} + {args.block_type} every {args.every} ({_memory_desc(args)})" if memory else f"{args.preset} base"
-            sec, peak, losses = time_train_steps(model, seq, args.steps, args.vocab_size, device)
+            label = f"{name}, T={seq}" if getattr(args, "profile", False) else None
+            sec, peak, losses = time_train_steps(model, seq, args.steps, args.vocab_size, device, label)
             rows.append(
                 Measurement(
                     name, dict(model=name, seq=seq), sec * 1e3, peak,
@@ -177,6 +186,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         "--memory-backprop-span", type=int, default=None,
         help="cut the memory's backprop every this many tokens inside the sequence (default: no cut)",
     )
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one more step per model (CUDA)")
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
     p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")
     args = p.parse_args(argv)
