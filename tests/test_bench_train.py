@@ -47,3 +47,28 @@ def test_bench_train_memory_backprop_span(tmp_path: Path) -> None:
     assert all(math.isfinite(l) for l in rows[1]["extra"]["losses"])
     with pytest.raises(Exception, match="backprop_span must be a positive multiple of chunk_size=16"):
         train_bench.main([*ARGS, "--chunk", "16", "--memory-backprop-span", "24", "--json", str(out)])
+
+
+def _one_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        monkeypatch.setenv(k, v)
+
+
+def test_bench_train_fsdp_one_rank(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--fsdp`` (what ``torchrun`` runs), one CPU rank over gloo: JSON with finite losses; a
+    diverged run exits with an error, as the single-device path does."""
+    _one_rank(monkeypatch)
+    out = tmp_path / "fsdp.json"
+    train_bench.main([*ARGS, "--fsdp", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert data["world"] == 1 and len(data["losses"]) == 2 and all(math.isfinite(l) for l in data["losses"])
+    real = train_bench.train_steps
+    monkeypatch.setattr(train_bench, "train_steps", lambda *a, **k: (real(*a, **k)[0], [math.nan, math.nan]))
+    _one_rank(monkeypatch)
+    with pytest.raises(SystemExit, match="non-finite loss"):
+        train_bench.main([*ARGS, "--fsdp", "--json", str(out)])

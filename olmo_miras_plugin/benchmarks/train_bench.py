@@ -164,6 +164,8 @@ def fsdp(args) -> None:
                        "tok_per_s_per_rank": seq / sec, "peak_gib": peak, "losses": losses, "params": counts,
                        "date": datetime.date.today().isoformat(), "args": vars(args)}, f, indent=2)
     dist.destroy_process_group()
+    if not all(math.isfinite(l) for l in losses):
+        raise SystemExit(f"rank {rank}: non-finite loss: this step time is of a diverged run (see the losses above)")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
