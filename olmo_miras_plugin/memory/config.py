@@ -127,7 +127,8 @@ class NeuralMemoryConfig(Config):
     impl: MemoryImpl = MemoryImpl.chunked
     backprop_span: Optional[int] = None
     """Cut the memory state's autograd graph at every multiple of this many tokens (absolute
-    positions, a multiple of ``chunk_size``): the outer gradient flows back through at most this
+    positions, a multiple of ``chunk_size``; a call that starts on one cuts the state it is
+    given): the outer gradient flows back through at most this
     many tokens of memory writes, while the forward carries the state through the whole call
     (truncated backprop inside one sequence). Past ~2K tokens the outer gradients of the MLP
     memory explode on real hidden states (docs/memory.md, "Inner step size and backprop span").

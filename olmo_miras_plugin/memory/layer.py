@@ -222,6 +222,8 @@ class NeuralMemory(nn.Module):
         if span is None or not torch.is_grad_enabled():
             return self.scan(state, k, v, q, gates)
         start = state.position
+        if start > 0 and start % span == 0:  # a cut where this call starts: the state it was given
+            state = _detached(state)
         cuts = [p - start for p in range((start // span + 1) * span, start + t, span)]
         if not cuts:
             return self.scan(state, k, v, q, gates)
