@@ -24,6 +24,8 @@ def test_bench_stability_on_a_text_corpus(tmp_path: Path, capsys: pytest.Capture
     assert len(data["steps"]) == 3
     for s in data["steps"]:
         assert all(math.isfinite(s[k]) and s[k] > 0 for k in ("loss", "memory_grad_norm", "total_grad_norm"))
+        # The gates: mean θ below θ_max = 2e-3 (titans), η in (0, 1), max θ/(1 − η) past the mean θ.
+        assert 0 < s["theta_mean"] < 2e-3 and 0 < s["eta_mean"] < 1 and s["effective_step_max"] > s["theta_mean"]
     mem = [s["memory_grad_norm"] for s in data["steps"]]
     assert data["summary"]["memory_grad_max"] == max(mem) and data["summary"]["memory_grad_median"] == sorted(mem)[1]
     assert data["meta"]["args"]["seq"] == 96

@@ -282,6 +282,22 @@ def test_detach_keeps_read_weights_the_accumulator():
     assert all(torch.equal(r, r0) for r, r0 in zip(d.read_weights, mid.read_weights))
 
 
+@pytest.mark.parametrize("preset", ["titans", "yaad"])
+def test_diagnostics_effective_step_max(preset: str):
+    """``effective_step_max`` is the largest θ/(1 − η) over tokens and heads (θ without momentum),
+    from the gates of :meth:`NeuralMemory.gates` (the unfused gate path)."""
+    m = build(preset, chunk_size=8)
+    with torch.no_grad():
+        m.w_eta is None or m.w_eta.weight.normal_(std=0.5)
+        m.w_theta.weight.normal_(std=0.5)
+    m.record_diagnostics = True
+    x = torch.randn(2, 40, 24)
+    m(x)
+    g = m.gates(x)
+    want = (g.theta if m.w_eta is None else g.theta / (1 - g.eta)).max()
+    assert rel_err(m.last_diagnostics["effective_step_max"], want) <= 1e-5
+
+
 # ---------------------------------------------------------------------------------------- numerics
 def test_bf16_autocast_close_to_fp32():
     m = build("titans", d_model=64, n_heads=4, chunk_size=16)

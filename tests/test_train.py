@@ -198,6 +198,7 @@ def test_tiny_training_lowers_loss_and_records_memory_diagnostics(corpus_dir: Pa
     assert 0 < last["memory/layer1/theta"] < 1 and 0 < last["memory/layer1/alpha"] < 1
     assert last["memory/layer1/surprise_norm"] > 0 and last["memory/layer1/weight_norm"] > 0
     assert last["memory/layer1/grad_norm"] > 0
+    assert 0 < last["memory/layer1/effective_step_max"] < math.inf  # its value: test_memory_core.py
     # one LR per optimizer group: embeddings (no decay), memory, gates, base
     assert {f"optim/LR (group {i})" for i in range(4)} <= set(last)
 

@@ -3,8 +3,9 @@ step size and backprop span".)
 
 Trains OLMo2-1B (or any OLMo-core preset) with memory layers for a few dozen steps, a fresh
 sequence per step, and reports per step the loss, the largest gradient norm among the memory's
-parameters and the total gradient norm (before clipping), then the median, the maximum and the
-spikes (> 100× the median) of the memory's. The exploding outer gradients this looks for grow
+parameters and the total gradient norm (before clipping), the memory layers' largest effective
+inner step θ/(1 − η) and mean θ, η (the gates the outer optimiser moves), then the median, the
+maximum and the spikes (> 100× the median) of the memory's gradient norm. The exploding outer gradients this looks for grow
 with the backprop span: ``--seq`` here (the whole sequence, no segments), or
 ``--memory-backprop-span`` where the memory layers cut their own graph inside the sequence.
 
@@ -25,7 +26,7 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..memory import MemoryImpl
+from ..memory import MemoryImpl, NeuralMemory
 from ..models import is_memory_param
 from .timing import device_description, write_payload
 from .train_bench import build_model
@@ -56,6 +57,9 @@ def run(args) -> Dict[str, Any]:
     model = build_model(args, True, str(device))
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
+    memories = [m for m in model.modules() if isinstance(m, NeuralMemory)]
+    for m in memories:  # gate statistics of every forward (a few reductions per layer)
+        m.record_diagnostics = True
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
     g = torch.Generator().manual_seed(args.seed)
@@ -74,6 +78,10 @@ def run(args) -> Dict[str, Any]:
             x = tokens[None, i : i + args.seq]
         x = x.to(device)
         loss = F.cross_entropy(model(x)[0, :-1].float(), x[0, 1:])
+        diags = [m.last_diagnostics for m in memories if m.last_diagnostics]
+        step_max = max(d["effective_step_max"].item() for d in diags)
+        eta = statistics.fmean(d["eta"].item() for d in diags) if all("eta" in d for d in diags) else math.nan
+        theta = statistics.fmean(d["theta"].item() for d in diags)
         loss.backward()
         memory = max(p.grad.float().norm().item() for n, p in model.named_parameters() if p.grad is not None and is_memory_param(n))
         clip = args.clip if args.clip > 0 else math.inf
@@ -81,8 +89,10 @@ def run(args) -> Dict[str, Any]:
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        steps.append({"loss": loss.item(), "memory_grad_norm": memory, "total_grad_norm": total})
-        print(f"step {step:3d}  loss {loss.item():8.4f}  memory grad {memory:9.3g}  total grad {total:9.3g}", flush=True)
+        steps.append({"loss": loss.item(), "memory_grad_norm": memory, "total_grad_norm": total,
+                      "effective_step_max": step_max, "theta_mean": theta, "eta_mean": eta})
+        print(f"step {step:3d}  loss {loss.item():8.4f}  memory grad {memory:9.3g}  total grad {total:9.3g}  "
+              f"max θ/(1-η) {step_max:8.3g}  mean θ {theta:8.3g}  mean η {eta:6.4f}", flush=True)
     mem = [s["memory_grad_norm"] for s in steps]
     finite = [m for m in mem if math.isfinite(m)]
     median = statistics.median(finite) if finite else math.inf

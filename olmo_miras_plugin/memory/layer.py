@@ -258,10 +258,15 @@ class NeuralMemory(nn.Module):
 
     @torch.no_grad()
     def _diagnostics(self, gates: Gates, state: ScanState) -> Dict[str, torch.Tensor]:
+        # θ/(1 − η): the step a persistent surprise direction gets once momentum has built up. Its
+        # largest value over tokens and heads is what the outer gradients' growth follows (past
+        # ~0.03 at C = 64 on aligned inputs; docs/memory.md, "Inner step size and backprop span").
+        step = gates.theta if self.w_eta is None else gates.theta / (1 - gates.eta)
         out = {
             "theta": gates.theta.mean(),
             "alpha": gates.alpha.mean(),
             "memory_weight_norm": torch.stack([w.float().norm(dim=(-2, -1)).mean() for w in state.read_weights]).sum(),
+            "effective_step_max": step.max(),
         }
         if self.w_eta is not None:
             out["eta"] = gates.eta.mean()

@@ -63,10 +63,12 @@ class MemoryDiagnosticsCallback(Callback):
     """Per memory layer: surprise (inner-gradient) norm, mean gates θ / η / α, memory weight norm,
     the gradient norm of the layer's own parameters (``grad_norm``: the first thing to watch, since
     it grows exponentially with the backprop span once the inner step is too large; docs/memory.md),
+    the largest effective inner step θ/(1 − η) (``effective_step_max``: what that growth follows),
     plus the MAG gate, MAC context gate and LM2 gates, as ``memory/layer<i>/<name>`` metrics.
 
-    Values are means over every memory call of the step (all micro-batches and segments), on steps
-    that are multiples of ``interval``; off-steps cost nothing.
+    Values are means over every memory call of the step (all micro-batches and segments; ``*_max``
+    metrics: maxima, also over ranks), on steps that are multiples of ``interval``; off-steps cost
+    nothing.
     """
 
     enabled: bool = True
@@ -128,7 +130,10 @@ class MemoryDiagnosticsCallback(Callback):
             return
         self._restore()
         for key, total in self._sums.items():
-            self.trainer.record_metric(f"memory/{key}", total / self._counts[key], ReduceType.mean)
+            if key.endswith("_max"):
+                self.trainer.record_metric(f"memory/{key}", total, ReduceType.max)
+            else:
+                self.trainer.record_metric(f"memory/{key}", total / self._counts[key], ReduceType.mean)
         for layer, mem in self._memories:
             grads = [p.grad for p in mem.parameters() if p.grad is not None]
             if grads:
@@ -170,8 +175,14 @@ class MemoryDiagnosticsCallback(Callback):
             mem.record_diagnostics = False
 
     def _add(self, key: str, value: torch.Tensor) -> None:
+        """Sum (for the mean) of a metric over the step's calls; the maximum for ``*_max`` keys."""
         value = value.detach().float()
-        self._sums[key] = value if key not in self._sums else self._sums[key] + value
+        if key not in self._sums:
+            self._sums[key] = value
+        elif key.endswith("_max"):
+            self._sums[key] = torch.maximum(self._sums[key], value)
+        else:
+            self._sums[key] = self._sums[key] + value
         self._counts[key] += 1
 
     def _memory_hook(self, layer: str) -> Callable[..., None]:
