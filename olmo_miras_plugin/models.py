@@ -116,6 +116,9 @@ class MirasMemoryConfig(Config):
     """Initial inner learning rate θ (gate bias); ``None`` keeps the preset's."""
     eta_init: Optional[float] = None
     """Initial momentum η; ``None`` keeps the preset's (0.9; presets without momentum ignore it)."""
+    eta_max: Optional[float] = None
+    """Cap of the momentum gate η; ``None`` keeps the preset's (1: no cap; see
+    ``NeuralMemoryConfig.eta_max``)."""
     alpha_init: Optional[float] = None
     """Initial forget rate α; ``None`` keeps the preset's (titans 1e-2, moneta 1e-3). Small values
     let early training see gradients from writes far back (e⁻²⁰ of a write survives 2,000 tokens at
@@ -194,7 +197,7 @@ class MirasMemoryConfig(Config):
             )
         if self.preset_revision == 1:
             kwargs["theta_init"], kwargs["theta_max"] = REVISION_1_STEP[self.preset]
-        for name in ("theta_max", "theta_init", "eta_init", "alpha_init"):
+        for name in ("theta_max", "theta_init", "eta_init", "eta_max", "alpha_init"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)
         if self.depth is not None or self.expansion is not None:

@@ -85,6 +85,7 @@ def graphs_per_copy() -> List[int]:
     "preset, kw",
     [
         ("titans", {}),  # conv, q/k norm, momentum (η gate)
+        ("titans", dict(eta_max=0.95)),  # the capped η gate
         ("yaad", dict(conv_kernel=0, qk_norm=False)),  # none of them
     ],
 )

@@ -298,6 +298,27 @@ def test_diagnostics_effective_step_max(preset: str):
     assert rel_err(m.last_diagnostics["effective_step_max"], want) <= 1e-5
 
 
+def test_eta_max_caps_the_momentum_gate():
+    """η = eta_max · σ(·): starts at eta_init, never reaches eta_max however large the logit, and
+    log η matches η (the scans use both); effective_step_max ≤ theta_max / (1 − eta_max)."""
+    m = build("titans", chunk_size=8, eta_max=0.95, eta_init=0.9)
+    x = torch.randn(2, 40, 24)
+    with torch.no_grad():
+        m.w_eta.weight.zero_()
+        assert torch.allclose(m.gates(x).eta, torch.full((2, 2, 40), 0.9))
+        m.w_eta.weight.normal_(std=50.0)
+        g = m.gates(x)
+    assert g.eta.max() <= 0.95 and g.eta.max() > 0.94  # saturated, at the cap
+    assert torch.allclose(g.log_eta.exp(), g.eta, rtol=1e-6)
+    m.record_diagnostics = True
+    m(x)
+    assert m.last_diagnostics["effective_step_max"] <= m.config.theta_max / (1 - 0.95) * (1 + 1e-6)
+    with pytest.raises(ValueError, match="eta_init must be below eta_max=0.9, got 0.9"):
+        build("titans", eta_max=0.9)
+    with pytest.raises(ValueError, match=r"eta_max must be in \(0, 1\] \(1: no cap\), got 1.5"):
+        build("titans", eta_max=1.5)
+
+
 # ---------------------------------------------------------------------------------------- numerics
 def test_bf16_autocast_close_to_fp32():
     m = build("titans", d_model=64, n_heads=4, chunk_size=16)

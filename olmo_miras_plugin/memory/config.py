@@ -102,7 +102,7 @@ class NeuralMemoryConfig(Config):
 
     Gates (per token and head, from the layer input x):
         θ_t = theta_max · σ(w_θ·x + b_θ)   learning rate, in (0, theta_max); b_θ gives θ = theta_init
-        η_t = σ(w_η·x + b_η)              momentum, in (0, 1); b_η gives η = eta_init
+        η_t = eta_max · σ(w_η·x + b_η)    momentum, in (0, eta_max); b_η gives η = eta_init
         α_t = σ(w_α·x + b_α)              forget, in (0, 1); b_α gives α = alpha_init
     """
 
@@ -123,6 +123,11 @@ class NeuralMemoryConfig(Config):
     theta_max: float = 1.0
     theta_init: float = 0.1
     eta_init: float = 0.9
+    eta_max: float = 1.0
+    """Cap of the momentum gate η (1: none). A persistent surprise direction is stepped by up to
+    θ/(1 − η), so η near 1 undoes ``theta_max``: on OLMo2 hidden states η saturated at 1.0 in float32
+    for some tokens within 5 training steps at 8k (docs/memory.md, "Inner step size and backprop
+    span"). A cap bounds the effective step by theta_max / (1 − eta_max)."""
     alpha_init: float = 0.01
     impl: MemoryImpl = MemoryImpl.chunked
     backprop_span: Optional[int] = None
@@ -178,6 +183,10 @@ class NeuralMemoryConfig(Config):
             val = getattr(self, name)
             if not 0 < val < 1:
                 raise ValueError(f"{name} must be in (0, 1), got {val!r}")
+        if not 0 < self.eta_max <= 1:
+            raise ValueError(f"eta_max must be in (0, 1] (1: no cap), got {self.eta_max!r}")
+        if not self.eta_init < self.eta_max:
+            raise ValueError(f"eta_init must be below eta_max={self.eta_max}, got {self.eta_init!r}")
         if self.backprop_span is not None and (
             not isinstance(self.backprop_span, int)
             or self.backprop_span <= 0
@@ -204,7 +213,7 @@ class NeuralMemoryConfig(Config):
         logit = lambda p: math.log(p) - math.log1p(-p)  # noqa: E731
         return {
             "theta": logit(self.theta_init / self.theta_max),
-            "eta": logit(self.eta_init),
+            "eta": logit(self.eta_init / self.eta_max),
             "alpha": logit(self.alpha_init),
         }
 

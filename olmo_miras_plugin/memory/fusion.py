@@ -15,6 +15,7 @@ CPU stays eager (tests and the CPU demo would pay seconds of C++ compilation per
 
 from __future__ import annotations
 
+import math
 import types
 import zlib
 from contextlib import contextmanager
@@ -33,13 +34,17 @@ __all__ = ["compile_mode", "gates_from_logits", "prepare", "finish"]
 Prepared = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Gates, Optional[torch.Tensor]]
 
 
-def gates_from_logits(logits: Sequence[torch.Tensor], dtype: torch.dtype, theta_max: float) -> Gates:
-    """Gates ``(batch, heads, seq)`` in ``dtype``, contiguous, from the θ, α (, η) logits ``(batch, seq, heads)``."""
+def gates_from_logits(
+    logits: Sequence[torch.Tensor], dtype: torch.dtype, theta_max: float, eta_max: float = 1.0
+) -> Gates:
+    """Gates ``(batch, heads, seq)`` in ``dtype``, contiguous, from the θ, α (, η) logits ``(batch, seq, heads)``:
+    θ = θ_max σ(z_θ), α = σ(z_α), η = η_max σ(z_η) (log η = log η_max + log σ(z_η), stable)."""
     # shape: (batch, heads, seq)
     z_theta, z_alpha, *z_eta = (rearrange(z.to(dtype), "b t h -> b h t") for z in logits)
     theta = (theta_max * torch.sigmoid(z_theta)).contiguous()
     if z_eta:
-        eta, log_eta = torch.sigmoid(z_eta[0]).contiguous(), F.logsigmoid(z_eta[0]).contiguous()
+        eta = (eta_max * torch.sigmoid(z_eta[0])).contiguous()
+        log_eta = (F.logsigmoid(z_eta[0]) + math.log(eta_max)).contiguous()
     else:
         eta = log_eta = torch.zeros_like(theta)
     alpha, log_keep = torch.sigmoid(z_alpha).contiguous(), F.logsigmoid(-z_alpha).contiguous()
@@ -56,6 +61,7 @@ def _prepare(
     qk_norm: bool,
     theta_max: float,
     dtype: torch.dtype,
+    eta_max: float = 1.0,
 ) -> Prepared:
     """The fused projection ``z = [q | k | v | gate logits]`` ``(batch, seq, 3·heads·head_dim + n_gates·heads)``
     → q, k, v ``(batch, heads, seq, head_dim)`` (contiguous, ``dtype``), the gates and the new conv context.
@@ -72,7 +78,7 @@ def _prepare(
     q, k, v = (rearrange(t, "b t (h d) -> b h t d", h=n_heads) for t in qkv.chunk(3, dim=-1))
     if qk_norm:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    gates = gates_from_logits(gate_logits.chunk(gate_logits.shape[-1] // n_heads, dim=-1), dtype, theta_max)
+    gates = gates_from_logits(gate_logits.chunk(gate_logits.shape[-1] // n_heads, dim=-1), dtype, theta_max, eta_max)
     return q.contiguous(), k.contiguous(), v.contiguous(), gates, new_context
 
 
@@ -181,15 +187,16 @@ def prepare(
     qk_norm: bool,
     theta_max: float,
     dtype: torch.dtype,
+    eta_max: float = 1.0,
 ) -> Prepared:
     """:func:`_prepare`, compiled on CUDA (see :func:`compile_mode`)."""
-    kwargs = dict(n_heads=n_heads, head_dim=head_dim, qk_norm=qk_norm, theta_max=theta_max, dtype=dtype)
+    kwargs = dict(n_heads=n_heads, head_dim=head_dim, qk_norm=qk_norm, theta_max=theta_max, dtype=dtype, eta_max=eta_max)
     if not _use_compiled(z):
         return _prepare(z, conv_weight, conv_context, **kwargs)  # type: ignore[arg-type]
     kernel = 0 if conv_weight is None else conv_weight.shape[1]
     # A context carried from a previous piece with grad is one more guarded variant.
     carried = conv_context is not None and conv_context.requires_grad
-    key = (n_heads, head_dim, kernel, z.shape[-1], qk_norm, theta_max, carried, *_call_class(z.shape[0], z.shape[1]))
+    key = (n_heads, head_dim, kernel, z.shape[-1], qk_norm, theta_max, eta_max, carried, *_call_class(z.shape[0], z.shape[1]))
     fn = _compiled(_prepare_recomputing, key, _inductor_options(kernel))
     _mark_dynamic(z, 0, 1)
     _mark_dynamic(conv_context, 0)

@@ -166,7 +166,7 @@ class NeuralMemory(nn.Module):
 
     def _gates_from_logits(self, dtype: torch.dtype, logits: List[torch.Tensor]) -> Gates:
         """Gates from the θ, α (, η) logits ``(batch, seq, heads)``, in :meth:`_gate_projections` order."""
-        return fusion.gates_from_logits(logits, _inner_dtype(dtype), self.config.theta_max)
+        return fusion.gates_from_logits(logits, _inner_dtype(dtype), self.config.theta_max, self.config.eta_max)
 
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, state: Optional[MemoryState] = None
@@ -202,6 +202,7 @@ class NeuralMemory(nn.Module):
                 head_dim=self.head_dim,
                 qk_norm=self.config.qk_norm,
                 theta_max=self.config.theta_max,
+                eta_max=self.config.eta_max,
                 dtype=dt,
             )
             scan_state = ScanState(state.accum, state.momentum, state.read_weights, state.position)
