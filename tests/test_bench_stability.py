@@ -61,7 +61,8 @@ def test_bench_stability_refuses_a_short_corpus(tmp_path: Path) -> None:
 
 
 def test_bench_stability_passes_the_memory_backprop_span() -> None:
-    """``--memory-backprop-span`` reaches every memory layer (what it does: tests/test_memory_core.py)."""
+    """``--memory-backprop-span`` and ``--eta-init`` / ``--eta-max`` reach every memory layer (what
+    they do: tests/test_memory_core.py, tests/test_stability.py)."""
     from olmo_miras_plugin.benchmarks.train_bench import build_model
     from olmo_miras_plugin.memory import NeuralMemory
 
@@ -71,3 +72,6 @@ def test_bench_stability_passes_the_memory_backprop_span() -> None:
     )
     layers = [m for m in build_model(args, True, "cpu").modules() if isinstance(m, NeuralMemory)]
     assert layers and all(m.config.backprop_span == 64 for m in layers)
+    args.eta_init, args.eta_max = 0.8, 0.9
+    layers = [m for m in build_model(args, True, "cpu").modules() if isinstance(m, NeuralMemory)]
+    assert all(m.config.eta_max == 0.9 and m.config.eta_init == 0.8 for m in layers)

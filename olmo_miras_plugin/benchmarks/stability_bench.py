@@ -126,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--memory-max-grad-norm", type=float, default=None)
     p.add_argument("--theta-init", type=float, default=None, help="default: the preset's")
     p.add_argument("--theta-max", type=float, default=None, help="default: the preset's")
+    p.add_argument("--eta-init", type=float, default=None, help="default: the preset's (must be below --eta-max)")
     p.add_argument("--eta-max", type=float, default=None, help="cap of the momentum gate (default: the preset's, 1: none)")
     p.add_argument(
         "--memory-backprop-span", type=int, default=None,

@@ -39,7 +39,7 @@ def build_model(args, memory: bool, device: str):
         chunk_size=args.chunk, impl=MemoryImpl(args.impl), check_finite=False,
         depth=args.memory_depth, max_grad_norm=args.memory_max_grad_norm,
         theta_init=getattr(args, "theta_init", None), theta_max=getattr(args, "theta_max", None),
-        eta_max=getattr(args, "eta_max", None),
+        eta_init=getattr(args, "eta_init", None), eta_max=getattr(args, "eta_max", None),
         backprop_span=getattr(args, "memory_backprop_span", None),
     )
     return miras_from_preset(args.preset, args.vocab_size, memory=mem).build(init_device=device)
