@@ -189,6 +189,32 @@ def test_round_trip_olmo_core_hf_olmo_core_is_exact(tmp_path):
         assert all(torch.equal(fresh.state_dict()[k], v) for k, v in original.items())
 
 
+def test_memory_caps_and_backprop_span_survive_the_round_trip(tmp_path):
+    """``eta_max`` (which changes the η gate, so the logits) and ``backprop_span`` (training only)
+    are kept by OLMo-core → HF → OLMo-core, and the HF model computes with the cap."""
+    cfg = small("mal", 8)
+    cfg.memory.eta_max, cfg.memory.backprop_span = 0.95, 8
+    model = build(cfg, seed=3)
+    with torch.no_grad():  # drive the η gate into its cap, so the cap changes the logits
+        for name, p in model.named_parameters():
+            if name.endswith("w_eta.bias"):
+                p.fill_(6.0)
+    convert_to_hf(model, tmp_path / "hf", config=cfg, validate=False)
+    hf = OlmoMirasForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    x = tokens()
+    with torch.no_grad():
+        want = model(x)
+        assert rel(hf(x).logits, want) <= 1e-5
+        uncapped = small("mal", 8)
+        plain = uncapped.build()
+        plain.load_state_dict(model.state_dict())
+        assert rel(plain.eval()(x), want) > 1e-4  # the cap is not a no-op here
+    assert convert_from_hf_main([str(tmp_path / "hf"), str(tmp_path / "oc")]) == 0
+    back = load_miras_checkpoint(tmp_path / "oc").config
+    assert back.memory.eta_max == 0.95 and back.memory.backprop_span == 8
+    assert back.as_config_dict() == cfg.as_config_dict()
+
+
 def test_checkpoint_directory_to_hf_with_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
