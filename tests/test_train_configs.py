@@ -108,6 +108,13 @@ def test_long_backprop_span_warns(caplog: pytest.LogCaptureFixture) -> None:
         cut.validate()
     assert "backprops through" not in caplog.text
     assert cut.model.memory.neural_memory(2048, 16).backprop_span == 1024
+    # The README's full-attention variant: no segments, the layer cuts.
+    whole_cut = load_experiment("olmo2_1b_miras", ["--train_module.segment_length=null", "--model.memory.backprop_span=2048"])
+    assert backprop_span(whole_cut) == 2048 and whole_cut.train_module.segment_length is None
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        whole_cut.validate()
+    assert "backprops through" not in caplog.text
     capped = load_experiment("olmo2_1b_miras", ["--model.memory.eta_max=0.95"])
     assert capped.model.memory.neural_memory(2048, 16).eta_max == 0.95
     assert config.model.memory.neural_memory(2048, 16).eta_max == 1.0  # the preset's: no cap
