@@ -28,6 +28,7 @@ def test_bench_stability_on_a_text_corpus(tmp_path: Path, capsys: pytest.Capture
         assert 0 < s["theta_mean"] < 2e-3 and 0 < s["eta_mean"] < 1 and s["effective_step_max"] > s["theta_mean"]
     mem = [s["memory_grad_norm"] for s in data["steps"]]
     assert data["summary"]["memory_grad_max"] == max(mem) and data["summary"]["memory_grad_median"] == sorted(mem)[1]
+    assert data["summary"]["effective_step_max"] == max(s["effective_step_max"] for s in data["steps"])
     assert data["meta"]["args"]["seq"] == 96
     assert "memory grad norm: median" in capsys.readouterr().out
 

@@ -100,6 +100,7 @@ def run(args) -> Dict[str, Any]:
         "memory_grad_median": median,
         "memory_grad_max": max(mem),
         "spikes": [i for i, m in enumerate(mem) if not m < SPIKE * median],
+        "effective_step_max": max(s["effective_step_max"] for s in steps),
         "loss_first": steps[0]["loss"],
         "loss_last10": statistics.fmean(s["loss"] for s in steps[-10:]),
     }
@@ -144,6 +145,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         f"\n{device_description(torch.device(args.device))}; {args.preset} + {args.block_type} every {args.every}, "
         f"T={args.seq}, memory backprop span {args.memory_backprop_span or args.seq}, {args.steps} steps\nmemory grad norm: median {s['memory_grad_median']:.3g}, "
         f"max {s['memory_grad_max']:.3g}, spikes (> {SPIKE:g}x median) at steps {s['spikes']}; "
+        f"largest θ/(1-η) {s['effective_step_max']:.3g}; "
         f"loss {s['loss_first']:.3f} -> {s['loss_last10']:.3f} (mean of the last 10)"
     )
     meta = {"device": device_description(torch.device(args.device)), "date": datetime.date.today().isoformat(), "args": vars(args)}
