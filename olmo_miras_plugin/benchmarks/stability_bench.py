@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-from ..memory import MemoryImpl, NeuralMemory
+from ..memory import NeuralMemory
 from ..models import is_memory_param
 from .timing import device_description, write_payload
-from .train_bench import build_model
+from .train_bench import add_model_args, build_model
 
 __all__ = ["main"]
 
@@ -109,30 +109,13 @@ def run(args) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", default="olmo2_1B", help="OLMo-core TransformerConfig preset")
-    p.add_argument("--vocab-size", type=int, default=100352)
+    add_model_args(p, impl="triton_graphed")
     p.add_argument("--seq", type=int, default=8192, help="tokens per sequence: the backprop span")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--clip", type=float, default=1.0, help="global gradient clipping (0: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--block-type", default="mal")
-    p.add_argument("--every", type=int, default=4)
-    p.add_argument("--memory-preset", default="titans")
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--impl", default="triton_graphed", choices=[i.value for i in MemoryImpl])
-    p.add_argument("--memory-depth", type=int, default=None)
-    p.add_argument("--memory-max-grad-norm", type=float, default=None)
-    p.add_argument("--theta-init", type=float, default=None, help="default: the preset's")
-    p.add_argument("--theta-max", type=float, default=None, help="default: the preset's")
-    p.add_argument("--eta-init", type=float, default=None, help="default: the preset's (must be below --eta-max)")
-    p.add_argument("--eta-max", type=float, default=None, help="cap of the momentum gate (default: the preset's, 1: none)")
-    p.add_argument(
-        "--memory-backprop-span", type=int, default=None,
-        help="cut the memory's backprop every this many tokens inside the sequence (default: no cut: --seq)",
-    )
     p.add_argument("--corpus", nargs="+", help="text files to read as byte tokens (default: this repository's)")
     p.add_argument("--random-tokens", action="store_true", help="one fixed batch of random tokens instead")
     p.add_argument("--json", default="runs/bench/bench_stability.json", help="where the JSON goes (default: %(default)s)")

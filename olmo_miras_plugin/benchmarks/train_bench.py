@@ -169,26 +169,36 @@ def fsdp(args) -> None:
         raise SystemExit(f"rank {rank}: non-finite loss: this step time is of a diverged run (see the losses above)")
 
 
-def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+def add_model_args(p: argparse.ArgumentParser, impl: str) -> None:
+    """The flags :func:`build_model` reads (the device, OLMo-core preset and the memory layers),
+    shared by the benchmarks that train a whole model; ``impl``: the default memory impl."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--preset", default="olmo2_1B", help="OLMo-core TransformerConfig preset")
     p.add_argument("--vocab-size", type=int, default=100352)
-    p.add_argument("--seq", type=int, nargs="+", default=[8192])
-    p.add_argument("--steps", type=int, default=13)
     p.add_argument("--block-type", default="mal")
     p.add_argument("--every", type=int, default=4)
     p.add_argument("--memory-preset", default="titans")
     p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--impl", default="graphed", choices=[i.value for i in MemoryImpl])
+    p.add_argument("--impl", default=impl, choices=[i.value for i in MemoryImpl])
     p.add_argument("--memory-depth", type=int, default=None, help="memory MLP depth (1: linear memory); default: the preset's")
     p.add_argument(
         "--memory-max-grad-norm", type=float, default=None, help="inner-gradient clip (inf: off); default: the preset's"
     )
+    p.add_argument("--theta-init", type=float, default=None, help="default: the preset's")
+    p.add_argument("--theta-max", type=float, default=None, help="default: the preset's")
+    p.add_argument("--eta-init", type=float, default=None, help="default: the preset's (must be below --eta-max)")
+    p.add_argument("--eta-max", type=float, default=None, help="cap of the momentum gate (default: the preset's, 1: none)")
     p.add_argument(
         "--memory-backprop-span", type=int, default=None,
         help="cut the memory's backprop every this many tokens inside the sequence (default: no cut)",
     )
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    add_model_args(p, impl="graphed")
+    p.add_argument("--seq", type=int, nargs="+", default=[8192])
+    p.add_argument("--steps", type=int, default=13)
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one more step per model (CUDA)")
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
     p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")

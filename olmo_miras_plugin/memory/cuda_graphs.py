@@ -80,10 +80,9 @@ class GraphedChunkedScan:
         ):
             return eager()
         signature = (left, chunk_size, share_in, share_out, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in flat))
-        free = [(signature, i) for i in range(MAX_GRAPHS_PER_SIGNATURE) if (signature, i) not in self._busy]
-        if not free:
+        key = next(((signature, i) for i in range(MAX_GRAPHS_PER_SIGNATURE) if (signature, i) not in self._busy), None)
+        if key is None:
             return eager()
-        key = free[0]
 
         graphed = self._graphs.get(key)
         if graphed is None:

@@ -13,7 +13,7 @@ from .config import MemoryImpl, NeuralMemoryConfig
 from .conv import ShortCausalConv
 from .cuda_graphs import GraphedChunkedScan
 from .scan import Gates, MemoryRule, ScanState, chunked_scan, reference_scan
-from .state import MemoryState, map_read_weights
+from .state import MemoryState
 
 __all__ = ["NeuralMemory"]
 
@@ -25,12 +25,6 @@ LINEAR_EAGER_FROM_TOKENS = 16384
 def _inner_dtype(dtype: torch.dtype) -> torch.dtype:
     """The memory state's dtype: at least float32 (float64 stays float64, for gradcheck)."""
     return torch.promote_types(dtype, torch.float32)
-
-
-def _detached(state: ScanState) -> ScanState:
-    accum = [a.detach() for a in state.accum]
-    momentum = None if state.momentum is None else [m.detach() for m in state.momentum]
-    return ScanState(accum, momentum, map_read_weights(torch.Tensor.detach, state.read_weights, state.accum, accum), state.position)
 
 
 class NeuralMemory(nn.Module):
@@ -224,7 +218,7 @@ class NeuralMemory(nn.Module):
             return self.scan(state, k, v, q, gates)
         start = state.position
         if start > 0 and start % span == 0:  # a cut where this call starts: the state it was given
-            state = _detached(state)
+            state = state.detach()
         cuts = [p - start for p in range((start // span + 1) * span, start + t, span)]
         if not cuts:
             return self.scan(state, k, v, q, gates)
@@ -236,7 +230,7 @@ class NeuralMemory(nn.Module):
         outs: List[torch.Tensor] = []
         for i, (k_, v_, q_, *g_) in enumerate(pieces):
             if i > 0:  # a cut: this piece starts from the same values, outside the graph
-                state = _detached(state)
+                state = state.detach()
             y, state = self.scan(state, k_, v_, q_, Gates(*g_))
             outs.append(y)
         return torch.cat(outs, dim=2), state

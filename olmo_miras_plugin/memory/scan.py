@@ -25,6 +25,7 @@ from .architecture import MemoryArchitecture
 from .objective import AttentionalBias
 from .optimizer import ChunkCoefficients, MemoryOptimizer
 from .retention import Retention
+from .state import map_read_weights
 
 __all__ = ["MemoryRule", "Gates", "ScanState", "reference_scan", "chunked_scan", "chunk_step"]
 
@@ -53,6 +54,12 @@ class ScanState(NamedTuple):
     momentum: Optional[List[torch.Tensor]]
     read_weights: List[torch.Tensor]
     position: int
+
+    def detach(self) -> "ScanState":
+        """Same values, cut from the autograd graph (read weights that are the accumulator stay so)."""
+        accum = [a.detach() for a in self.accum]
+        momentum = None if self.momentum is None else [m.detach() for m in self.momentum]
+        return ScanState(accum, momentum, map_read_weights(torch.Tensor.detach, self.read_weights, self.accum, accum), self.position)
 
 
 def reference_scan(
