@@ -326,24 +326,29 @@ def assert_clips_some(scales: list) -> None:
 
 @interpreted
 @pytest.mark.parametrize(
-    "head_dim,expansion,chunk,activation,optimizer,block,rows,tau",
+    "head_dim,expansion,chunk,activation,optimizer,block,rows,tau,read",
     [
-        (16, 2.0, 8, "gelu", "momentum", None, None, None),  # one program per head (hidden 32), all rows at once
-        (16, 2.0, 8, "gelu", "momentum", "16", "4", None),  # two programs per head; two row passes per chunk
-        (24, 2.0, 4, "silu", "momentum", "16", None, None),  # d padded to 32; hidden 48 = 3 programs
-        (16, 1.5, 4, "gelu", "gd", "16", None, None),  # no momentum; hidden 24: a partly padded slice
+        (16, 2.0, 8, "gelu", "momentum", None, None, None, None),  # one program per head (hidden 32), all rows at once
+        (16, 2.0, 8, "gelu", "momentum", "16", "4", None, None),  # two programs per head; two row passes per chunk
+        (24, 2.0, 4, "silu", "momentum", "16", None, None, None),  # d padded to 32; hidden 48 = 3 programs
+        (16, 1.5, 4, "gelu", "gd", "16", None, None, None),  # no momentum; hidden 24: a partly padded slice
+        # the read-outs' kernels (off the chain) with their own tiles: one chunk per backward launch,
+        # one program per head (the chain: two), then groups of 3 chunks (4 = 1 + 3), 4-row passes
+        (16, 2.0, 8, "gelu", "momentum", "16", None, None, dict(GROUP="1", BLOCK="32")),
         # with the clip (τ: about half the tokens clipped, checked)
-        (16, 2.0, 8, "gelu", "momentum", None, None, 6.0),
-        (16, 2.0, 8, "gelu", "momentum", "16", "4", 6.0),
-        (24, 2.0, 4, "silu", "momentum", "16", None, 6.0),
-        (16, 1.5, 4, "gelu", "gd", "16", None, 2.0),
+        (16, 2.0, 8, "gelu", "momentum", None, None, 6.0, None),
+        (16, 2.0, 8, "gelu", "momentum", "16", "4", 6.0, None),
+        (24, 2.0, 4, "silu", "momentum", "16", None, 6.0, None),
+        (16, 1.5, 4, "gelu", "gd", "16", None, 2.0, None),
+        (16, 2.0, 8, "gelu", "momentum", "16", None, 6.0, dict(GROUP="3", ROWS="4")),
     ],
 )
-def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activation, optimizer, block, rows, tau):
+def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activation, optimizer, block, rows, tau, read):
     """Hidden units split over programs (sums by atomics, one launch per chunk; two forward
-    launches with the clip): outputs, final state and every gradient equal autograd through the
-    chunked scan."""
-    for env, value in (("BLOCK", block), ("BWD_BLOCK", block), ("ROWS", rows)):
+    launches with the clip; the read-outs' backward a group of chunks at a time off the chain):
+    outputs, final state and every gradient equal autograd through the chunked scan."""
+    knobs = [("BLOCK", block), ("BWD_BLOCK", block), ("ROWS", rows)] + [(f"READ_{k}", v) for k, v in (read or {}).items()]
+    for env, value in knobs:
         if value:
             monkeypatch.setenv(f"OLMO_MIRAS_TRITON_SPLIT_{env}", value)
     rule = mlp_rule(head_dim, chunk, tau, expansion, activation, optimizer)
@@ -398,6 +403,13 @@ def test_split_refuses_bad_input(monkeypatch):
     monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_ROWS", "3")
     with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_ROWS must be a power of two dividing the chunk"):
         triton_mlp_split._rows_per_pass(64)
+    for bad in ("0", "two"):
+        monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_GROUP", bad)
+        with pytest.raises(ValueError, match=f"OLMO_MIRAS_TRITON_SPLIT_READ_GROUP must be a positive number of chunks, got '{bad}'"):
+            triton_mlp_split._read_group(8)
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS", "3")
+    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_READ_ROWS must be a power of two dividing the chunk"):
+        triton_mlp_split._read_tiles(64, 64)
     if INTERPRETED:
         with torch.no_grad(), pytest.raises(ValueError, match="whole chunks"):
             triton_mlp_split.split_mlp_scan(rule, state, k[:, :, :6], v[:, :, :6], q[:, :, :6],

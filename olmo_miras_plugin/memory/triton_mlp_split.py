@@ -20,13 +20,21 @@ first half of the next:
     forward launch c:   finish chunk c − 1 (E = Σ − V from the buffer; the update, giving W_c)
                         start chunk c (keys' prediction into the buffer; the read-out into y
                         too without a gradient, else one launch for all chunks afterwards)
-    backward launch c:  finish chunk c + 1 (with its total dE: dK, dQ, the adjoints of W_c+1)
+    backward launch c:  finish chunk c + 1 (with its total dE: dK, the adjoints of W_c+1)
                         start chunk c (its share of dE and of the token weights' gradients)
+
+The read-outs are off the chain in both directions: the forward's depend only on each chunk's
+saved start state (one launch for all chunks), and so do their backward's dQ and their part of
+W_c's adjoint (``dHqᵀ Q``, ``dYᵀ Aq``): :func:`_split_read_bwd_kernel` forms those for a group
+of chunks at once, just before the chain reaches the group, and the chain launch starts W_c's
+adjoint sum from them (5 of the chain's 22 dots per row pass moved off it: scan 8.57 → 8.18 ms
+at 4k, H100, ninth session).
 
 The clip ``σ_t = min(1, τ / √n_t)``, ``n_t = ‖E_t‖²‖Ak_t‖² + ‖D_t‖²‖k_t‖²``: ``‖Ak_t‖²`` is summed
 with the keys' prediction, but ``D_t = (W₂ᵀ E_t) ∘ act'(h_t)`` needs the whole E_t first, so
 ``‖D_t‖²`` is a second sum in sequence. The forward adds a launch per chunk between the two
-halves (:func:`_split_norm_kernel`: E, this slice's ‖D‖²), ``2N + 1`` launches. The backward
+halves (:func:`_split_norm_kernel`: E, this slice's ‖D‖², with Hk kept by the forward launch),
+``2N + 1`` launches. The backward
 needs ``∂L/∂σ_t`` over all hidden units before ``dn_t = 2 ∂L/∂n_t`` and so dE, but dE is linear
 in dn_t: the start half sums ``dE₀`` (dE at dn = 0) and ``xe = ∂dE/∂dn`` separately with
 ``∂L/∂σ``, and the finish half forms ``dE = dE₀ + dn xe``, still ``N + 1`` launches. (Without
@@ -41,7 +49,9 @@ rows at a time (16 rows keep the tiles small; 32 or 64 rows measured 1.3–1.5×
 
 Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats per (batch, head)
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
-a gradient it keeps two state slots, so streaming inference stays flat in T. The clip adds
+a gradient it keeps two state slots, so streaming inference stays flat in T. The backward's
+read-out buffer holds one group of chunks (``2 · F · d`` floats per (batch, head) and chunk of a
+group: 134 MiB at OLMo2-1B shapes). The clip adds
 ``‖Ak_t‖²``, ``‖D_t‖²`` ``(B·H, T)`` (saved) and, in the backward, ``xe`` ``(B, H, T, d)`` and two
 ``(B·H, T)`` buffers.
 
@@ -52,13 +62,17 @@ the clip). Each launch is latency-bound (~28 µs forward, ~75 µs backward: a ch
 dots), which is what keeps the layer above the ≤ 3 / 8 / 16 ms target. Neither the atomics
 (about 1 %) nor occupancy is what costs: the backward needs 255 registers and 154 KiB of
 shared memory, one program per SM, and smaller slices that fit two per SM measured slower
-(docs/performance.md, eighth session). With the clip (the titans preset's default): the scan
-8.5 / 32.7 ms, the layer 11.1 / 41.1 ms at 4k / 16k under ``triton_graphed`` (``graphed``: 17.2 /
-67.3 ms), OLMo2-1B + MAL every 4th layer at 75.5 % of the base's tokens/s (8k, finite losses).
+(docs/performance.md, eighth session). With the clip (the titans preset's default; ninth
+session, the read-outs' backward off the chain): the scan 8.2 / 30.9 ms, the layer 10.7 / 40.0 /
+78.0 ms at 4k / 16k / 32k under ``triton_graphed``, OLMo2-1B + MAL every 4th layer at 75.9 % of
+the base's tokens/s (8k, finite losses).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,
 default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 8),
+``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 32),
+``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS`` (the read-out kernels' hidden units and
+rows per program, default 32 / 16; 8, 32 or 64 rows and 64 units measured within 1 %),
 ``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2; the
 backward with the clip defaults to 1), ``OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES`` (the backward's alone),
 ``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels, plus ``bf16`` here: operands rounded
@@ -87,7 +101,7 @@ if triton is not None:
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
-BLOCK, ROWS, FWD_WARPS, BWD_WARPS, STAGES, BWD_CLIP_STAGES = 32, 16, 4, 8, 2, 1
+BLOCK, ROWS, FWD_WARPS, BWD_WARPS, STAGES, BWD_CLIP_STAGES, READ_GROUP, READ_ROWS = 32, 16, 4, 8, 2, 1, 32, 16
 
 
 if triton is not None:
@@ -167,11 +181,51 @@ if triton is not None:
         _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, dmask[None, :], D, C, RB, GELU, PREC)
 
     @triton.jit
+    def _split_read_bwd_kernel(
+        q_ptr, dy_ptr, sq_b, sq_h, sq_t, sdy_b, sdy_h, sdy_t,
+        w1_ptr, w2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
+        dq_ptr,  # (BH, T, D) float32, zeroed: dQ, summed over hidden units by atomics
+        rr1_ptr, rr2_ptr,  # (BH, M, F, D) / (BH, M, D, F): the read-outs' adjoint of W, chunk c in slot c % M
+        g0, H, N, M, D, F,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, RB: tl.constexpr, GELU: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """The read-out's backward for chunks g0, g0 + 1, … at once (grid ``(BH, programs per head,
+        chunks)``): dQ and the read-out's part of the adjoint of W_c, ``dHqᵀ Q`` and ``dYᵀ Aq``. It
+        depends on the saved W_c and on dY only, not on the adjoints flowing back through the chunk
+        chain, so it is off the chain, like the forward's :func:`_split_read_kernel`; the chain
+        launch that finishes chunk c starts its adjoint sum from slot c % M."""
+        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        row_mask = dmask[None, :]
+        c = g0 + tl.program_id(2)
+        fd = F * D
+        st = (bh * (N + 1) + c) * fd
+        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
+        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        R1 = tl.zeros([BF, BD], dtype=tl.float32)
+        R2 = tl.zeros([BD, BF], dtype=tl.float32)
+        for r0 in range(0, C, RB):
+            rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
+            out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
+            Q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0)
+            Q = Q.to(tl.float32)
+            dY = tl.load(dy_ptr + b * sdy_b + h * sdy_h + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0)
+            dY = dY.to(tl.float32)
+            Hq = _dot(Q, tl.trans(W1), None, PREC)
+            dHq = _dot(dY, W2, None, PREC) * _act_grad(Hq, GELU)  # (RB, BF)
+            tl.atomic_add(dq_ptr + out_rows, _dot(dHq, W1, None, PREC), mask=row_mask, sem="relaxed")
+            R1 = _dot(tl.trans(dHq), Q, R1, PREC)  # (BF, BD)
+            R2 = _dot(tl.trans(dY), _act(Hq, GELU), R2, PREC)  # (BD, BF)
+        slot = (bh * M + c % M) * fd
+        tl.store(rr1_ptr + slot + off1, R1, mask=mask1)
+        tl.store(rr2_ptr + slot + off2, R2, mask=mask2)
+
+    @triton.jit
     def _split_fwd_kernel(
         k_ptr, v_ptr, q_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t,
         y_ptr, pk_ptr,  # (BH, T, D) float32, zeroed: read-out and keys' prediction, summed by atomics
         aa_ptr, dd_ptr,  # (BH, T) float32, zeroed (clip only): ‖Ak_t‖², ‖D_t‖², summed by atomics
-        kept_ptr,  # (2, BH, C, F) float32 (clip only): chunk c − 1's Hk and D from :func:`_split_norm_kernel`
+        kept_ptr,  # (2, 2, BH, C, F) float32 (clip only): chunk j's Hk, D in slot j % 2 (D from :func:`_split_norm_kernel`)
         ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # (BH, N), (BH, N), (BH, N), (BH, N, C), (BH, N, C)
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, NS, F, D), (BH, NS, D, F): state slots (chunk c in slot c % NS)
         c, H, N, NS, D, F, tau,
@@ -212,9 +266,10 @@ if triton is not None:
                 rows = (cp * C + rr).to(tl.int64)
                 K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 if CLIP:  # the norm launch formed Hk and D at these weights already
-                    kept = kept_ptr + bh * C * F + rr[:, None] * F + rf[None, :]
+                    BHCF = tl.num_programs(0).to(tl.int64) * C * F
+                    kept = kept_ptr + (cp % 2) * 2 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
                     Hk = tl.load(kept, mask=kmask, other=0.0)
-                    Dk = tl.load(kept + tl.num_programs(0).to(tl.int64) * C * F, mask=kmask, other=0.0)
+                    Dk = tl.load(kept + BHCF, mask=kmask, other=0.0)
                 else:
                     Hk = _dot(K, tl.trans(W1), None, PREC)  # (RB, BF)
                     Dk = _dot(E, W2, None, PREC) * _act_grad(Hk, GELU)  # (RB, BF)
@@ -249,63 +304,71 @@ if triton is not None:
                 q_base = q_ptr + b * sq_b + h * sq_h
                 _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, row_mask, D, C, RB, GELU, PREC)
             for r0 in range(0, C, RB):
-                rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
+                rr = r0 + tl.arange(0, RB)
+                rows = (c * C + rr).to(tl.int64)
                 out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
                 K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
-                Ak = _act(_dot(K.to(tl.float32), tl.trans(W1), None, PREC), GELU)
+                Hk = _dot(K.to(tl.float32), tl.trans(W1), None, PREC)
+                Ak = _act(Hk, GELU)
                 Yk = _dot(Ak, tl.trans(W2), None, PREC)
                 tl.atomic_add(pk_ptr + out_rows, Yk, mask=row_mask, sem="relaxed")
                 if CLIP:
                     tl.atomic_add(aa_ptr + bh * N * C + rows, tl.sum(Ak * Ak, axis=1), sem="relaxed")
+                    # Hk for the norm launch and the next update (slot c % 2: this launch read c − 1's)
+                    BHCF = tl.num_programs(0).to(tl.int64) * C * F
+                    kept = kept_ptr + (c % 2) * 2 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
+                    tl.store(kept, Hk, mask=kmask)
 
     @triton.jit
     def _split_norm_kernel(
-        k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+        v_ptr, sv_b, sv_h, sv_t,
         pk_ptr,  # (BH, T, D): the keys' prediction, complete for chunk c
         dd_ptr,  # (BH, T), as the forward's: this slice's share of ‖D_t‖² goes in by atomics
-        kept_ptr,  # (2, BH, C, F): this slice's Hk and D, for the next forward launch's update
-        w1_ptr, w2_ptr,  # the forward's state slots
+        kept_ptr,  # (2, 2, BH, C, F): slot c % 2 holds this slice's Hk (from the forward launch); D goes in
+        w2_ptr,  # the forward's W₂ state slots
         c, H, N, NS, D, F,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         RB: tl.constexpr,
     ):
         """With the clip, between forward launches c and c + 1: ‖D_t‖² needs chunk c's whole E, so
-        it is a second sum over hidden units per chunk (and a second launch). Hk and D are what the
-        update in launch c + 1 needs too: kept (L2-sized, one slot), not formed twice."""
+        it is a second sum over hidden units per chunk (and a second launch). Hk (kept by the forward
+        launch's start half) and D are what the update in launch c + 1 needs too: kept (L2-sized),
+        not formed twice."""
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         rf = f0 + tl.arange(0, BF)
         kmask = (rf < F)[None, :]
-        st = (bh * NS + c % NS) * F * D
-        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
-        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
-        k_base = k_ptr + b * sk_b + h * sk_h
+        W2 = tl.load(w2_ptr + (bh * NS + c % NS) * F * D + off2, mask=mask2, other=0.0)
         v_base = v_ptr + b * sv_b + h * sv_h
+        BHCF = tl.num_programs(0).to(tl.int64) * C * F
         for r0 in range(0, C, RB):
             rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
-            K, E, _ = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, dmask[None, :], D, N, C)
-            Hk, _, _, Dk = _key_block(K, E, W1, W2, GELU, PREC)
+            row_mask = dmask[None, :]
+            V = tl.load(v_base + rows[:, None] * sv_t + rd[None, :], mask=row_mask, other=0.0)
+            E = tl.load(pk_ptr + (bh * N * C + rows[:, None]) * D + rd[None, :], mask=row_mask, other=0.0) - V.to(tl.float32)
+            kept = kept_ptr + (c % 2) * 2 * BHCF + bh * C * F + (r0 + tl.arange(0, RB))[:, None] * F + rf[None, :]
+            Hk = tl.load(kept, mask=kmask, other=0.0)
+            Dk = _dot(E, W2, None, PREC) * _act_grad(Hk, GELU)
             tl.atomic_add(dd_ptr + bh * N * C + rows, tl.sum(Dk * Dk, axis=1), sem="relaxed")
-            kept = kept_ptr + bh * C * F + (r0 + tl.arange(0, RB))[:, None] * F + rf[None, :]
-            tl.store(kept, Hk, mask=kmask)
-            tl.store(kept + tl.num_programs(0).to(tl.int64) * C * F, Dk, mask=kmask)
+            tl.store(kept + BHCF, Dk, mask=kmask)
 
     @triton.jit
     def _split_bwd_kernel(
-        k_ptr, v_ptr, q_ptr, dy_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t, sq_b, sq_h, sq_t, sdy_b, sdy_h, sdy_t,
+        k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         pk_ptr,  # (BH, T, D): the forward's keys' prediction
         aa_ptr, dd_ptr,  # (BH, T): the forward's ‖Ak_t‖², ‖D_t‖² (clip only)
         ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # as the forward's
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
         g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D) / (BH, D, F): adjoints of W, S at the current chunk end
         r1_ptr, r2_ptr,  # the read weights' adjoint (written at chunk 0)
+        rr1_ptr, rr2_ptr,  # (BH, M, F, D) / (BH, M, D, F): the read-outs' part, from :func:`_split_read_bwd_kernel`
         scr_ptr,  # (2, 4, BH, C, F): Hk, B, dD and dAk's part without dE, kept from start to finish
-        de_ptr, dk_ptr, dq_ptr,  # (BH, T, D) float32, zeroed, summed by atomics (dV = −dE)
+        de_ptr, dk_ptr,  # (BH, T, D) float32, zeroed, summed by atomics (dV = −dE)
         xe_ptr,  # (BH, T, D) float32, zeroed (clip only): ∂dE/∂dn, summed by atomics
         dsig_ptr,  # (BH, T) float32, zeroed (clip only): ∂L/∂σ, summed by atomics
         dn_ptr,  # (BH, T) float32 (clip only): dn = 2 ∂L/∂n, for dV = −(dE₀ + dn xe) afterwards
         dw_ptr,  # (2, BH, N, C), zeroed: d w_A, d w_S
         dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
-        c, H, N, D, F, tau,
+        c, H, N, M, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
     ):
@@ -321,8 +384,10 @@ if triton is not None:
                                          dE = dE₀ + dn xe,   dD = dD₀ + dn ‖k‖² D
                                          dAk = dE W₂ − ω_A∘E G₂ − ω_S∘E H₂ + dn ‖e‖² Ak
                                          dHk = dAk ∘ act'(Hk) + dD ∘ B ∘ act''(Hk)
-                                         dK  += dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁ (+ dn ‖D‖² K, once),   dQ += dHq W₁
+                                         dK  += dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁ (+ dn ‖D‖² K, once)
                                          G ← a_keep G + (via W₁: dHkᵀ K + dHqᵀ Q; via W₂: Eᵀ dB + dEᵀ Ak + dYᵀ Aq)
+
+        (the read-out's terms dHqᵀ Q, dYᵀ Aq and dQ = dHq W₁ come from :func:`_split_read_bwd_kernel`).
                                          H ← a_mom G + s_keep H
 
         dE is linear in the per-token dn, which needs ∂L/∂σ summed over all hidden units: summing
@@ -353,22 +418,14 @@ if triton is not None:
             st = (bh * (N + 1) + cn) * fd
             W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
             W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
-            R1 = tl.zeros([BF, BD], dtype=tl.float32)  # the adjoint of W_cn via everything in the chunk …
-            R2 = tl.zeros([BD, BF], dtype=tl.float32)
+            # The adjoint of W_cn via everything in the chunk: the read-out's part (summed off the
+            # chain by :func:`_split_read_bwd_kernel`), then the keys' part row pass by row pass …
+            rslot = (bh * M + cn % M) * fd
+            R1 = tl.load(rr1_ptr + rslot + off1, mask=mask1, other=0.0)
+            R2 = tl.load(rr2_ptr + rslot + off2, mask=mask2, other=0.0)
             for r0 in range(0, C, RB):  # RB rows at a time (fewer (rows × d) tiles live at once)
                 rr = r0 + tl.arange(0, RB)
                 rows = (cn * C + rr).to(tl.int64)
-                out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
-                # The read-out's part first (Q, dY are dead before the keys' tensors load).
-                Q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0)
-                Q = Q.to(tl.float32)
-                dY = tl.load(dy_ptr + b * sdy_b + h * sdy_h + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0)
-                dY = dY.to(tl.float32)
-                Hq = _dot(Q, tl.trans(W1), None, PREC)
-                dHq = _dot(dY, W2, None, PREC) * _act_grad(Hq, GELU)  # (RB, BF)
-                tl.atomic_add(dq_ptr + out_rows, _dot(dHq, W1, None, PREC), mask=row_mask, sem="relaxed")
-                R1 = _dot(tl.trans(dHq), Q, R1, PREC)  # (BF, BD)
-                R2 = _dot(tl.trans(dY), _act(Hq, GELU), R2, PREC)  # (BD, BF)
                 # The keys' part, with the total dE of chunk cn and what the previous launch kept.
                 K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 dE = tl.load(de_ptr + out_rows, mask=row_mask, other=0.0)
@@ -498,6 +555,28 @@ def _block(hidden: int, env: str) -> int:
     return _env_rows(env, min(BLOCK, cap), cap)
 
 
+def _read_group(chunks: int) -> int:
+    """Chunks per launch of the read-outs' backward (``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP``, default
+    32): its buffer holds ``2 · F · d`` floats per (batch, head) and chunk of a group (134 MiB at
+    OLMo2-1B shapes), and a group fills the GPU (16 heads × 8 slices × 32 chunks)."""
+    env = os.environ.get("OLMO_MIRAS_TRITON_SPLIT_READ_GROUP")
+    group = int(env) if env and env.isdigit() else (0 if env else READ_GROUP)
+    if group < 1:
+        raise ValueError(f"OLMO_MIRAS_TRITON_SPLIT_READ_GROUP must be a positive number of chunks, got {env!r}")
+    return max(1, min(group, chunks))
+
+
+def _read_tiles(hidden: int, chunk: int) -> Tuple[int, int]:
+    """Hidden units and rows per program of the read-out kernels (forward and backward), which
+    run off the chunk chain: ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS``."""
+    bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK")
+    env = os.environ.get("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS")
+    rows = int(env) if env and env.isdigit() else (0 if env else min(READ_ROWS, chunk))
+    if rows < 1 or rows & (rows - 1) or chunk % rows:
+        raise ValueError(f"OLMO_MIRAS_TRITON_SPLIT_READ_ROWS must be a power of two dividing the chunk ({chunk}), got {env!r}")
+    return bf, rows
+
+
 def _rows_per_pass(chunk: int) -> int:
     """Rows per pass (``RB``). At d = 128 and 32 hidden units the backward needs 176 KiB of shared
     memory with 16 rows, 208 KiB with 32 and 272 KiB with all 64 (over an H100's 227)."""
@@ -547,7 +626,7 @@ class _SplitMLPScan(torch.autograd.Function):
         # With the clip, ‖Ak_t‖² and ‖D_t‖² summed over hidden units (kept for the backward).
         aa, dd = (torch.zeros(b * h, t, device=dev, dtype=torch.float32) for _ in range(2)) if clip else (pk, pk)
         # With the clip, the last chunk's Hk and D from the norm launch (read by the next update).
-        kept = torch.empty(2, b * h, chunk, hidden, device=dev, dtype=torch.float32) if clip else pk
+        kept = torch.empty(2, 2, b * h, chunk, hidden, device=dev, dtype=torch.float32) if clip else pk
         tau_ = float(tau) if clip else 1.0
         prec = _precision(dev, allow_bf16=True)
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BLOCK")
@@ -562,13 +641,14 @@ class _SplitMLPScan(torch.autograd.Function):
             )
             if clip and c < n:  # chunk c's ‖D‖², before launch c + 1 applies its update
                 _split_norm_kernel[grid](
-                    k, v, *_strides(k), *_strides(v), pk, dd, kept, w1, w2, c, h, n, ns, d, hidden,
+                    v, *_strides(v), pk, dd, kept, w2, c, h, n, ns, d, hidden,
                     C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=rb, **opts,
                 )
         if save:  # every chunk's start state is kept: all read-outs at once
-            _split_read_kernel[(*grid, n)](
+            rbf, rrb = _read_tiles(hidden, chunk)
+            _split_read_kernel[(b * h, triton.cdiv(hidden, rbf), n)](
                 q, *_strides(q), y, w1, w2, h, n, d, hidden,
-                C=chunk, BD=_bd(d), BF=bf, RB=rb, GELU=gelu, PREC=prec, **opts,
+                C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **opts,
             )
         last = n % ns
         outs = [w1[:, :, last].clone(), w2[:, :, last].clone()]
@@ -610,11 +690,25 @@ class _SplitMLPScan(torch.autograd.Function):
         opts = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS", BWD_WARPS, "OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES",
                      BWD_CLIP_STAGES if clip else STAGES)
         rb = _rows_per_pass(chunk)
+        # The read-outs' backward runs off the chunk chain, a group of chunks at a time (just before
+        # the chain reaches the group: its buffer holds one group, not every chunk).
+        group = _read_group(n)
+        rr1 = torch.empty(b * h, group, hidden, d, device=dev, dtype=torch.float32)
+        rr2 = torch.empty(b * h, group, d, hidden, device=dev, dtype=torch.float32)
+        read_opts = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
+        rbf, rrb = _read_tiles(hidden, chunk)
         for c in range(n - 1, -2, -1):
+            top = c + 1  # the chunk this launch finishes
+            if top < n and (top == n - 1 or (top + 1) % group == 0):
+                g0 = top - top % group
+                _split_read_bwd_kernel[(b * h, triton.cdiv(hidden, rbf), top + 1 - g0)](
+                    q, dy, *_strides(q), *_strides(dy), w1, w2, dq, rr1, rr2, g0, h, n, group, d, hidden,
+                    C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **read_opts,
+                )
             _split_bwd_kernel[grid](
-                k, v, q, dy, *_strides(k), *_strides(v), *_strides(q), *_strides(dy), pk,
-                aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, kept, de, dk, dq, xe, dsig, dn,
-                dw, dcoef, c, h, n, d, hidden, float(tau) if clip else 1.0,
+                k, v, *_strides(k), *_strides(v), pk,
+                aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, rr1, rr2, kept, de, dk, xe, dsig, dn,
+                dw, dcoef, c, h, n, group, d, hidden, float(tau) if clip else 1.0,
                 C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, CLIP=clip, **opts,
             )
         dv = -torch.addcmul(de, dn.view(b, h, t, 1), xe) if clip else -de
