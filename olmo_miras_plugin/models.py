@@ -42,6 +42,8 @@ __all__ = [
     "MirasModelConfig",
     "PRESET_REVISION",
     "REVISION_1_STEP",
+    "REVISION_2_MOMENTUM",
+    "preset_revision_values",
     "is_memory_param",
     "load_base_state_dict",
     "miras_from_preset",
@@ -59,14 +61,35 @@ log = logging.getLogger(__name__)
 MEMORY_PARAM_MARKER = ".miras."
 """Every memory parameter's name contains this; no base parameter's does."""
 
-PRESET_REVISION = 2
+PRESET_REVISION = 3
 """Revision of the presets' values that ``MirasMemoryConfig.preset_revision`` selects. A saved
 config names its preset, not the preset's numbers, so a model must keep the values it was
-trained with when the presets change: revision 1 is the inner step size (θ_init, θ_max) before
-2026-11-26 (docs/memory.md, "Inner step size and backprop span"); revision 2 the current one."""
+trained with when the presets change (docs/memory.md, "Inner step size and backprop span"):
+revision 1 is the inner step size (θ_init, θ_max) before 2026-11-26; revision 2 the titans
+preset's momentum without a cap (η_init 0.9, η_max 1) before 2026-11-26's ninth session;
+revision 3 the current values."""
 
 REVISION_1_STEP = {"titans": (0.01, 0.1), "moneta": (0.1, 1.0), "yaad": (0.1, 1.0), "memora": (0.1, 1.0)}
 """(θ_init, θ_max) of each preset in revision 1."""
+
+REVISION_2_MOMENTUM = {"titans": (0.9, 1.0)}
+"""(η_init, η_max) of the presets whose momentum changed in revision 3 (revisions 1 and 2)."""
+
+
+def preset_revision_values(preset: str, revision: int) -> Dict[str, float]:
+    """The values of ``preset`` that differ in ``revision`` from the current presets
+    (:data:`PRESET_REVISION`); empty for the current revision."""
+    if revision not in range(1, PRESET_REVISION + 1):
+        raise OLMoConfigurationError(
+            f"memory.preset_revision must be one of {list(range(1, PRESET_REVISION + 1))}, got {revision!r}"
+        )
+    values: Dict[str, float] = {}
+    if revision == 1:
+        values["theta_init"], values["theta_max"] = REVISION_1_STEP[preset]
+    if revision <= 2 and preset in REVISION_2_MOMENTUM:
+        values["eta_init"], values["eta_max"] = REVISION_2_MOMENTUM[preset]
+    return values
+
 
 _MEMORY_CONFIG_CLASS = "olmo_miras_plugin.models.MirasMemoryConfig"
 
@@ -115,18 +138,19 @@ class MirasMemoryConfig(Config):
     theta_init: Optional[float] = None
     """Initial inner learning rate θ (gate bias); ``None`` keeps the preset's."""
     eta_init: Optional[float] = None
-    """Initial momentum η; ``None`` keeps the preset's (0.9; presets without momentum ignore it)."""
+    """Initial momentum η; ``None`` keeps the preset's (titans 0.8; presets without momentum ignore it)."""
     eta_max: Optional[float] = None
-    """Cap of the momentum gate η; ``None`` keeps the preset's (1: no cap; see
+    """Cap of the momentum gate η; ``None`` keeps the preset's (titans 0.9; see
     ``NeuralMemoryConfig.eta_max``)."""
     alpha_init: Optional[float] = None
     """Initial forget rate α; ``None`` keeps the preset's (titans 1e-2, moneta 1e-3). Small values
     let early training see gradients from writes far back (e⁻²⁰ of a write survives 2,000 tokens at
     1e-2)."""
     preset_revision: int = PRESET_REVISION
-    """Which revision of the presets' values ``None`` fields take (:data:`PRESET_REVISION`): new
-    configs get the current one; configs saved before this field existed load as revision 1
-    (:func:`upgrade_saved_config`), so a trained model keeps its inner step size."""
+    """Which revision of the presets' values ``None`` fields take (:data:`PRESET_REVISION`,
+    :func:`preset_revision_values`): new configs get the current one; configs saved before this
+    field existed load as revision 1 (:func:`upgrade_saved_config`), so a trained model keeps its
+    inner step size and momentum."""
     max_grad_norm: Optional[float] = None
     """Per-token clip of the *inner* (surprise) gradient; ``None`` keeps the default (1.0),
     ``math.inf`` turns clipping off (see ``MemoryOptimizerConfig.max_grad_norm``)."""
@@ -191,12 +215,7 @@ class MirasMemoryConfig(Config):
         )
         if self.impl is not None:
             kwargs["impl"] = self.impl
-        if self.preset_revision not in (1, PRESET_REVISION):
-            raise OLMoConfigurationError(
-                f"memory.preset_revision must be 1 or {PRESET_REVISION}, got {self.preset_revision!r}"
-            )
-        if self.preset_revision == 1:
-            kwargs["theta_init"], kwargs["theta_max"] = REVISION_1_STEP[self.preset]
+        kwargs.update(preset_revision_values(self.preset, self.preset_revision))
         for name in ("theta_max", "theta_init", "eta_init", "eta_max", "alpha_init"):
             if getattr(self, name) is not None:
                 kwargs[name] = getattr(self, name)

@@ -84,8 +84,8 @@ def graphs_per_copy() -> List[int]:
 @pytest.mark.parametrize(
     "preset, kw",
     [
-        ("titans", {}),  # conv, q/k norm, momentum (η gate)
-        ("titans", dict(eta_max=0.95)),  # the capped η gate
+        ("titans", {}),  # conv, q/k norm, momentum (the η gate, capped at 0.9)
+        ("titans", dict(eta_max=1.0, eta_init=0.9)),  # the uncapped η gate (presets before revision 3)
         ("yaad", dict(conv_kernel=0, qk_norm=False)),  # none of them
     ],
 )

@@ -313,8 +313,8 @@ def test_eta_max_caps_the_momentum_gate():
     m.record_diagnostics = True
     m(x)
     assert m.last_diagnostics["effective_step_max"] <= m.config.theta_max / (1 - 0.95) * (1 + 1e-6)
-    with pytest.raises(ValueError, match="eta_init must be below eta_max=0.9, got 0.9"):
-        build("titans", eta_max=0.9)
+    with pytest.raises(ValueError, match="eta_init must be below eta_max=0.8, got 0.8"):
+        build("titans", eta_max=0.8)
     with pytest.raises(ValueError, match=r"eta_max must be in \(0, 1\] \(1: no cap\), got 1.5"):
         build("titans", eta_max=1.5)
 

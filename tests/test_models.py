@@ -257,7 +257,7 @@ def test_memory_gate_inits_and_inner_clip_reach_every_memory_layer():
     for m in mems:
         with torch.no_grad():
             theta = torch.sigmoid(m.w_theta.bias) * m.config.theta_max
-            eta, alpha = torch.sigmoid(m.w_eta.bias), torch.sigmoid(m.w_alpha.bias)
+            eta, alpha = torch.sigmoid(m.w_eta.bias) * m.config.eta_max, torch.sigmoid(m.w_alpha.bias)
         assert m.config.theta_max == 0.05
         torch.testing.assert_close(theta, torch.full_like(theta, 0.02))
         torch.testing.assert_close(eta, torch.full_like(eta, 0.5))
@@ -330,7 +330,7 @@ def test_saved_configs_keep_the_preset_values_they_were_trained_with():
     }
     for name, load in loaders.items():
         mem = load(json.loads(json.dumps(old))).memory.neural_memory(64, 2)
-        assert (mem.theta_init, mem.theta_max) == (0.01, 0.1), name
+        assert (mem.theta_init, mem.theta_max, mem.eta_init, mem.eta_max) == (0.01, 0.1, 0.9, 1.0), name
     model = _build_from_config(old, torch.device("cpu"), 64)
     thetas = {m.config.theta_max for m in model.modules() if isinstance(m, NeuralMemory)}
     assert thetas == {0.1}
@@ -339,5 +339,11 @@ def test_saved_configs_keep_the_preset_values_they_were_trained_with():
     assert MirasModelConfig.from_dict(upgrade_saved_config(old)).memory.neural_memory(64, 2).theta_max == 0.05
     yaad = MirasMemoryConfig(preset="yaad", preset_revision=1).neural_memory(64, 2)
     assert (yaad.theta_init, yaad.theta_max) == (0.1, 1.0)
-    with pytest.raises(OLMoConfigurationError, match="preset_revision must be 1 or 2, got 7"):
+    with pytest.raises(OLMoConfigurationError, match=r"preset_revision must be one of \[1, 2, 3\], got 7"):
         MirasMemoryConfig(preset_revision=7).neural_memory(64, 2)
+    # The titans momentum: uncapped in revisions 1 and 2 (saved configs of those keep it), capped now.
+    for revision, want in ((1, (0.9, 1.0)), (2, (0.9, 1.0)), (3, (0.8, 0.9))):
+        mem = MirasMemoryConfig(preset_revision=revision).neural_memory(64, 2)
+        assert (mem.eta_init, mem.eta_max) == want, revision
+    assert MirasMemoryConfig(preset_revision=2).neural_memory(64, 2).theta_max == 2e-3
+    assert MirasMemoryConfig(preset_revision=2, eta_max=0.95).neural_memory(64, 2).eta_max == 0.95

@@ -144,6 +144,25 @@ def test_mismatched_model_config_fails_naming_the_mismatch(
         train(config)
 
 
+def test_resume_with_other_preset_values_is_refused(runs: Tuple[Path, Path], corpus_dir: Path) -> None:
+    """A preset revision changes the preset's numbers, not a shape: the checkpoint would load and
+    train on with other gates. The saved config's revision must match (the fix is named)."""
+    from olmo_core.exceptions import OLMoConfigurationError
+
+    from olmo_miras_plugin.models import PRESET_REVISION
+
+    _, resumed = runs
+    before = sorted(p.name for p in resumed.iterdir())
+    config = experiment(corpus_dir, resumed, "revision", f"--model.memory.preset_revision={PRESET_REVISION - 1}")
+    with pytest.raises(
+        OLMoConfigurationError,
+        match=rf"trained with memory.preset_revision={PRESET_REVISION} .*this run's config has {PRESET_REVISION - 1}"
+        rf".*--model.memory.preset_revision={PRESET_REVISION}",
+    ):
+        train(config)
+    assert sorted(p.name for p in resumed.iterdir()) == before  # refused before writing anything
+
+
 def test_pretrained_base_checkpoint_loads_base_and_keeps_memory_init(corpus_dir: Path, tmp_path: Path) -> None:
     # a "pretrained OLMo": the tiny model's base (plain OLMo-core transformer, no memory) trained 2 steps
     base_run = tmp_path / "base"

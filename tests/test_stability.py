@@ -54,9 +54,9 @@ def test_preset_outer_gradients_stay_bounded_on_aligned_inputs(preset: str, seed
 
 
 def test_larger_inner_step_explodes_the_outer_gradients():
-    """The titans preset's earlier step size (θ_init 0.01, θ_max 0.1) on the same inputs: what the
-    bound above guards against (and that the probe can see it)."""
-    ratio = gradient_ratio("titans", 0, theta_init=0.01, theta_max=0.1)
+    """The titans preset's revision-1 values (θ_init 0.01, θ_max 0.1, η uncapped from 0.9) on the
+    same inputs: what the bound above guards against (and that the probe can see it)."""
+    ratio = gradient_ratio("titans", 0, theta_init=0.01, theta_max=0.1, eta_init=0.9, eta_max=1.0)
     assert not ratio < 1e3, f"expected exploding gradients, got a ratio of {ratio:.3g}"
 
 
@@ -64,9 +64,11 @@ def test_saturated_momentum_explodes_and_eta_max_bounds_it():
     """On OLMo2 hidden states the outer optimiser drove the momentum gate to η = 1.0 (float32) for
     some tokens within 5 steps at 8k, making θ/(1 − η) unbounded (docs/memory.md). Here the η
     gate's bias is set to saturate it, θ near its cap, 8,192 tokens: without a cap the outer
-    gradients explode; ``eta_max=0.95`` (θ/(1 − η) ≤ 0.04) keeps them at the output's scale."""
+    gradients explode; a cap of 0.95 (θ/(1 − η) ≤ 0.04) or the preset's 0.9 (≤ 0.02) keeps them at
+    the output's scale."""
     kw = dict(eta_bias=20.0, t=8192, theta_init=1.9e-3)
-    uncapped = gradient_ratio("titans", 0, **kw)
+    uncapped = gradient_ratio("titans", 0, eta_init=0.9, eta_max=1.0, **kw)  # revision 2's momentum
     assert not uncapped < 1e6, f"expected exploding gradients, got a ratio of {uncapped:.3g}"
-    capped = gradient_ratio("titans", 0, eta_max=0.95, **kw)
-    assert math.isfinite(capped) and capped < 10, f"with eta_max=0.95: {capped:.3g}"
+    for cap in (0.95, None):  # None: the preset's
+        capped = gradient_ratio("titans", 0, **kw, **({} if cap is None else dict(eta_max=cap)))
+        assert math.isfinite(capped) and capped < 10, f"with eta_max={cap or 0.9}: {capped:.3g}"

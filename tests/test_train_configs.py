@@ -117,7 +117,7 @@ def test_long_backprop_span_warns(caplog: pytest.LogCaptureFixture) -> None:
     assert "backprops through" not in caplog.text
     capped = load_experiment("olmo2_1b_miras", ["--model.memory.eta_max=0.95"])
     assert capped.model.memory.neural_memory(2048, 16).eta_max == 0.95
-    assert config.model.memory.neural_memory(2048, 16).eta_max == 1.0  # the preset's: no cap
+    assert config.model.memory.neural_memory(2048, 16).eta_max == 0.9  # the preset's cap
 
 
 def test_tiny_is_offline_and_small() -> None:

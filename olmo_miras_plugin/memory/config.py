@@ -52,12 +52,18 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # 0.001 / 0.01 spikes of 1e3–1e13 on some steps; 0.001 / 0.003 spikes from the 12th step;
     # 0.0005 / 0.002 the base model's scale throughout. The cap matters most: the outer optimiser
     # moves the θ gate towards it. tests/test_stability.py checks one layer on aligned inputs.
+    # Momentum: a direction that persists is stepped by θ/(1 − η), and on real text at 8k the
+    # uncapped η gate saturated at 1.0 (float32) within 5 steps and the outer gradients reached
+    # 1e14. Capping η at 0.9 (η_init 0.8) keeps θ/(1 − η) ≤ 0.02: 60 steps at 8k trained to loss
+    # 2.78 (uncapped 4.02; a cap of 0.95 still exploded; H100, ninth session, docs/memory.md).
     "titans": dict(
         objective=AttentionalBiasConfig(name=ObjectiveName.l2),
         retention=RetentionConfig(name=RetentionName.decay),
         optimizer=MemoryOptimizerConfig(name=MemoryOptimizerName.momentum),
         theta_init=5e-4,
         theta_max=2e-3,
+        eta_init=0.8,
+        eta_max=0.9,
     ),
     # Moneta (MIRAS): ℓ = (1/p)‖M(k) − v‖_p^p with p = 3; ℓq retention (mirror descent):
     # A_t = (1 − α_t) A_{t−1} − θ_t ∇ℓ;  W_t = A_t / ‖A_t‖_q^{q−2}.

@@ -370,6 +370,7 @@ def train(config: MirasExperimentConfig) -> None:
         if isinstance(callback, ConfigSaverCallback):
             callback.config = config.as_config_dict()
             break
+    check_preset_revision(trainer, config)
     try:
         trainer.fit()
     except CheckpointMismatchError as e:
@@ -388,26 +389,64 @@ def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:
     return {prefix: d}
 
 
-def _checkpoint_config_diff(trainer: Any, config: MirasExperimentConfig, limit: int = 12) -> str:
-    """How the model config differs from the one saved next to the checkpoint being loaded
-    (``config.json``, written by OLMo-core's ``ConfigSaverCallback``); empty if unknown."""
+def _saved_model_config(trainer: Any) -> Optional[tuple]:
+    """The model config saved next to the checkpoint the trainer will load (``config.json``,
+    written by OLMo-core's ``ConfigSaverCallback``) and its path; None if there is none."""
     import json
 
     from olmo_core.io import join_path, resource_path
 
+    ckpt = None
+    if trainer.checkpointer.contains_checkpoint(trainer.save_folder):
+        ckpt = trainer.checkpointer.latest_checkpoint(trainer.save_folder)
+    elif trainer.load_path is not None:
+        ckpt = trainer.load_path
+        if not trainer.checkpointer.dir_is_checkpoint(ckpt):
+            ckpt = trainer.checkpointer.latest_checkpoint(ckpt)
+    if ckpt is None:
+        return None
     try:
-        ckpt = None
-        if trainer.checkpointer.contains_checkpoint(trainer.save_folder):
-            ckpt = trainer.checkpointer.latest_checkpoint(trainer.save_folder)
-        elif trainer.load_path is not None:
-            ckpt = trainer.load_path
-            if not trainer.checkpointer.dir_is_checkpoint(ckpt):
-                ckpt = trainer.checkpointer.latest_checkpoint(ckpt)
-        if ckpt is None:
-            return ""
         with open(resource_path(ckpt, "config.json")) as f:
             saved = json.load(f).get("model", {})
-        where = join_path(ckpt, "config.json")
+    except FileNotFoundError:
+        return None
+    return saved, join_path(ckpt, "config.json")
+
+
+def check_preset_revision(trainer: Any, config: MirasExperimentConfig) -> None:
+    """Refuse to load a checkpoint whose memory was trained with other preset values.
+
+    A config names its preset, not the preset's numbers, and revisions change the numbers
+    (``models.PRESET_REVISION``) without changing any shape, so the checkpoint would load and
+    silently train on with other gates. The saved config (marked revision 1 when it predates the
+    field) says which revision it was; the user passes it to resume exactly."""
+    from ..models import upgrade_saved_config
+
+    memory = getattr(config.model, "memory", None)
+    found = _saved_model_config(trainer)
+    if memory is None or found is None:
+        return
+    saved, where = found
+    saved_memory = upgrade_saved_config(saved).get("memory")
+    if not isinstance(saved_memory, dict) or "preset_revision" not in saved_memory:
+        return  # a base model without memory (e.g. the pretrained OLMo being extended)
+    if saved_memory["preset_revision"] != memory.preset_revision:
+        raise OLMoConfigurationError(
+            f"the checkpoint's memory was trained with memory.preset_revision={saved_memory['preset_revision']} "
+            f"({where}), this run's config has {memory.preset_revision}: the preset's values differ between "
+            f"revisions (models.preset_revision_values). Resume with "
+            f"--model.memory.preset_revision={saved_memory['preset_revision']}, or start in a new save folder"
+        )
+
+
+def _checkpoint_config_diff(trainer: Any, config: MirasExperimentConfig, limit: int = 12) -> str:
+    """How the model config differs from the one saved next to the checkpoint being loaded; empty
+    if unknown."""
+    try:
+        found = _saved_model_config(trainer)
+        if found is None:
+            return ""
+        saved, where = found
     except Exception:  # noqa: BLE001 - the hint is best-effort; the mismatch error stands on its own
         return ""
     ours, theirs = _flatten(config.as_config_dict()["model"]), _flatten(saved)
