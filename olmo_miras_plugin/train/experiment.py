@@ -423,8 +423,14 @@ def check_preset_revision(trainer: Any, config: MirasExperimentConfig) -> None:
     from ..models import upgrade_saved_config
 
     memory = getattr(config.model, "memory", None)
-    found = _saved_model_config(trainer)
-    if memory is None or found is None:
+    if memory is None:
+        return
+    try:
+        found = _saved_model_config(trainer)
+    except Exception as e:  # noqa: BLE001 - OLMo-core reports an unreadable checkpoint itself
+        log.warning("Could not read the config saved with the checkpoint (%s); memory.preset_revision not checked", e)
+        return
+    if found is None:
         return
     saved, where = found
     saved_memory = upgrade_saved_config(saved).get("memory")
