@@ -146,21 +146,38 @@ def test_mismatched_model_config_fails_naming_the_mismatch(
 
 def test_resume_with_other_preset_values_is_refused(runs: Tuple[Path, Path], corpus_dir: Path) -> None:
     """A preset revision changes the preset's numbers, not a shape: the checkpoint would load and
-    train on with other gates. The saved config's revision must match (the fix is named)."""
+    train on with other gates. Where the values differ, resuming needs the saved revision (the
+    error names the values and the fix); explicit fields that make them equal, or a preset the
+    revision did not change, resume."""
     from olmo_core.exceptions import OLMoConfigurationError
 
     from olmo_miras_plugin.models import PRESET_REVISION
+    from olmo_miras_plugin.train.experiment import check_preset_revision
 
     _, resumed = runs
     before = sorted(p.name for p in resumed.iterdir())
-    config = experiment(corpus_dir, resumed, "revision", f"--model.memory.preset_revision={PRESET_REVISION - 1}")
+    old = f"--model.memory.preset_revision={PRESET_REVISION - 1}"
+    config = experiment(corpus_dir, resumed, "revision", old)
     with pytest.raises(
         OLMoConfigurationError,
         match=rf"trained with memory.preset_revision={PRESET_REVISION} .*this run's config has {PRESET_REVISION - 1}"
-        rf".*--model.memory.preset_revision={PRESET_REVISION}",
+        rf".*eta_init 0.8 vs 0.9, eta_max 0.9 vs 1.0.*--model.memory.preset_revision={PRESET_REVISION}",
     ):
         train(config)
     assert sorted(p.name for p in resumed.iterdir()) == before  # refused before writing anything
+
+    class Trainer:  # what check_preset_revision reads: the checkpoint it would load
+        def __init__(self, folder: Path):
+            self.save_folder, self.load_path = str(folder), None
+            from olmo_core.train.checkpoint import CheckpointerConfig
+
+            self.checkpointer = CheckpointerConfig().build(work_dir=str(folder))
+
+    # the same values through explicit fields: accepted
+    same = experiment(corpus_dir, resumed, "revision", old, "--model.memory.eta_init=0.8", "--model.memory.eta_max=0.9")
+    check_preset_revision(Trainer(resumed), same)
+    # the current revision: accepted (the resume test above trains through it)
+    check_preset_revision(Trainer(resumed), experiment(corpus_dir, resumed, "revision"))
 
 
 def test_pretrained_base_checkpoint_loads_base_and_keeps_memory_init(corpus_dir: Path, tmp_path: Path) -> None:

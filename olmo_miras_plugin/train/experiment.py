@@ -413,13 +413,31 @@ def _saved_model_config(trainer: Any) -> Optional[tuple]:
     return saved, join_path(ckpt, "config.json")
 
 
+_REVISED_FIELDS = ("theta_init", "theta_max", "eta_init", "eta_max")
+"""The ``NeuralMemoryConfig`` fields that preset revisions have changed."""
+
+
+def _revision_values(memory: Dict[str, Any]) -> Dict[str, Any]:
+    """The revised fields' values a memory config (as a dict) builds: explicit fields, else its
+    revision's values, else the current preset's."""
+    from ..memory import PRESETS, NeuralMemoryConfig
+    from ..models import preset_revision_values
+
+    defaults = {f.name: f.default for f in dataclasses.fields(NeuralMemoryConfig) if f.name in _REVISED_FIELDS}
+    values = {**defaults, **{k: v for k, v in PRESETS[memory["preset"]].items() if k in _REVISED_FIELDS}}
+    values.update(preset_revision_values(memory["preset"], memory["preset_revision"]))
+    values.update({k: memory[k] for k in _REVISED_FIELDS if memory.get(k) is not None})
+    return values
+
+
 def check_preset_revision(trainer: Any, config: MirasExperimentConfig) -> None:
     """Refuse to load a checkpoint whose memory was trained with other preset values.
 
     A config names its preset, not the preset's numbers, and revisions change the numbers
     (``models.PRESET_REVISION``) without changing any shape, so the checkpoint would load and
     silently train on with other gates. The saved config (marked revision 1 when it predates the
-    field) says which revision it was; the user passes it to resume exactly."""
+    field) says which revision it was; where that revision's values differ from this run's for
+    the preset (and no explicit field makes them equal), the user passes it to resume exactly."""
     from ..models import upgrade_saved_config
 
     memory = getattr(config.model, "memory", None)
@@ -436,11 +454,17 @@ def check_preset_revision(trainer: Any, config: MirasExperimentConfig) -> None:
     saved_memory = upgrade_saved_config(saved).get("memory")
     if not isinstance(saved_memory, dict) or "preset_revision" not in saved_memory:
         return  # a base model without memory (e.g. the pretrained OLMo being extended)
-    if saved_memory["preset_revision"] != memory.preset_revision:
+    if saved_memory["preset_revision"] == memory.preset_revision or saved_memory.get("preset") != memory.preset:
+        return  # same revision; or another preset, which the user chose explicitly
+    ours = _revision_values({**dataclasses.asdict(memory), "preset": memory.preset})
+    theirs = _revision_values(saved_memory)
+    differ = [k for k in _REVISED_FIELDS if ours[k] != theirs[k]]
+    if differ:
+        listed = ", ".join(f"{k} {theirs[k]} vs {ours[k]}" for k in differ)
         raise OLMoConfigurationError(
             f"the checkpoint's memory was trained with memory.preset_revision={saved_memory['preset_revision']} "
-            f"({where}), this run's config has {memory.preset_revision}: the preset's values differ between "
-            f"revisions (models.preset_revision_values). Resume with "
+            f"({where}), this run's config has {memory.preset_revision}, and the {memory.preset} preset's values "
+            f"differ ({listed}; checkpoint vs now). Resume with "
             f"--model.memory.preset_revision={saved_memory['preset_revision']}, or start in a new save folder"
         )
 
