@@ -178,6 +178,14 @@ def test_resume_with_other_preset_values_is_refused(runs: Tuple[Path, Path], cor
     check_preset_revision(Trainer(resumed), same)
     # the current revision: accepted (the resume test above trains through it)
     check_preset_revision(Trainer(resumed), experiment(corpus_dir, resumed, "revision"))
+    # which values each revision builds: yaad's did not change from 2 to 3, titans' momentum did
+    from olmo_miras_plugin.train.experiment import _revision_values
+
+    def values(preset: str, revision: int, **explicit: float) -> dict:
+        return _revision_values({"preset": preset, "preset_revision": revision, **explicit})
+
+    assert values("yaad", 2) == values("yaad", 3) != values("yaad", 1)
+    assert values("titans", 2) != values("titans", 3) == values("titans", 2, eta_init=0.8, eta_max=0.9)
 
 
 def test_pretrained_base_checkpoint_loads_base_and_keeps_memory_init(corpus_dir: Path, tmp_path: Path) -> None:
