@@ -72,7 +72,7 @@ units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPL
 default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 8),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 32),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS`` (the read-out kernels' hidden units and
-rows per program, default 32 / 16; 8, 32 or 64 rows and 64 units measured within 1 %),
+rows per program, default 32 / 16; 32 or 64 rows and 64 units measured within 1 %),
 ``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2; the
 backward with the clip defaults to 1), ``OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES`` (the backward's alone),
 ``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels, plus ``bf16`` here: operands rounded
