@@ -43,12 +43,14 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
     [
         "mlp_forward", "mlp_backward", "linear_forward_whole_rows", "linear_backward_whole_rows",
         "split_forward", "split_backward", "split_forward_clip", "split_norm_clip", "split_backward_clip",
+        "split_read", "split_read_backward",
     ],
 )
 def test_kernels_fit_h100_shared_memory(name: str):
     mlp = dict(C=64, BD=128, CLIP=True, MOM=True, GELU=True, PREC="tf32")
     linear = dict(C=64, BD=128, BV=128, CLIP=True, PREC="tf32")
     split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.ROWS, MOM=True, GELU=True, PREC="tf32")
+    read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.READ_ROWS, GELU=True, PREC="tf32")
     cases = {
         "mlp_forward": (triton_mlp._mlp_fwd_kernel, {**mlp, "BF": triton_mlp.FWD_BLOCK, "SAVE": True}, triton_mlp.FWD_WARPS),
         "mlp_backward": (triton_mlp._mlp_bwd_kernel, {**mlp, "BF": triton_mlp.BWD_BLOCK}, triton_mlp.BWD_WARPS),
@@ -65,6 +67,10 @@ def test_kernels_fit_h100_shared_memory(name: str):
         "split_norm_clip": (triton_mlp_split._split_norm_kernel, {k: v for k, v in split.items() if k != "MOM"},
                             triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         "split_backward_clip": (triton_mlp_split._split_bwd_kernel, {**split, "CLIP": True}, triton_mlp_split.BWD_WARPS,
+                                triton_mlp_split.STAGES),
+        # the read-outs, off the chain, with their own tiles
+        "split_read": (triton_mlp_split._split_read_kernel, read, triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
+        "split_read_backward": (triton_mlp_split._split_read_bwd_kernel, read, triton_mlp_split.FWD_WARPS,
                                 triton_mlp_split.STAGES),
     }
     fn, constexprs, warps, *stages = cases[name]
