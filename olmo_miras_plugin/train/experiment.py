@@ -418,16 +418,14 @@ _REVISED_FIELDS = ("theta_init", "theta_max", "eta_init", "eta_max")
 
 
 def _revision_values(memory: Dict[str, Any]) -> Dict[str, Any]:
-    """The revised fields' values a memory config (as a dict) builds: explicit fields, else its
-    revision's values, else the current preset's."""
-    from ..memory import PRESETS, NeuralMemoryConfig
-    from ..models import preset_revision_values
+    """The revised fields' values a memory config (as a dict) builds, through the same
+    resolution as the model (``MirasMemoryConfig.neural_memory``: explicit fields, else the
+    revision's values, else the current preset's); the sizes don't affect them."""
+    from ..models import MirasMemoryConfig
 
-    defaults = {f.name: f.default for f in dataclasses.fields(NeuralMemoryConfig) if f.name in _REVISED_FIELDS}
-    values = {**defaults, **{k: v for k, v in PRESETS[memory["preset"]].items() if k in _REVISED_FIELDS}}
-    values.update(preset_revision_values(memory["preset"], memory["preset_revision"]))
-    values.update({k: memory[k] for k in _REVISED_FIELDS if memory.get(k) is not None})
-    return values
+    given = {k: memory[k] for k in ("preset", "preset_revision", *_REVISED_FIELDS) if memory.get(k) is not None}
+    built = MirasMemoryConfig(**given).neural_memory(d_model=64, attn_heads=1)
+    return {k: getattr(built, k) for k in _REVISED_FIELDS}
 
 
 def check_preset_revision(trainer: Any, config: MirasExperimentConfig) -> None:
@@ -456,7 +454,7 @@ def check_preset_revision(trainer: Any, config: MirasExperimentConfig) -> None:
         return  # a base model without memory (e.g. the pretrained OLMo being extended)
     if saved_memory["preset_revision"] == memory.preset_revision or saved_memory.get("preset") != memory.preset:
         return  # same revision; or another preset, which the user chose explicitly
-    ours = _revision_values({**dataclasses.asdict(memory), "preset": memory.preset})
+    ours = _revision_values(dataclasses.asdict(memory))
     theirs = _revision_values(saved_memory)
     differ = [k for k in _REVISED_FIELDS if ours[k] != theirs[k]]
     if differ:
