@@ -237,6 +237,7 @@ if triton is not None:
         rf = f0 + tl.arange(0, BF)
         kmask = (rf < F)[None, :]
         fd = F * D
+        BHCF = tl.num_programs(0).to(tl.int64) * C * F  # one (BH, C, F) slot of ``kept``
         slot = bh * NS + c % NS
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sv_b + h * sv_h
@@ -266,7 +267,6 @@ if triton is not None:
                 rows = (cp * C + rr).to(tl.int64)
                 K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 if CLIP:  # the norm launch formed Hk and D at these weights already
-                    BHCF = tl.num_programs(0).to(tl.int64) * C * F
                     kept = kept_ptr + (cp % 2) * 2 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
                     Hk = tl.load(kept, mask=kmask, other=0.0)
                     Dk = tl.load(kept + BHCF, mask=kmask, other=0.0)
@@ -315,7 +315,6 @@ if triton is not None:
                 if CLIP:
                     tl.atomic_add(aa_ptr + bh * N * C + rows, tl.sum(Ak * Ak, axis=1), sem="relaxed")
                     # Hk for the norm launch and the next update (slot c % 2: this launch read c − 1's)
-                    BHCF = tl.num_programs(0).to(tl.int64) * C * F
                     kept = kept_ptr + (c % 2) * 2 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
                     tl.store(kept, Hk, mask=kmask)
 
@@ -570,20 +569,16 @@ def _read_tiles(hidden: int, chunk: int) -> Tuple[int, int]:
     """Hidden units and rows per program of the read-out kernels (forward and backward), which
     run off the chunk chain: ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS``."""
     bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK")
-    env = os.environ.get("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS")
-    rows = int(env) if env and env.isdigit() else (0 if env else min(READ_ROWS, chunk))
-    if rows < 1 or rows & (rows - 1) or chunk % rows:
-        raise ValueError(f"OLMO_MIRAS_TRITON_SPLIT_READ_ROWS must be a power of two dividing the chunk ({chunk}), got {env!r}")
-    return bf, rows
+    return bf, _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_READ_ROWS", READ_ROWS)
 
 
-def _rows_per_pass(chunk: int) -> int:
-    """Rows per pass (``RB``). At d = 128 and 32 hidden units the backward needs 176 KiB of shared
-    memory with 16 rows, 208 KiB with 32 and 272 KiB with all 64 (over an H100's 227)."""
-    env = os.environ.get("OLMO_MIRAS_TRITON_SPLIT_ROWS")
-    rows = int(env) if env else min(ROWS, chunk)
+def _rows_per_pass(chunk: int, name: str = "OLMO_MIRAS_TRITON_SPLIT_ROWS", default: int = ROWS) -> int:
+    """Rows per pass (``RB``; the knob ``name``). At d = 128 and 32 hidden units the backward needs
+    176 KiB of shared memory with 16 rows, 208 KiB with 32 and 272 KiB with all 64 (over an H100's 227)."""
+    env = os.environ.get(name)
+    rows = (int(env) if env.isdigit() else 0) if env else min(default, chunk)
     if rows < 1 or rows & (rows - 1) or chunk % rows:
-        raise ValueError(f"OLMO_MIRAS_TRITON_SPLIT_ROWS must be a power of two dividing the chunk ({chunk}), got {env!r}")
+        raise ValueError(f"{name} must be a power of two dividing the chunk ({chunk}), got {env!r}")
     return rows
 
 
