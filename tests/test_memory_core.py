@@ -267,12 +267,10 @@ def test_detach_keeps_read_weights_the_accumulator():
     """At a chunk boundary (identity retention) the read weights *are* the accumulator; detaching
     and mapping the state keep them one tensor (the Triton kernels take a piece's first chunk only
     then), and keep separate ones separate."""
-    from olmo_miras_plugin.blocks.state import _map_memory_state
-
     m = build("titans", chunk_size=8)
     _, s = m(torch.randn(2, 16, 24))
     assert all(r is a for r, a in zip(s.read_weights, s.accum))
-    for mapped in (s.detach(), _map_memory_state(s, torch.clone)):
+    for mapped in (s.detach(), s.map_tensors(torch.clone)):
         assert all(r is a for r, a in zip(mapped.read_weights, mapped.accum))
         assert all(torch.equal(r, a) for r, a in zip(mapped.read_weights, s.read_weights))
     _, mid = m(torch.randn(2, 5, 24), s)  # ends inside a chunk: the read weights are the chunk start's

@@ -44,7 +44,6 @@ import torch.nn as nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..memory import MemoryState
-from ..memory.state import map_read_weights
 
 __all__ = [
     "LM2State",
@@ -67,17 +66,6 @@ TensorFn = Callable[[torch.Tensor], torch.Tensor]
 
 def _map_kv(kv: Optional[KV], fn: TensorFn) -> Optional[KV]:
     return None if kv is None else (fn(kv[0]), fn(kv[1]))
-
-
-def _map_memory_state(state: MemoryState, fn: TensorFn) -> MemoryState:
-    accum = [fn(t) for t in state.accum]
-    return replace(
-        state,
-        accum=accum,
-        momentum=None if state.momentum is None else [fn(t) for t in state.momentum],
-        read_weights=map_read_weights(fn, state.read_weights, state.accum, accum),
-        conv=None if state.conv is None else fn(state.conv),
-    )
 
 
 @dataclass
@@ -127,7 +115,7 @@ class MirasBlockState:
         return MirasBlockState(
             position=self.position,
             kv=_map_kv(self.kv, fn),
-            memory=None if self.memory is None else _map_memory_state(self.memory, fn),
+            memory=None if self.memory is None else self.memory.map_tensors(fn),
             readout_kv=_map_kv(self.readout_kv, fn),
             lm2=None if self.lm2 is None else self.lm2.map_tensors(fn),
         )

@@ -37,20 +37,21 @@ class MemoryState:
     def batch_size(self) -> int:
         return self.accum[0].shape[0]
 
-    def detach(self) -> "MemoryState":
-        """Same values, cut from the autograd graph (truncated backprop between segments)."""
-
-        def d(ts: Optional[List[torch.Tensor]]) -> Optional[List[torch.Tensor]]:
-            return None if ts is None else [t.detach() for t in ts]
-
-        accum = d(self.accum)
+    def map_tensors(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "MemoryState":
+        """A copy with ``fn`` applied to every tensor (read weights that are the accumulator stay so:
+        :func:`map_read_weights`)."""
+        accum = [fn(t) for t in self.accum]
         return replace(
             self,
-            accum=accum,  # type: ignore[arg-type]
-            momentum=d(self.momentum),
-            read_weights=map_read_weights(torch.Tensor.detach, self.read_weights, self.accum, accum),
-            conv=None if self.conv is None else self.conv.detach(),
+            accum=accum,
+            momentum=None if self.momentum is None else [fn(t) for t in self.momentum],
+            read_weights=map_read_weights(fn, self.read_weights, self.accum, accum),
+            conv=None if self.conv is None else fn(self.conv),
         )
+
+    def detach(self) -> "MemoryState":
+        """Same values, cut from the autograd graph (truncated backprop between segments)."""
+        return self.map_tensors(torch.Tensor.detach)
 
     def tensors(self) -> List[torch.Tensor]:
         out = list(self.accum) + list(self.read_weights)
