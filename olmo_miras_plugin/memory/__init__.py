@@ -12,6 +12,7 @@
 - ``cuda_graphs.py``   ``impl="graphed"`` / ``"triton_graphed"``: CUDA-graph capture of a scan
 - ``conv.py``          the short causal conv on q, k, v
 - ``fusion.py``        conv, q/k/v layout and norm, gates / read-out norm: compiled around the scan on CUDA
+- ``triton_prepare.py`` Triton kernels of fusion's input preparation (the default on CUDA)
 - ``layer.py``         the layer: projections, short conv, gates, read-out norm, output projection
 - ``config.py``        ``NeuralMemoryConfig`` and the presets titans / moneta / yaad / memora
 """

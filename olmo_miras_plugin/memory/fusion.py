@@ -7,7 +7,8 @@ dtype, head-major layout, q/k L2 norm, gates) and between the scan and the outpu
 at T = 16k on an H100 (the scan: 3.6 ms): each op reads and writes a (T, 6144) tensor, plus casts,
 layout copies and the concatenation behind ``split``'s backward. Compiled, :func:`prepare` and
 :func:`finish` are a few kernels each way that read their inputs once and write the layouts the
-scan and the output projection consume.
+scan and the output projection consume. On CUDA the preparation runs by hand-written Triton
+kernels instead (:mod:`.triton_prepare`): the compiled backward was ~10× its memory traffic.
 
 CPU stays eager (tests and the CPU demo would pay seconds of C++ compilation per shape) unless
 :func:`compile_mode` forces the compiled path, which the tests use to compare the two.
@@ -16,6 +17,7 @@ CPU stays eager (tests and the CPU demo would pay seconds of C++ compilation per
 from __future__ import annotations
 
 import math
+import os
 import types
 import zlib
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from . import triton_prepare
 from .conv import causal_conv_silu
 from .scan import Gates
 
@@ -177,6 +180,19 @@ def _mark_dynamic(t: Optional[torch.Tensor], *dims: int) -> None:
             torch._dynamo.maybe_mark_dynamic(t, d)
 
 
+PREPARE_ENV = "OLMO_MIRAS_PREPARE"
+_PREPARE_BACKENDS = ("triton", "compiled")
+
+
+def _prepare_backend() -> str:
+    """``OLMO_MIRAS_PREPARE``: ``triton`` (default; falls back to ``compiled`` where the kernels
+    cannot run) or ``compiled``, for comparisons."""
+    backend = os.environ.get(PREPARE_ENV, "triton")
+    if backend not in _PREPARE_BACKENDS:
+        raise ValueError(f"{PREPARE_ENV} must be one of {', '.join(_PREPARE_BACKENDS)}, got {backend!r}")
+    return backend
+
+
 def prepare(
     z: torch.Tensor,
     conv_weight: Optional[torch.Tensor],
@@ -189,10 +205,17 @@ def prepare(
     dtype: torch.dtype,
     eta_max: float = 1.0,
 ) -> Prepared:
-    """:func:`_prepare`, compiled on CUDA (see :func:`compile_mode`)."""
+    """:func:`_prepare` on CUDA by the Triton kernels of :mod:`.triton_prepare` where they run this
+    call (``OLMO_MIRAS_PREPARE=compiled``: never), else compiled (see :func:`compile_mode`)."""
     kwargs = dict(n_heads=n_heads, head_dim=head_dim, qk_norm=qk_norm, theta_max=theta_max, dtype=dtype, eta_max=eta_max)
     if not _use_compiled(z):
         return _prepare(z, conv_weight, conv_context, **kwargs)  # type: ignore[arg-type]
+    if (
+        z.is_cuda
+        and _prepare_backend() == "triton"
+        and triton_prepare.unsupported_reason(z, conv_weight, conv_context, n_heads, head_dim, dtype) is None
+    ):
+        return triton_prepare.prepare(z, conv_weight, conv_context, **kwargs)  # type: ignore[arg-type]
     kernel = 0 if conv_weight is None else conv_weight.shape[1]
     # A context carried from a previous piece with grad is one more guarded variant.
     carried = conv_context is not None and conv_context.requires_grad
