@@ -65,7 +65,8 @@ def train_steps(model, opt, x: torch.Tensor, steps: int, device: torch.device) -
 
 
 def time_train_steps(
-    model, seq: int, steps: int, vocab: int, device: torch.device, profile_label: Optional[str] = None
+    model, seq: int, steps: int, vocab: int, device: torch.device, profile_label: Optional[str] = None,
+    profile_top: int = 25,
 ) -> tuple[float, float, List[float]]:
     """Median step time over the steps after the first three, peak memory, every loss; with
     ``profile_label`` (CUDA) one more step under the profiler, its top GPU kernels printed."""
@@ -79,7 +80,7 @@ def time_train_steps(
     if profile_label is not None and device.type == "cuda":
         from .memory_bench import profile_step
 
-        profile_step(lambda: train_steps(model, opt, x, 1, device), profile_label, top=25)
+        profile_step(lambda: train_steps(model, opt, x, 1, device), profile_label, top=profile_top)
     return statistics.median(warm), peak, losses
 
 
@@ -104,7 +105,9 @@ def single_device(args) -> None:
             counts = parameter_report(model)
             name = f"{args.preset} + {args.block_type} every {args.every} ({_memory_desc(args)})" if memory else f"{args.preset} base"
             label = f"{name}, T={seq}" if getattr(args, "profile", False) else None
-            sec, peak, losses = time_train_steps(model, seq, args.steps, args.vocab_size, device, label)
+            sec, peak, losses = time_train_steps(
+                model, seq, args.steps, args.vocab_size, device, label, getattr(args, "profile_top", 25)
+            )
             rows.append(
                 Measurement(
                     name, dict(model=name, seq=seq), sec * 1e3, peak,
@@ -200,6 +203,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--seq", type=int, nargs="+", default=[8192])
     p.add_argument("--steps", type=int, default=13)
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one more step per model (CUDA)")
+    p.add_argument("--profile-top", type=int, default=25, help="how many kernels --profile prints (default: %(default)s)")
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
     p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")
     args = p.parse_args(argv)

@@ -9,19 +9,27 @@ Why not ``torch.compile`` (what :mod:`.fusion` does elsewhere): the compiled bac
 the split's ``cat`` with the conv, norm and gate backwards, and inductor's two pointwise kernels
 for it took 1.1 and 0.85 ms per OLMo2-1B layer at 8k, about 10× their memory traffic (ninth
 session, docs/performance.md). Here each program owns one head of one of q, k, v and a tile of
-tokens, so the norm's row sums stay on chip; the backward recomputes the forward from ``z``
-(nothing but the inputs is saved, as the compiled path's checkpoint did) and forms the conv's
-transpose from the K shifted recomputations instead of realising the pre-conv gradient.
+tokens, so the norm's row sums stay on chip, and nothing but the inputs is saved for backward
+(as the compiled path's checkpoint did). Kernel time of one forward + backward at OLMo2-1B
+shapes on an H100: 0.80 ms at 8k and 1.52 ms at 16k, against 3.11 and 6.13 compiled.
 
 Grids and buffers:
-- forward: one launch per part (q, k, v), programs (token tiles, heads, batch), plus one gate launch;
-- backward: rows over ``[context | z]`` (the context's K − 1 rows get their gradient in the same
-  pass), same programs; the conv weight's gradient is summed per tile into a
-  ``(tiles, batch, channels, K)`` float32 buffer and reduced by ``sum`` (deterministic, no atomics);
+- forward: one launch per part (q, k, v), programs (token tiles, heads, batch), plus one gate
+  launch. Every tile but the first reads only ``z``: the first, which reaches back into the conv
+  context, is a launch of its own (:func:`_by_tiles`; tiles of ≥ 16 tokens and K ≤ 8 keep every
+  other tile's taps at rows ≥ 0);
+- backward, two passes: (1) per part, recompute the forward from ``z`` and write the gradient at
+  the conv's output (``dpre``, float32 ``(batch, T, 3·H·d)``, 0.2 GB at 8k); (2) over rows of
+  ``[context | z]``, the conv's transpose (K shifted reads of ``dpre``) into ``dz`` and the
+  context's gradient, and the conv weight's gradient summed per tile into a
+  ``(tiles, batch, channels, K)`` float32 buffer reduced by ``sum`` (deterministic, no atomics).
+  Recomputing ``dpre`` K times inside one pass instead (no buffer) measured 0.94 / 1.76 ms: the
+  K² tap loads cost more than the buffer's traffic;
 - the new conv context (the last K − 1 rows of ``[context | z]``) is a slice outside the kernels,
   so autograd adds its gradient where a caller uses it.
 
-Knob: ``OLMO_MIRAS_TRITON_PREPARE_ROWS`` (tokens per program, default 32, a power of two ≥ 16).
+Knobs: ``OLMO_MIRAS_TRITON_PREPARE_ROWS`` (tokens per program, default 32, a power of two ≥ 16;
+16 and 64 measured slower at 8k) and ``OLMO_MIRAS_TRITON_PREPARE_WARPS`` (default 4; 8 slower).
 ``OLMO_MIRAS_PREPARE=compiled`` makes :func:`~.fusion.prepare` use the compiled path instead.
 With ``TRITON_INTERPRET=1`` set before ``triton`` is first imported the kernels run in Triton's
 interpreter on CPU tensors (the tests).
@@ -71,17 +79,20 @@ def _interpreted() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _load_x(z_ptr, ctx_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K: tl.constexpr):
+    def _load_x(z_ptr, ctx_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K: tl.constexpr,
+                HAS_CTX: tl.constexpr):
         """Rows ``lo + i`` of ``[context | z]`` (``lo`` a scalar, ``i = arange``; row ``r < 0`` is the
         context's row ``K − 1 + r``, zero before it and from ``T`` on) at q/k/v columns ``col``:
-        float32 ``(rows, d)``. Addresses are a scalar base plus int32 offsets, and only tiles that
-        reach the context load it: 64-bit addresses per element were what filled the registers."""
+        float32 ``(rows, d)``. Addresses are a scalar base plus int32 offsets (64-bit addresses per
+        element filled the registers), and only the first tile of a launch, compiled apart
+        (``HAS_CTX``), reads the context: a branch in every tile kept the compiler from sharing
+        the conv taps' loads between the forward recomputation and the weight gradient."""
         rows = lo + i
         base = z_ptr + b * sz_b + lo.to(tl.int64) * sz_t
         x = tl.load(base + (i * sz_t)[:, None] + col[None, :],
                     mask=((rows >= 0) & (rows < T))[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        if K > 1:
-            if lo < 0:
+        if HAS_CTX:
+            if K > 1:
                 cbase = ctx_ptr + b * sc_b + (lo + K - 1).to(tl.int64) * sc_t
                 x += tl.load(cbase + (i * sc_t)[:, None] + col[None, :],
                              mask=((rows < 0) & (rows >= 1 - K))[:, None] & dmask[None, :], other=0.0).to(tl.float32)
@@ -89,7 +100,7 @@ if triton is not None:
 
     @triton.jit
     def _pre_conv(z_ptr, ctx_ptr, w_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask,
-                  K: tl.constexpr, HAS_CONV: tl.constexpr):
+                  K: tl.constexpr, HAS_CONV: tl.constexpr, HAS_CTX: tl.constexpr):
         """The conv's output before SiLU at tokens ``lo + i``, ``(rows, d)`` (the input itself without a conv)."""
         if HAS_CONV:
             pre = tl.zeros((i.shape[0], col.shape[0]), dtype=tl.float32)
@@ -97,28 +108,28 @@ if triton is not None:
                 w = tl.load(w_ptr + col * K + j, mask=dmask, other=0.0).to(tl.float32)
                 # tap j reads [context | z] K − 1 − j tokens back
                 pre += w[None, :] * _load_x(z_ptr, ctx_ptr, b, lo - (K - 1 - j), i, col, T, sz_b, sz_t, sc_b, sc_t,
-                                            dmask, K)
+                                            dmask, K, HAS_CTX)
         else:
-            pre = _load_x(z_ptr, ctx_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, 1)
+            pre = _load_x(z_ptr, ctx_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, 1, False)
         return pre
 
     @triton.jit
     def _fwd_kernel(
         z_ptr, ctx_ptr, w_ptr, out_ptr,
-        T, c0, sz_b, sz_t, sc_b, sc_t, so_b, so_h, so_t,
+        T, tile0, c0, sz_b, sz_t, sc_b, sc_t, so_b, so_h, so_t,
         D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, K: tl.constexpr,
-        HAS_CONV: tl.constexpr, NORM: tl.constexpr,
+        HAS_CONV: tl.constexpr, NORM: tl.constexpr, HAS_CTX: tl.constexpr,
     ):
         # Program (tile, h, b): tokens tile·BT … + BT − 1 of head h of one part (q, k or v, whose
         # first column is c0); out is that part's (batch, heads, T, d) tensor.
-        lo = tl.program_id(0) * BT
+        lo = (tile0 + tl.program_id(0)) * BT
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         i = tl.arange(0, BT)
         d = tl.arange(0, BD)
         dmask = d < D
         col = c0 + h * D + d
-        pre = _pre_conv(z_ptr, ctx_ptr, w_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K, HAS_CONV)
+        pre = _pre_conv(z_ptr, ctx_ptr, w_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K, HAS_CONV, HAS_CTX)
         if HAS_CONV:
             u = pre * tl.sigmoid(pre)
         else:
@@ -131,11 +142,11 @@ if triton is not None:
 
     @triton.jit
     def _dpre(z_ptr, ctx_ptr, w_ptr, g_ptr, b, h, lo, i, col, d, T, sz_b, sz_t, sc_b, sc_t, sg_b, sg_h, sg_t, dmask,
-              K: tl.constexpr, HAS_CONV: tl.constexpr, NORM: tl.constexpr):
+              K: tl.constexpr, HAS_CONV: tl.constexpr, NORM: tl.constexpr, HAS_CTX: tl.constexpr):
         """The gradient at the conv's output (before SiLU) of tokens ``lo + i``; zero outside ``[0, T)``."""
         t = lo + i
         valid = (t >= 0) & (t < T)
-        pre = _pre_conv(z_ptr, ctx_ptr, w_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K, HAS_CONV)
+        pre = _pre_conv(z_ptr, ctx_ptr, w_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K, HAS_CONV, HAS_CTX)
         gbase = g_ptr + b * sg_b + h * sg_h + lo.to(tl.int64) * sg_t
         g = tl.load(gbase + (i * sg_t)[:, None] + d[None, :], mask=valid[:, None] & dmask[None, :],
                     other=0.0).to(tl.float32)
@@ -156,48 +167,61 @@ if triton is not None:
         return tl.where(valid[:, None], g, 0.0)
 
     @triton.jit
-    def _bwd_kernel(
-        z_ptr, ctx_ptr, w_ptr, g_ptr, dz_ptr, dctx_ptr, dw_ptr,
-        T, c0, B, C, sz_b, sz_t, sc_b, sc_t, sg_b, sg_h, sg_t, sdz_b, sdz_t, sdc_b, sdc_t,
+    def _dpre_kernel(
+        z_ptr, ctx_ptr, w_ptr, g_ptr, out_ptr,
+        T, tile0, c0, sz_b, sz_t, sc_b, sc_t, sg_b, sg_h, sg_t, so_b, so_t,
         D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr, K: tl.constexpr,
-        HAS_CONV: tl.constexpr, NORM: tl.constexpr, CTX_GRAD: tl.constexpr,
+        HAS_CONV: tl.constexpr, NORM: tl.constexpr, HAS_CTX: tl.constexpr,
     ):
-        # Rows r = lo + i of [context | z], from r = −(K − 1): tap j maps row r to the conv output
-        # at r + K − 1 − j, so d[context | z][r] = Σ_j w_j · dpre[r + K − 1 − j] (recomputed per tap).
-        pid_t = tl.program_id(0)
-        lo = pid_t * BT - (K - 1)
+        # Two-pass backward, pass 1: dpre at tokens lo … lo + BT − 1 of one head of one part,
+        # written to out (float32 (batch, T, 3·H·d); without a conv it is dz itself).
+        lo = (tile0 + tl.program_id(0)) * BT
         h = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
         i = tl.arange(0, BT)
-        r = lo + i
         d = tl.arange(0, BD)
         dmask = d < D
         col = c0 + h * D + d
-        acc = tl.zeros((BT, BD), dtype=tl.float32)
-        dp = acc
-        # A loop, not unrolled: unrolled, the K · K tap loads were all hoisted and spilled registers.
-        for j in range(K):
-            dp = _dpre(z_ptr, ctx_ptr, w_ptr, g_ptr, b, h, lo + (K - 1 - j), i, col, d, T, sz_b, sz_t, sc_b, sc_t,
-                       sg_b, sg_h, sg_t, dmask, K, HAS_CONV, NORM)
-            if HAS_CONV:
-                acc += tl.load(w_ptr + col * K + j, mask=dmask, other=0.0).to(tl.float32)[None, :] * dp
-            else:
-                acc += dp
+        dp = _dpre(z_ptr, ctx_ptr, w_ptr, g_ptr, b, h, lo, i, col, d, T, sz_b, sz_t, sc_b, sc_t,
+                   sg_b, sg_h, sg_t, dmask, K, HAS_CONV, NORM, HAS_CTX)
+        out = out_ptr + b * so_b + lo.to(tl.int64) * so_t
+        tl.store(out + (i * so_t)[:, None] + col[None, :], dp.to(out_ptr.dtype.element_ty),
+                 mask=(lo + i < T)[:, None] & dmask[None, :])
+
+    @triton.jit
+    def _conv_t_kernel(
+        dp_ptr, z_ptr, ctx_ptr, w_ptr, dz_ptr, dctx_ptr, dw_ptr,
+        T, tile0, B, C, sp_b, sp_t, sz_b, sz_t, sc_b, sc_t, sdz_b, sdz_t, sdc_b, sdc_t,
+        BC: tl.constexpr, BT: tl.constexpr, K: tl.constexpr, CTX_GRAD: tl.constexpr, HAS_CTX: tl.constexpr,
+    ):
+        # Pass 2: rows r = lo + i of [context | z], from r = −(K − 1), BC channels of q k v. With
+        # dpre at rows r + K − 1 − j (tap j's output): d[context | z][r] = Σ_j w_j · dpre[r + K − 1 − j],
+        # and this tile's part of dW[c, j] = Σ_r [context | z][r, c] · dpre[r + K − 1 − j, c].
+        pid_t = tile0 + tl.program_id(0)
+        lo = pid_t * BT - (K - 1)
+        col = tl.program_id(1) * BC + tl.arange(0, BC)
+        b = tl.program_id(2).to(tl.int64)
+        i = tl.arange(0, BT)
+        r = lo + i
+        cmask = col < C
+        x = _load_x(z_ptr, ctx_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, cmask, K, HAS_CTX)
+        acc = tl.zeros((BT, BC), dtype=tl.float32)
+        dw = dw_ptr + (pid_t * B + b) * C * K
+        for j in tl.static_range(K):
+            s = lo + (K - 1 - j)
+            rows = s + i
+            base = dp_ptr + b * sp_b + s.to(tl.int64) * sp_t
+            dp = tl.load(base + (i * sp_t)[:, None] + col[None, :],
+                         mask=((rows >= 0) & (rows < T))[:, None] & cmask[None, :], other=0.0)
+            acc += tl.load(w_ptr + col * K + j, mask=cmask, other=0.0).to(tl.float32)[None, :] * dp
+            tl.store(dw + col * K + j, tl.sum(x * dp, axis=0), mask=cmask)
         dz = dz_ptr + b * sdz_b + lo.to(tl.int64) * sdz_t
         tl.store(dz + (i * sdz_t)[:, None] + col[None, :], acc.to(dz_ptr.dtype.element_ty),
-                 mask=((r >= 0) & (r < T))[:, None] & dmask[None, :])
-        if HAS_CONV:
-            if CTX_GRAD:
-                if lo < 0:
-                    dc = dctx_ptr + b * sdc_b + (lo + K - 1).to(tl.int64) * sdc_t
-                    tl.store(dc + (i * sdc_t)[:, None] + col[None, :], acc.to(dctx_ptr.dtype.element_ty),
-                             mask=(r < 0)[:, None] & dmask[None, :])
-            # The last tap (j = K − 1) is the unshifted one: dp is dpre at rows r (zero outside
-            # [0, T)). dW[c, j] = Σ_t dpre[t, c] · [context | z][t − (K − 1 − j), c] over this tile.
-            base = dw_ptr + (pid_t * B + b) * C * K
-            for j in tl.static_range(K):
-                x = _load_x(z_ptr, ctx_ptr, b, lo - (K - 1 - j), i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K)
-                tl.store(base + col * K + j, tl.sum(dp * x, axis=0), mask=dmask)
+                 mask=((r >= 0) & (r < T))[:, None] & cmask[None, :])
+        if CTX_GRAD and HAS_CTX:
+            dc = dctx_ptr + b * sdc_b + (lo + K - 1).to(tl.int64) * sdc_t
+            tl.store(dc + (i * sdc_t)[:, None] + col[None, :], acc.to(dctx_ptr.dtype.element_ty),
+                     mask=(r < 0)[:, None] & cmask[None, :])
 
     @triton.jit
     def _log_sigmoid(x):
@@ -311,24 +335,32 @@ def unsupported_reason(
     return None
 
 
+def _by_tiles(kernel, tiles: int, rest: Tuple[int, ...], head: tuple, tail: tuple, has_ctx: bool, **meta) -> None:
+    """Launch ``kernel`` over ``tiles`` token tiles × ``rest``: tile 0, the only one that reads the
+    conv context, compiled with ``HAS_CTX``, and the others without (arguments: ``*head, tile0, *tail``)."""
+    kernel[(1, *rest)](*head, 0, *tail, HAS_CTX=has_ctx, **meta)
+    if tiles > 1:
+        kernel[(tiles - 1, *rest)](*head, 1, *tail, HAS_CTX=False, **meta)
+
+
 def _launch_fwd(z, w, ctx, parts, n_heads, head_dim, qk_norm) -> None:
     b, t, _ = z.shape
     rows = _rows()
     k = 1 if w is None else w.shape[1]
     ctx_ = z if ctx is None else ctx
     w_ = z if w is None else w
-    grid = (triton.cdiv(t, rows), n_heads, b)
     for i, out in enumerate(parts):
-        _fwd_kernel[grid](
-            z, ctx_, w_, out, t, i * n_heads * head_dim, z.stride(0), z.stride(1), ctx_.stride(0), ctx_.stride(1),
-            out.stride(0), out.stride(1), out.stride(2),
-            D=head_dim, BD=max(16, triton.next_power_of_2(head_dim)), BT=rows, K=k,
+        _by_tiles(
+            _fwd_kernel, triton.cdiv(t, rows), (n_heads, b), (z, ctx_, w_, out, t),
+            (i * n_heads * head_dim, z.stride(0), z.stride(1), ctx_.stride(0), ctx_.stride(1),
+             out.stride(0), out.stride(1), out.stride(2)),
+            w is not None, D=head_dim, BD=max(16, triton.next_power_of_2(head_dim)), BT=rows, K=k,
             HAS_CONV=w is not None, NORM=qk_norm and i < 2, **_opts(),
         )
 
 
 class _Prepare(torch.autograd.Function):
-    """``z``, conv weight and context → q, k, v and the gates; backward recomputes from ``z``."""
+    """``z``, conv weight and context → q, k, v and the gates; backward recomputes the forward from ``z``."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -365,23 +397,38 @@ class _Prepare(torch.autograd.Function):
         dz = torch.empty_like(z)
         rows = _rows()
         k = 1 if w is None else w.shape[1]
-        tiles = triton.cdiv(t + k - 1, rows)
+        tiles = triton.cdiv(t + k - 1, rows)  # pass 2's: rows of [context | z]
+        # the conv weight's gradient, one partial sum per tile of pass 2
         dw = None if w is None else z.new_empty((tiles, b, n_qkv, k), dtype=torch.float32)
         ctx_grad = w is not None and ctx.needs_input_grad[2]
         dctx = torch.empty_like(conv_ctx) if ctx_grad else None
         ctx_ = z if conv_ctx is None else conv_ctx
         dctx_ = dz if dctx is None else dctx
-        for i, g in enumerate((dq, dk, dv)):
+        grads = []
+        for g in (dq, dk, dv):
             if g is None:
                 g = z.new_zeros((b, n_heads, t, head_dim), dtype=torch.float32)
             elif g.stride(-1) != 1:
                 g = g.contiguous()
-            _bwd_kernel[(tiles, n_heads, b)](
-                z, ctx_, z if w is None else w, g, dz, dctx_, z if dw is None else dw,
-                t, i * n_heads * head_dim, b, n_qkv, z.stride(0), z.stride(1), ctx_.stride(0), ctx_.stride(1),
-                g.stride(0), g.stride(1), g.stride(2), dz.stride(0), dz.stride(1), dctx_.stride(0), dctx_.stride(1),
-                D=head_dim, BD=max(16, triton.next_power_of_2(head_dim)), BT=rows, K=k,
-                HAS_CONV=w is not None, NORM=qk_norm and i < 2, CTX_GRAD=ctx_grad, **_opts(),
+            grads.append(g)
+        bd = max(16, triton.next_power_of_2(head_dim))
+        # Without a conv, pass 1 writes dz itself; with one, a float32 dpre that pass 2 convolves.
+        dpre = dz if w is None else z.new_empty((b, t, n_qkv), dtype=torch.float32)
+        for i, g in enumerate(grads):
+            _by_tiles(
+                _dpre_kernel, triton.cdiv(t, rows), (n_heads, b), (z, ctx_, z if w is None else w, g, dpre, t),
+                (i * n_heads * head_dim, z.stride(0), z.stride(1), ctx_.stride(0), ctx_.stride(1),
+                 g.stride(0), g.stride(1), g.stride(2), dpre.stride(0), dpre.stride(1)),
+                w is not None, D=head_dim, BD=bd, BT=rows, K=k, HAS_CONV=w is not None, NORM=qk_norm and i < 2,
+                **_opts(),
+            )
+        if w is not None:
+            bc = 128
+            _by_tiles(
+                _conv_t_kernel, tiles, (triton.cdiv(n_qkv, bc), b), (dpre, z, ctx_, w, dz, dctx_, dw, t),
+                (b, n_qkv, dpre.stride(0), dpre.stride(1), z.stride(0), z.stride(1), ctx_.stride(0), ctx_.stride(1),
+                 dz.stride(0), dz.stride(1), dctx_.stride(0), dctx_.stride(1)),
+                True, BC=bc, BT=rows, K=k, CTX_GRAD=ctx_grad, **_opts(),
             )
         gate_grads = [
             g.contiguous() if g is not None else z.new_zeros((b, n_heads, t), dtype=torch.float32)
