@@ -12,7 +12,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 
-from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_mlp_split  # noqa: E402
+from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_mlp_split, triton_prepare  # noqa: E402
 
 H100_SHARED_BYTES = 232448  # per block, sm_90 (what triton reports as the hardware limit)
 
@@ -23,7 +23,7 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
     def arg_type(name: str) -> str:
         if name in constexprs:
             return "constexpr"
-        if name == "tau":
+        if name in ("tau", "theta_max", "eta_max", "log_eta_max"):
             return "fp32"
         return "*fp32" if name.endswith("_ptr") or name.endswith("_save") else "i64"
 
@@ -76,3 +76,24 @@ def test_kernels_fit_h100_shared_memory(name: str):
     fn, constexprs, warps, *stages = cases[name]
     shared = _compile_shared_bytes(fn, constexprs, warps, *stages)
     assert 0 < shared <= H100_SHARED_BYTES, f"{name} needs {shared / 1024:.0f} KiB of shared memory"
+
+
+@pytest.mark.skipif(triton_linear._interpreted(), reason="compiles real kernels")
+@pytest.mark.parametrize("has_ctx", [True, False])
+@pytest.mark.parametrize("name", ["forward", "backward_pass1", "backward_pass2", "gates_forward", "gates_backward"])
+def test_prepare_kernels_compile_for_sm90(name: str, has_ctx: bool):
+    """The input preparation's kernels at their defaults and OLMo2-1B shapes (the interpreter
+    never compiles them: this is where CPU CI sees a kernel that would not build on a GPU)."""
+    tp = triton_prepare
+    part = dict(D=128, BD=128, BT=tp.ROWS, K=4, HAS_CONV=True, NORM=True, HAS_CTX=has_ctx)
+    gates = dict(BT=tp.GATE_ROWS, BH=16, HAS_ETA=has_ctx)  # has_ctx stands for η here
+    cases = {
+        "forward": (tp._fwd_kernel, part),
+        "backward_pass1": (tp._dpre_kernel, part),
+        "backward_pass2": (tp._conv_t_kernel, dict(BC=tp.CONV_T_CHANNELS, BT=tp.ROWS, K=4, CTX_GRAD=True, HAS_CTX=has_ctx)),
+        "gates_forward": (tp._gates_fwd_kernel, gates),
+        "gates_backward": (tp._gates_bwd_kernel, gates),
+    }
+    fn, constexprs = cases[name]
+    shared = _compile_shared_bytes(fn, constexprs, tp.WARPS)
+    assert 0 <= shared <= H100_SHARED_BYTES

@@ -65,7 +65,8 @@ shared memory, one program per SM, and smaller slices that fit two per SM measur
 (docs/performance.md, eighth session). With the clip (the titans preset's default; ninth
 session, the read-outs' backward off the chain): the scan 8.2 / 30.9 ms, the layer 10.7 / 40.0 /
 78.0 ms at 4k / 16k / 32k under ``triton_graphed``, OLMo2-1B + MAL every 4th layer at 75.9 % of
-the base's tokens/s (8k, finite losses).
+the base's tokens/s (8k, finite losses); with the Triton input preparation (tenth session) the
+layer takes 9.5 / 35.5 / 69.7 ms and the whole model 77.6 %.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,

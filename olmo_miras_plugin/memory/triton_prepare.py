@@ -51,6 +51,7 @@ except Exception:  # pragma: no cover - not installed (or a broken install): nev
     tl = None  # type: ignore[assignment]
 
 from .scan import Gates
+from .triton_linear import _interpreted, available
 
 __all__ = ["available", "unsupported_reason", "prepare"]
 
@@ -60,19 +61,7 @@ WARPS = 4
 WARPS_ENV = "OLMO_MIRAS_TRITON_PREPARE_WARPS"
 MAX_HEAD_DIM = 256
 MAX_CONV = 8
-_EPS = 1e-12  # F.normalize's
-
-
-def available() -> bool:
-    return triton is not None
-
-
-def _interpreted() -> bool:
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(_fwd_kernel, InterpretedFunction)
+CONV_T_CHANNELS = 128  # channels per program of the backward's pass 2
 
 
 # ---------------------------------------------------------------------------------------- kernels
@@ -114,6 +103,16 @@ if triton is not None:
         return pre
 
     @triton.jit
+    def _tile(tile0, c0, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr):
+        """Program (tile, h, b) of a per-part launch: its first token, head, batch, row and column
+        ranges, and its columns of ``[q | k | v]`` (the part's first column is ``c0``)."""
+        lo = (tile0 + tl.program_id(0)) * BT
+        h = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        d = tl.arange(0, BD)
+        return lo, h, b, tl.arange(0, BT), d, d < D, c0 + h * D + d
+
+    @triton.jit
     def _fwd_kernel(
         z_ptr, ctx_ptr, w_ptr, out_ptr,
         T, tile0, c0, sz_b, sz_t, sc_b, sc_t, so_b, so_h, so_t,
@@ -122,13 +121,7 @@ if triton is not None:
     ):
         # Program (tile, h, b): tokens tile·BT … + BT − 1 of head h of one part (q, k or v, whose
         # first column is c0); out is that part's (batch, heads, T, d) tensor.
-        lo = (tile0 + tl.program_id(0)) * BT
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        i = tl.arange(0, BT)
-        d = tl.arange(0, BD)
-        dmask = d < D
-        col = c0 + h * D + d
+        lo, h, b, i, d, dmask, col = _tile(tile0, c0, D, BD, BT)
         pre = _pre_conv(z_ptr, ctx_ptr, w_ptr, b, lo, i, col, T, sz_b, sz_t, sc_b, sc_t, dmask, K, HAS_CONV, HAS_CTX)
         if HAS_CONV:
             u = pre * tl.sigmoid(pre)
@@ -175,13 +168,7 @@ if triton is not None:
     ):
         # Two-pass backward, pass 1: dpre at tokens lo … lo + BT − 1 of one head of one part,
         # written to out (float32 (batch, T, 3·H·d); without a conv it is dz itself).
-        lo = (tile0 + tl.program_id(0)) * BT
-        h = tl.program_id(1)
-        b = tl.program_id(2).to(tl.int64)
-        i = tl.arange(0, BT)
-        d = tl.arange(0, BD)
-        dmask = d < D
-        col = c0 + h * D + d
+        lo, h, b, i, d, dmask, col = _tile(tile0, c0, D, BD, BT)
         dp = _dpre(z_ptr, ctx_ptr, w_ptr, g_ptr, b, h, lo, i, col, d, T, sz_b, sz_t, sc_b, sc_t,
                    sg_b, sg_h, sg_t, dmask, K, HAS_CONV, NORM, HAS_CTX)
         out = out_ptr + b * so_b + lo.to(tl.int64) * so_t
@@ -423,7 +410,7 @@ class _Prepare(torch.autograd.Function):
                 **_opts(),
             )
         if w is not None:
-            bc = 128
+            bc = CONV_T_CHANNELS
             _by_tiles(
                 _conv_t_kernel, tiles, (triton.cdiv(n_qkv, bc), b), (dpre, z, ctx_, w, dz, dctx_, dw, t),
                 (b, n_qkv, dpre.stride(0), dpre.stride(1), z.stride(0), z.stride(1), ctx_.stride(0), ctx_.stride(1),
