@@ -216,18 +216,23 @@ if triton is not None:
         return tl.minimum(x, 0.0) - tl.log(1.0 + tl.exp(-tl.abs(x)))
 
     @triton.jit
+    def _gate_tile(z_ptr, T, H, n0, sz_b, sz_t, BT: tl.constexpr, BH: tl.constexpr):
+        """Program (tile, b) of a gate launch: its batch, tokens, heads, mask, θ-logit pointers
+        (``(tokens, heads)`` in ``z``; α's are ``H`` columns on, η's ``2H``) and (batch, heads, T) offsets."""
+        b = tl.program_id(1).to(tl.int64)
+        t = tl.program_id(0) * BT + tl.arange(0, BT)
+        hh = tl.arange(0, BH)
+        mask = (t < T)[:, None] & (hh < H)[None, :]
+        src = z_ptr + b * sz_b + (t.to(tl.int64))[:, None] * sz_t + n0 + hh[None, :]
+        return b, t, hh, mask, src, b * H * T + hh[None, :] * T + t[:, None]
+
+    @triton.jit
     def _gates_fwd_kernel(
         z_ptr, theta_ptr, eta_ptr, alpha_ptr, log_eta_ptr, log_keep_ptr,
         T, H, n0, sz_b, sz_t, theta_max, eta_max, log_eta_max,
         BT: tl.constexpr, BH: tl.constexpr, HAS_ETA: tl.constexpr,
     ):
-        pid_t = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        t = pid_t * BT + tl.arange(0, BT)
-        hh = tl.arange(0, BH)
-        mask = (t < T)[:, None] & (hh < H)[None, :]
-        src = z_ptr + b * sz_b + (t.to(tl.int64))[:, None] * sz_t + n0 + hh[None, :]
-        dst = b * H * T + hh[None, :] * T + t[:, None]  # (batch, heads, T)
+        b, t, hh, mask, src, dst = _gate_tile(z_ptr, T, H, n0, sz_b, sz_t, BT, BH)
         z_theta = tl.load(src, mask=mask, other=0.0).to(tl.float32)
         z_alpha = tl.load(src + H, mask=mask, other=0.0).to(tl.float32)
         tl.store(theta_ptr + dst, theta_max * tl.sigmoid(z_theta), mask=mask)
@@ -244,15 +249,8 @@ if triton is not None:
         T, H, n0, sz_b, sz_t, sdz_b, sdz_t, theta_max, eta_max,
         BT: tl.constexpr, BH: tl.constexpr, HAS_ETA: tl.constexpr,
     ):
-        pid_t = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        t = pid_t * BT + tl.arange(0, BT)
-        hh = tl.arange(0, BH)
-        mask = (t < T)[:, None] & (hh < H)[None, :]
-        t64 = t.to(tl.int64)
-        src = z_ptr + b * sz_b + t64[:, None] * sz_t + n0 + hh[None, :]
-        dst = dz_ptr + b * sdz_b + t64[:, None] * sdz_t + n0 + hh[None, :]
-        g = b * H * T + hh[None, :] * T + t[:, None]
+        b, t, hh, mask, src, g = _gate_tile(z_ptr, T, H, n0, sz_b, sz_t, BT, BH)
+        dst = dz_ptr + b * sdz_b + (t.to(tl.int64))[:, None] * sdz_t + n0 + hh[None, :]
         s = tl.sigmoid(tl.load(src, mask=mask, other=0.0).to(tl.float32))
         dz = tl.load(dtheta_ptr + g, mask=mask, other=0.0) * theta_max * s * (1.0 - s)
         tl.store(dst, dz.to(dz_ptr.dtype.element_ty), mask=mask)
