@@ -74,8 +74,8 @@ if triton is not None:
         context's row ``K − 1 + r``, zero before it and from ``T`` on) at q/k/v columns ``col``:
         float32 ``(rows, d)``. Addresses are a scalar base plus int32 offsets (64-bit addresses per
         element filled the registers), and only the first tile of a launch, compiled apart
-        (``HAS_CTX``), reads the context: a branch in every tile kept the compiler from sharing
-        the conv taps' loads between the forward recomputation and the weight gradient."""
+        (``HAS_CTX``), reads the context: a runtime branch on it in every tile cost registers too
+        (offline sm_90 compiles)."""
         rows = lo + i
         base = z_ptr + b * sz_b + lo.to(tl.int64) * sz_t
         x = tl.load(base + (i * sz_t)[:, None] + col[None, :],
