@@ -64,3 +64,20 @@ def run_interpreted(test_file: str) -> None:
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out
     assert " passed" in out and " failed" not in out, out
+
+
+def interpreter_harness(test_file: str, interpreted: bool):
+    """For a Triton test module: the marker of its interpreter-only tests and the test that reruns
+    them in a ``TRITON_INTERPRET=1`` subprocess (:func:`run_interpreted`), bound in the module as
+    ``interpreted, test_interpreted_suite = interpreter_harness(__file__, INTERPRETED)``; inside
+    that subprocess it also patches the interpreter for NumPy ≥ 2.4."""
+    import pytest
+
+    if interpreted:
+        patch_triton_interpreter_for_numpy()
+
+    @pytest.mark.skipif(interpreted, reason="this is the subprocess")
+    def test_interpreted_suite():
+        run_interpreted(test_file)
+
+    return pytest.mark.skipif(not interpreted, reason="runs in the TRITON_INTERPRET=1 subprocess"), test_interpreted_suite

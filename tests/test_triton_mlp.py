@@ -21,18 +21,10 @@ from olmo_miras_plugin.memory import (  # noqa: E402
 from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_mlp_split, triton_scan  # noqa: E402
 from olmo_miras_plugin.memory.scan import Gates, ScanState, chunked_scan  # noqa: E402
 
-from miras_test_utils import patch_triton_interpreter_for_numpy, rel_err, run_interpreted  # noqa: E402
+from miras_test_utils import interpreter_harness, rel_err  # noqa: E402
 
 INTERPRETED = triton_linear._interpreted()
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
-
-if INTERPRETED:
-    patch_triton_interpreter_for_numpy()
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreted_suite():
-    run_interpreted(__file__)
+interpreted, test_interpreted_suite = interpreter_harness(__file__, INTERPRETED)
 
 
 def mlp_rule(head_dim: int, chunk: int, max_grad_norm, expansion: float = 2.0, activation: str = "gelu",

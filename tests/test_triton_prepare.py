@@ -15,18 +15,10 @@ triton = pytest.importorskip("triton")
 
 from olmo_miras_plugin.memory import fusion, triton_prepare  # noqa: E402
 
-from miras_test_utils import patch_triton_interpreter_for_numpy, rel_err, run_interpreted  # noqa: E402
+from miras_test_utils import interpreter_harness, rel_err  # noqa: E402
 
 INTERPRETED = triton_prepare._interpreted()
-interpreted = pytest.mark.skipif(not INTERPRETED, reason="runs in the TRITON_INTERPRET=1 subprocess")
-
-if INTERPRETED:
-    patch_triton_interpreter_for_numpy()
-
-
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
-def test_interpreted_suite():
-    run_interpreted(__file__)
+interpreted, test_interpreted_suite = interpreter_harness(__file__, INTERPRETED)
 
 
 def make_inputs(b: int, t: int, heads: int, head_dim: int, n_gates: int, kernel: int, z_dtype, device, seed: int = 0,
@@ -168,8 +160,8 @@ def test_gpu_layer_same_with_either_prepare(monkeypatch, preset):
         return {"y": y.detach(), "x": xx.grad, **{n: p.grad for n, p in m.named_parameters() if p.grad is not None}}
 
     calls = []
-    kernels = triton_prepare.prepare
-    monkeypatch.setattr(triton_prepare, "prepare", lambda *a, **kw: calls.append(1) or kernels(*a, **kw))
+    kernels = triton_prepare.run
+    monkeypatch.setattr(triton_prepare, "run", lambda *a, **kw: calls.append(1) or kernels(*a, **kw))
     monkeypatch.setenv(fusion.PREPARE_ENV, "triton")
     got = run_layer()
     assert len(calls) == 2  # both pieces went through the kernels

@@ -215,7 +215,7 @@ def prepare(
         and _prepare_backend() == "triton"
         and triton_prepare.unsupported_reason(z, conv_weight, conv_context, n_heads, head_dim, dtype) is None
     ):
-        return triton_prepare.prepare(z, conv_weight, conv_context, **kwargs)  # type: ignore[arg-type]
+        return triton_prepare.run(z, conv_weight, conv_context, **kwargs)  # type: ignore[arg-type]
     kernel = 0 if conv_weight is None else conv_weight.shape[1]
     # A context carried from a previous piece with grad is one more guarded variant.
     carried = conv_context is not None and conv_context.requires_grad

@@ -51,9 +51,9 @@ except Exception:  # pragma: no cover - not installed (or a broken install): nev
     tl = None  # type: ignore[assignment]
 
 from .scan import Gates
-from .triton_linear import _interpreted, available
+from .triton_linear import _bd, _interpreted, available
 
-__all__ = ["available", "unsupported_reason", "prepare"]
+__all__ = ["available", "unsupported_reason", "prepare", "run"]
 
 ROWS = 32
 ROWS_ENV = "OLMO_MIRAS_TRITON_PREPARE_ROWS"
@@ -339,7 +339,7 @@ def _launch_fwd(z, w, ctx, parts, n_heads, head_dim, qk_norm) -> None:
             _fwd_kernel, triton.cdiv(t, rows), (n_heads, b), (z, ctx_, w_, out, t),
             (i * n_heads * head_dim, z.stride(0), z.stride(1), ctx_.stride(0), ctx_.stride(1),
              out.stride(0), out.stride(1), out.stride(2)),
-            w is not None, D=head_dim, BD=max(16, triton.next_power_of_2(head_dim)), BT=rows, K=k,
+            w is not None, D=head_dim, BD=_bd(head_dim), BT=rows, K=k,
             HAS_CONV=w is not None, NORM=qk_norm and i < 2, **_opts(),
         )
 
@@ -361,7 +361,7 @@ class _Prepare(torch.autograd.Function):
         if not has_eta:
             eta.zero_()
             log_eta.zero_()
-        bh = max(16, triton.next_power_of_2(n_heads))
+        bh = _bd(n_heads)
         _gates_fwd_kernel[(triton.cdiv(t, GATE_ROWS), b)](
             z, theta, eta, alpha, log_eta, log_keep, t, n_heads, n_qkv, z.stride(0), z.stride(1),
             float(theta_max), float(eta_max), math.log(eta_max),
@@ -396,7 +396,7 @@ class _Prepare(torch.autograd.Function):
             elif g.stride(-1) != 1:
                 g = g.contiguous()
             grads.append(g)
-        bd = max(16, triton.next_power_of_2(head_dim))
+        bd = _bd(head_dim)
         # Without a conv, pass 1 writes dz itself; with one, a float32 dpre that pass 2 convolves.
         dpre = dz if w is None else z.new_empty((b, t, n_qkv), dtype=torch.float32)
         for i, g in enumerate(grads):
@@ -419,7 +419,7 @@ class _Prepare(torch.autograd.Function):
             g.contiguous() if g is not None else z.new_zeros((b, n_heads, t), dtype=torch.float32)
             for g in (dtheta, deta, dalpha, dlog_eta, dlog_keep)
         ]
-        bh = max(16, triton.next_power_of_2(n_heads))
+        bh = _bd(n_heads)
         _gates_bwd_kernel[(triton.cdiv(t, GATE_ROWS), b)](
             z, dz, *gate_grads, t, n_heads, n_qkv, z.stride(0), z.stride(1), dz.stride(0), dz.stride(1),
             theta_max, eta_max, BT=GATE_ROWS, BH=bh, HAS_ETA=has_eta, **_opts(),
@@ -447,6 +447,24 @@ def prepare(
     reason = unsupported_reason(z, conv_weight, conv_context, n_heads, head_dim, dtype)
     if reason is not None:
         raise ValueError(f"Triton prepare cannot run this call: {reason}")
+    return run(z, conv_weight, conv_context, n_heads=n_heads, head_dim=head_dim, qk_norm=qk_norm,
+               theta_max=theta_max, eta_max=eta_max, dtype=dtype)
+
+
+def run(
+    z: torch.Tensor,
+    conv_weight: Optional[torch.Tensor],
+    conv_context: Optional[torch.Tensor],
+    *,
+    n_heads: int,
+    head_dim: int,
+    qk_norm: bool,
+    theta_max: float,
+    dtype: torch.dtype,
+    eta_max: float = 1.0,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Gates, Optional[torch.Tensor]]:
+    """:func:`prepare` for a caller that has already checked :func:`unsupported_reason` (the
+    layer's dispatch in :func:`~.fusion.prepare`: the checks run once per call)."""
     q, k, v, *gates = _Prepare.apply(z, conv_weight, conv_context, n_heads, head_dim, qk_norm, theta_max, eta_max)
     new_context = conv_context
     if conv_weight is not None:
