@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 
@@ -431,24 +431,14 @@ class _Prepare(torch.autograd.Function):
 
 
 def prepare(
-    z: torch.Tensor,
-    conv_weight: Optional[torch.Tensor],
-    conv_context: Optional[torch.Tensor],
-    *,
-    n_heads: int,
-    head_dim: int,
-    qk_norm: bool,
-    theta_max: float,
-    dtype: torch.dtype,
-    eta_max: float = 1.0,
+    z: torch.Tensor, conv_weight: Optional[torch.Tensor], conv_context: Optional[torch.Tensor], **kwargs: Any
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Gates, Optional[torch.Tensor]]:
-    """:func:`~.fusion._prepare` by the kernels (same contract); raises ``ValueError`` with the
-    reason where they cannot run (:func:`unsupported_reason`)."""
-    reason = unsupported_reason(z, conv_weight, conv_context, n_heads, head_dim, dtype)
+    """:func:`run` (keyword arguments as there) after :func:`unsupported_reason`: raises
+    ``ValueError`` with the reason where the kernels cannot run this call."""
+    reason = unsupported_reason(z, conv_weight, conv_context, kwargs["n_heads"], kwargs["head_dim"], kwargs["dtype"])
     if reason is not None:
         raise ValueError(f"Triton prepare cannot run this call: {reason}")
-    return run(z, conv_weight, conv_context, n_heads=n_heads, head_dim=head_dim, qk_norm=qk_norm,
-               theta_max=theta_max, eta_max=eta_max, dtype=dtype)
+    return run(z, conv_weight, conv_context, **kwargs)
 
 
 def run(
@@ -463,8 +453,8 @@ def run(
     dtype: torch.dtype,
     eta_max: float = 1.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Gates, Optional[torch.Tensor]]:
-    """:func:`prepare` for a caller that has already checked :func:`unsupported_reason` (the
-    layer's dispatch in :func:`~.fusion.prepare`: the checks run once per call)."""
+    """:func:`~.fusion._prepare` by the kernels (same contract), for a caller that has checked
+    :func:`unsupported_reason` (the layer's dispatch, :func:`~.fusion.prepare`); :func:`prepare` checks."""
     q, k, v, *gates = _Prepare.apply(z, conv_weight, conv_context, n_heads, head_dim, qk_norm, theta_max, eta_max)
     new_context = conv_context
     if conv_weight is not None:
