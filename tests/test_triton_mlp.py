@@ -339,7 +339,8 @@ def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activati
     """Hidden units split over programs (sums by atomics, one launch per chunk; two forward
     launches with the clip; the read-outs' backward a group of chunks at a time off the chain):
     outputs, final state and every gradient equal autograd through the chunked scan."""
-    knobs = [("BLOCK", block), ("BWD_BLOCK", block), ("ROWS", rows)] + [(f"READ_{k}", v) for k, v in (read or {}).items()]
+    knobs = [("BLOCK", block), ("BWD_BLOCK", block), ("ROWS", rows), ("FWD_ROWS", rows), ("NORM_ROWS", rows)]
+    knobs += [(f"READ_{k}", v) for k, v in (read or {}).items()]
     for env, value in knobs:
         if value:
             monkeypatch.setenv(f"OLMO_MIRAS_TRITON_SPLIT_{env}", value)
@@ -402,6 +403,12 @@ def test_split_refuses_bad_input(monkeypatch):
     monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS", "3")
     with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_READ_ROWS must be a power of two dividing the chunk"):
         triton_mlp_split._read_tiles(64, 64)
+    # the forward chain: 64-row passes, except the bf16-operand mode, which refuses larger tiles
+    assert triton_mlp_split._forward_chain_tiles(64, "tf32")[::2] == (64, 64)
+    assert triton_mlp_split._forward_chain_tiles(64, "bf16")[::2] == (16, 64)
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS", "64")
+    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_PRECISION=bf16 runs the forward update kernel at 16 rows"):
+        triton_mlp_split._forward_chain_tiles(64, "bf16")
     if INTERPRETED:
         with torch.no_grad(), pytest.raises(ValueError, match="whole chunks"):
             triton_mlp_split.split_mlp_scan(rule, state, k[:, :, :6], v[:, :, :6], q[:, :, :6],

@@ -43,6 +43,7 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
     [
         "mlp_forward", "mlp_backward", "linear_forward_whole_rows", "linear_backward_whole_rows",
         "split_forward", "split_backward", "split_forward_clip", "split_norm_clip", "split_backward_clip",
+        "split_forward_chain_tiles", "split_norm_chain_tiles",
         "split_read", "split_read_backward",
     ],
 )
@@ -51,6 +52,7 @@ def test_kernels_fit_h100_shared_memory(name: str):
     linear = dict(C=64, BD=128, BV=128, CLIP=True, PREC="tf32")
     split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.ROWS, MOM=True, GELU=True, PREC="tf32")
     read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.READ_ROWS, GELU=True, PREC="tf32")
+    chain = {**split, "RB": triton_mlp_split.CHAIN_FWD_ROWS}
     cases = {
         "mlp_forward": (triton_mlp._mlp_fwd_kernel, {**mlp, "BF": triton_mlp.FWD_BLOCK, "SAVE": True}, triton_mlp.FWD_WARPS),
         "mlp_backward": (triton_mlp._mlp_bwd_kernel, {**mlp, "BF": triton_mlp.BWD_BLOCK}, triton_mlp.BWD_WARPS),
@@ -66,6 +68,11 @@ def test_kernels_fit_h100_shared_memory(name: str):
                                triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         "split_norm_clip": (triton_mlp_split._split_norm_kernel, {k: v for k, v in split.items() if k != "MOM"},
                             triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
+        # the forward chain's default tiles (64 rows, 8 warps), as the training forward runs them
+        "split_forward_chain_tiles": (triton_mlp_split._split_fwd_kernel, {**chain, "READ": False, "CLIP": True},
+                                      triton_mlp_split.CHAIN_FWD_WARPS, triton_mlp_split.STAGES),
+        "split_norm_chain_tiles": (triton_mlp_split._split_norm_kernel, {k: v for k, v in chain.items() if k != "MOM"},
+                                   triton_mlp_split.CHAIN_FWD_WARPS, triton_mlp_split.STAGES),
         "split_backward_clip": (triton_mlp_split._split_bwd_kernel, {**split, "CLIP": True}, triton_mlp_split.BWD_WARPS,
                                 triton_mlp_split.STAGES),
         # the read-outs, off the chain, with their own tiles

@@ -45,7 +45,10 @@ co-resident, and Triton's interpreter runs the same code on CPU (tests). Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
 make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
 (float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
-rows at a time (16 rows keep the tiles small; 32 or 64 rows measured 1.3–1.5× slower).
+rows at a time: the backward 16 (its many live tiles; 32 or 64 rows measured 1.3–1.5× slower),
+the forward's two chain kernels 64 with 8 warps, which lets Triton use Hopper's warpgroup MMA for
+their dots (23.0 → 18.8 µs per update launch, 8.5 → 5.1 µs per norm launch at OLMO2-1B shapes;
+eleventh session).
 
 Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats per (batch, head)
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
@@ -66,11 +69,18 @@ shared memory, one program per SM, and smaller slices that fit two per SM measur
 session, the read-outs' backward off the chain): the scan 8.2 / 30.9 ms, the layer 10.7 / 40.0 /
 78.0 ms at 4k / 16k / 32k under ``triton_graphed``, OLMo2-1B + MAL every 4th layer at 75.9 % of
 the base's tokens/s (8k, finite losses); with the Triton input preparation (tenth session) the
-layer takes 9.5 / 35.5 / 69.7 ms and the whole model 77.6 %.
+layer takes 9.5 / 35.5 / 69.7 ms and the whole model 77.6 %; with the forward chain's 64-row
+tiles (eleventh session) 9.0 / 33.5 / 65.8 ms and 79.0 %. Nsight Compute on the backward launch
+(eleventh session): 255 registers, one 8-warp program per SM, ~13k instructions per warp of which
+~700 are MMAs, ~10.7 cycles per issued instruction (a third of it waiting on loads) — the chain is
+bound by the latency of a long dependent instruction stream, not by launches, spills or atomics.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
-units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (``RB``,
-default 16), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (default 4 / 8),
+units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (the
+backward's ``RB``, default 16), ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and
+``_NORM_ROWS`` / ``_NORM_WARPS`` (the forward chain's update and norm kernels, default 64 / 8; 32
+rows measured slower; see :func:`_forward_chain_tiles` for bf16 operands),
+``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (the read-out kernels / the backward, default 4 / 8),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 32),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS`` (the read-out kernels' hidden units and
 rows per program, default 32 / 16; 32 or 64 rows and 64 units measured within 1 %),
@@ -103,6 +113,10 @@ __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
 BLOCK, ROWS, FWD_WARPS, BWD_WARPS, STAGES, BWD_CLIP_STAGES, READ_GROUP, READ_ROWS = 32, 16, 4, 8, 2, 1, 32, 16
+# The forward chain's two kernels: whole 64-row passes with 8 warps (Hopper's warpgroup MMA takes
+# tiles of 64 rows; 16-row passes run on the older, instruction-heavier MMA: docs/performance.md,
+# eleventh session).
+CHAIN_FWD_ROWS, CHAIN_FWD_WARPS = 64, 8
 
 
 if triton is not None:
@@ -583,6 +597,26 @@ def _rows_per_pass(chunk: int, name: str = "OLMO_MIRAS_TRITON_SPLIT_ROWS", defau
     return rows
 
 
+def _forward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
+    """Rows per pass and launch options of the forward chain's update kernel and (with the clip)
+    norm kernel: ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and ``_NORM_ROWS`` /
+    ``_NORM_WARPS``, default 64 rows and 8 warps. With bfloat16 operands
+    (``OLMO_MIRAS_TRITON_PRECISION=bf16``) the update kernel keeps the 16-row, 4-warp tiles: at 64
+    rows and 8 warps it returned NaN without the clip (H100, Triton 3.6, eleventh session; cause not
+    found), so larger update tiles are refused there rather than risked."""
+    default_rows, default_warps = (ROWS, FWD_WARPS) if prec == "bf16" else (CHAIN_FWD_ROWS, CHAIN_FWD_WARPS)
+    rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS", default_rows)
+    opts = _opts("OLMO_MIRAS_TRITON_SPLIT_FWD_WARPS", default_warps)
+    if prec == "bf16" and (rows > ROWS or opts.get("num_warps", FWD_WARPS) != FWD_WARPS):
+        raise ValueError(
+            f"OLMO_MIRAS_TRITON_PRECISION=bf16 runs the forward update kernel at {ROWS} rows and "
+            f"{FWD_WARPS} warps only (larger tiles gave NaN on an H100); got "
+            f"OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS={rows}, _FWD_WARPS={opts.get('num_warps')}"
+        )
+    norm_rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_NORM_ROWS", CHAIN_FWD_ROWS)
+    return rows, opts, norm_rows, _opts("OLMO_MIRAS_TRITON_SPLIT_NORM_WARPS", CHAIN_FWD_WARPS)
+
+
 def _opts(env: str, warps: int, stages_env: str = "OLMO_MIRAS_TRITON_SPLIT_STAGES", stages: int = STAGES) -> dict:
     if _interpreted():
         return {}
@@ -627,8 +661,7 @@ class _SplitMLPScan(torch.autograd.Function):
         prec = _precision(dev, allow_bf16=True)
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BLOCK")
         grid = (b * h, triton.cdiv(hidden, bf))
-        opts = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
-        rb = _rows_per_pass(chunk)
+        rb, opts, norm_rb, norm_opts = _forward_chain_tiles(chunk, prec)
         for c in range(n + 1):
             _split_fwd_kernel[grid](
                 k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, aa, dd, kept, ak, am, sk, wa, ws, w1, w2, s1, s2,
@@ -638,13 +671,14 @@ class _SplitMLPScan(torch.autograd.Function):
             if clip and c < n:  # chunk c's ‖D‖², before launch c + 1 applies its update
                 _split_norm_kernel[grid](
                     v, *_strides(v), pk, dd, kept, w2, c, h, n, ns, d, hidden,
-                    C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=rb, **opts,
+                    C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=norm_rb, **norm_opts,
                 )
         if save:  # every chunk's start state is kept: all read-outs at once
             rbf, rrb = _read_tiles(hidden, chunk)
             _split_read_kernel[(b * h, triton.cdiv(hidden, rbf), n)](
                 q, *_strides(q), y, w1, w2, h, n, d, hidden,
-                C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **opts,
+                C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec,
+                **_opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS),
             )
         last = n % ns
         outs = [w1[:, :, last].clone(), w2[:, :, last].clone()]
