@@ -458,7 +458,9 @@ def run(
     q, k, v, *gates = _Prepare.apply(z, conv_weight, conv_context, n_heads, head_dim, qk_norm, theta_max, eta_max)
     new_context = conv_context
     if conv_weight is not None:
-        # The last K − 1 rows of [context | q k v]: a slice, so autograd adds its gradient.
+        # The last K − 1 rows of [context | q k v]: a slice, so autograd adds its gradient. (conv.py
+        # forms the same rows with pads, which keep one compiled graph for every length; sharing
+        # this slice there made the compiled path recompile per length.)
         keep = conv_weight.shape[1] - 1
         x = z[:, max(0, z.shape[1] - keep):, : 3 * n_heads * head_dim].to(dtype)
         new_context = torch.cat([conv_context.to(dtype), x], 1)[:, -keep:] if x.shape[1] < keep else x
