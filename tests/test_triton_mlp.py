@@ -339,7 +339,8 @@ def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activati
     """Hidden units split over programs (sums by atomics, one launch per chunk; two forward
     launches with the clip; the read-outs' backward a group of chunks at a time off the chain):
     outputs, final state and every gradient equal autograd through the chunked scan."""
-    knobs = [("BLOCK", block), ("BWD_BLOCK", block), ("ROWS", rows), ("FWD_ROWS", rows), ("NORM_ROWS", rows)]
+    knobs = [("BLOCK", block), ("BWD_BLOCK", block), ("FWD_ROWS", rows), ("NORM_ROWS", rows)]
+    knobs += [("BWD_START_ROWS", rows), ("BWD_FINISH_ROWS", rows)]
     knobs += [(f"READ_{k}", v) for k, v in (read or {}).items()]
     for env, value in knobs:
         if value:
@@ -393,9 +394,15 @@ def test_split_refuses_bad_input(monkeypatch):
     k, v, q, gates, state = make_inputs(rule, 1, 2, 8, 16)
     if INTERPRETED:  # the clip is no reason (on CPU without the interpreter: "needs CUDA")
         assert triton_mlp_split.unsupported_reason(mlp_rule(16, 4, 1.0), state, k, v, q, 4) is None
-    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_ROWS", "3")
-    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_ROWS must be a power of two dividing the chunk"):
-        triton_mlp_split._rows_per_pass(64)
+    # the backward's start kernel: 64-row passes, except with bf16 operands (16, larger refused)
+    assert triton_mlp_split._backward_chain_tiles(64, "tf32")[::2] == (64, 16)
+    assert triton_mlp_split._backward_chain_tiles(64, "bf16")[::2] == (16, 16)
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS", "32")
+    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_PRECISION=bf16 runs the backward start kernel at 16 rows"):
+        triton_mlp_split._backward_chain_tiles(64, "bf16")
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS", "3")
+    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS must be a power of two dividing the chunk"):
+        triton_mlp_split._backward_chain_tiles(64, "tf32")
     for bad in ("0", "two"):
         monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_GROUP", bad)
         with pytest.raises(ValueError, match=f"OLMO_MIRAS_TRITON_SPLIT_READ_GROUP must be a positive number of chunks, got '{bad}'"):

@@ -42,7 +42,8 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
     "name",
     [
         "mlp_forward", "mlp_backward", "linear_forward_whole_rows", "linear_backward_whole_rows",
-        "split_forward", "split_backward", "split_forward_clip", "split_norm_clip", "split_backward_clip",
+        "split_forward", "split_backward_start", "split_backward_finish", "split_forward_clip", "split_norm_clip",
+        "split_backward_start_clip", "split_backward_finish_clip",
         "split_forward_chain_tiles", "split_norm_chain_tiles",
         "split_read", "split_read_backward",
     ],
@@ -50,9 +51,11 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
 def test_kernels_fit_h100_shared_memory(name: str):
     mlp = dict(C=64, BD=128, CLIP=True, MOM=True, GELU=True, PREC="tf32")
     linear = dict(C=64, BD=128, BV=128, CLIP=True, PREC="tf32")
-    split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.ROWS, MOM=True, GELU=True, PREC="tf32")
+    split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.BF16_ROWS, MOM=True, GELU=True, PREC="tf32")
     read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.READ_ROWS, GELU=True, PREC="tf32")
-    chain = {**split, "RB": triton_mlp_split.CHAIN_FWD_ROWS}
+    chain = {**split, "RB": triton_mlp_split.CHAIN_ROWS}
+    finish = {**split, "RB": triton_mlp_split.FINISH_ROWS}
+    S = triton_mlp_split
     cases = {
         "mlp_forward": (triton_mlp._mlp_fwd_kernel, {**mlp, "BF": triton_mlp.FWD_BLOCK, "SAVE": True}, triton_mlp.FWD_WARPS),
         "mlp_backward": (triton_mlp._mlp_bwd_kernel, {**mlp, "BF": triton_mlp.BWD_BLOCK}, triton_mlp.BWD_WARPS),
@@ -61,8 +64,8 @@ def test_kernels_fit_h100_shared_memory(name: str):
         "linear_backward_whole_rows": (triton_linear._bwd_kernel, linear, 8),
         "split_forward": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True, "CLIP": False},
                           triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
-        "split_backward": (triton_mlp_split._split_bwd_kernel, {**split, "CLIP": False}, triton_mlp_split.BWD_WARPS,
-                           triton_mlp_split.STAGES),
+        "split_backward_start": (S._split_bwd_start_kernel, {**chain, "CLIP": False}, S.CHAIN_WARPS, 1),
+        "split_backward_finish": (S._split_bwd_finish_kernel, {**finish, "CLIP": False}, S.FINISH_WARPS, S.FINISH_STAGES),
         # the clip: the forward's extra ‖D‖² launch and the backward's extra sums (xe, ∂L/∂σ)
         "split_forward_clip": (triton_mlp_split._split_fwd_kernel, {**split, "READ": True, "CLIP": True},
                                triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
@@ -70,11 +73,12 @@ def test_kernels_fit_h100_shared_memory(name: str):
                             triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         # the forward chain's default tiles (64 rows, 8 warps), as the training forward runs them
         "split_forward_chain_tiles": (triton_mlp_split._split_fwd_kernel, {**chain, "READ": False, "CLIP": True},
-                                      triton_mlp_split.CHAIN_FWD_WARPS, triton_mlp_split.STAGES),
+                                      triton_mlp_split.CHAIN_WARPS, triton_mlp_split.STAGES),
         "split_norm_chain_tiles": (triton_mlp_split._split_norm_kernel, {k: v for k, v in chain.items() if k != "MOM"},
-                                   triton_mlp_split.CHAIN_FWD_WARPS, triton_mlp_split.STAGES),
-        "split_backward_clip": (triton_mlp_split._split_bwd_kernel, {**split, "CLIP": True}, triton_mlp_split.BWD_WARPS,
-                                triton_mlp_split.STAGES),
+                                   triton_mlp_split.CHAIN_WARPS, triton_mlp_split.STAGES),
+        "split_backward_start_clip": (S._split_bwd_start_kernel, {**chain, "CLIP": True}, S.CHAIN_WARPS, 1),
+        "split_backward_finish_clip": (S._split_bwd_finish_kernel, {**finish, "CLIP": True}, S.FINISH_WARPS,
+                                       S.FINISH_STAGES),
         # the read-outs, off the chain, with their own tiles
         "split_read": (triton_mlp_split._split_read_kernel, read, triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         "split_read_backward": (triton_mlp_split._split_read_bwd_kernel, read, triton_mlp_split.FWD_WARPS,

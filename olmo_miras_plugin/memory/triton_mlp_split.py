@@ -13,20 +13,27 @@ adjoints) are ``BF × d`` tiles that stay on chip for the chunk, and the grid co
 Hidden units interact only through sums over all of them: the keys' prediction
 ``Σ_f act(K W₁ᵀ) W₂ᵀ`` (forward) and ``dE`` (backward), and with the clip the squared norms
 ``‖Ak_t‖²``, ``‖D_t‖²`` (forward) and ``∂L/∂σ_t`` (backward). Programs add their share to a float32
-buffer with atomics and the *next* launch reads the total. Without the clip the kernels run one
-launch per chunk (``N + 1`` launches each way), each doing the second half of one chunk and the
-first half of the next:
+buffer with atomics and the *next* launch reads the total. Without the clip the forward runs one
+launch per chunk (``N + 1`` launches), each doing the second half of one chunk and the first half
+of the next; the backward runs two kernels per chunk (``2N`` launches), chunks in reverse:
 
     forward launch c:   finish chunk c − 1 (E = Σ − V from the buffer; the update, giving W_c)
                         start chunk c (keys' prediction into the buffer; the read-out into y
                         too without a gradient, else one launch for all chunks afterwards)
-    backward launch c:  finish chunk c + 1 (with its total dE: dK, the adjoints of W_c+1)
-                        start chunk c (its share of dE and of the token weights' gradients)
+    backward, chunk c:  start (its share of dE and of the token weights' gradients), then
+                        finish (with its total dE: dK, dV, the adjoints of W_c)
+
+The backward's two halves were one launch until the twelfth session. As separate kernels each
+gets its own tiles: every dot of the start half has the chunk's rows as M, so it runs whole
+64-row passes on Hopper's warpgroup MMA, while the finish half (whose W-adjoint sums have the
+hidden units as M, and whose 64-row passes spill) keeps 16-row passes, pipelined. Scan alone at
+8k, H100: 14.8 → 12.9 ms forward + backward; per launch, start 25 µs and finish 31 µs against
+~72 µs for the joint launch.
 
 The read-outs are off the chain in both directions: the forward's depend only on each chunk's
 saved start state (one launch for all chunks), and so do their backward's dQ and their part of
 W_c's adjoint (``dHqᵀ Q``, ``dYᵀ Aq``): :func:`_split_read_bwd_kernel` forms those for a group
-of chunks at once, just before the chain reaches the group, and the chain launch starts W_c's
+of chunks at once, just before the chain reaches the group, and the finish kernel starts W_c's
 adjoint sum from them (5 of the chain's 22 dots per row pass moved off it: scan 8.57 → 8.18 ms
 at 4k, H100, ninth session).
 
@@ -36,27 +43,27 @@ with the keys' prediction, but ``D_t = (W₂ᵀ E_t) ∘ act'(h_t)`` needs the w
 halves (:func:`_split_norm_kernel`: E, this slice's ‖D‖², with Hk kept by the forward launch),
 ``2N + 1`` launches. The backward
 needs ``∂L/∂σ_t`` over all hidden units before ``dn_t = 2 ∂L/∂n_t`` and so dE, but dE is linear
-in dn_t: the start half sums ``dE₀`` (dE at dn = 0) and ``xe = ∂dE/∂dn`` separately with
-``∂L/∂σ``, and the finish half forms ``dE = dE₀ + dn xe``, still ``N + 1`` launches. (Without
-the clip, a constexpr, neither the extra launch nor the extra sums exist.)
+in dn_t: the start kernel sums ``dE₀`` (dE at dn = 0) and ``xe = ∂dE/∂dn`` separately with
+``∂L/∂σ``, and the finish kernel forms ``dE = dE₀ + dn xe`` (and writes dV = −dE), still ``2N``
+launches. (Without the clip, a constexpr, neither the extra launch nor the extra sums exist.)
 
 The launch boundary is the barrier between programs, so nothing relies on programs being
 co-resident, and Triton's interpreter runs the same code on CPU (tests). Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
 make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
 (float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
-rows at a time: the backward 16 (its many live tiles; 32 or 64 rows measured 1.3–1.5× slower),
-the forward's two chain kernels 64 with 8 warps, which lets Triton use Hopper's warpgroup MMA for
-their dots (23.0 → 18.8 µs per update launch, 8.5 → 5.1 µs per norm launch at OLMO2-1B shapes;
-eleventh session).
+rows at a time: the backward's finish kernel 16 (its many live tiles; 64 rows spill and measured
+slower), the forward's two chain kernels and the backward's start kernel 64 with 8 warps, which
+lets Triton use Hopper's warpgroup MMA for their dots (23.0 → 18.8 µs per update launch, 8.5 →
+5.1 µs per norm launch at OLMO2-1B shapes; eleventh session).
 
 Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats per (batch, head)
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
 a gradient it keeps two state slots, so streaming inference stays flat in T. The backward's
 read-out buffer holds one group of chunks (``2 · F · d`` floats per (batch, head) and chunk of a
 group: 134 MiB at OLMo2-1B shapes). The clip adds
-``‖Ak_t‖²``, ``‖D_t‖²`` ``(B·H, T)`` (saved) and, in the backward, ``xe`` ``(B, H, T, d)`` and two
-``(B·H, T)`` buffers.
+``‖Ak_t‖²``, ``‖D_t‖²`` ``(B·H, T)`` (saved) and, in the backward, ``xe`` ``(B, H, T, d)`` and
+``∂L/∂σ`` ``(B·H, T)``.
 
 Measured without the clip (H100, 2026-11-26, docs/performance.md): the scan alone 6.6 / 25.0 /
 49.6 ms forward + backward at 4k / 16k / 32k tokens (OLMo2-1B shapes, batch 1), the whole MLP
@@ -70,22 +77,26 @@ session, the read-outs' backward off the chain): the scan 8.2 / 30.9 ms, the lay
 78.0 ms at 4k / 16k / 32k under ``triton_graphed``, OLMo2-1B + MAL every 4th layer at 75.9 % of
 the base's tokens/s (8k, finite losses); with the Triton input preparation (tenth session) the
 layer takes 9.5 / 35.5 / 69.7 ms and the whole model 77.6 %; with the forward chain's 64-row
-tiles (eleventh session) 9.0 / 33.5 / 65.8 ms and 79.0 %. Nsight Compute on the backward launch
-(eleventh session): 255 registers, one 8-warp program per SM, ~13k instructions per warp of which
-~700 are MMAs, ~10.7 cycles per issued instruction (a third of it waiting on loads) — the chain is
-bound by the latency of a long dependent instruction stream, not by launches, spills or atomics.
+tiles (eleventh session) 9.0 / 33.5 / 65.8 ms and 79.0 %. Nsight Compute on the then joint
+backward launch (eleventh session): 255 registers, one 8-warp program per SM, ~13k instructions
+per warp of which ~700 are MMAs, ~10.7 cycles per issued instruction (a third of it waiting on
+loads) — the chain is bound by the latency of a long dependent instruction stream, not by
+launches, spills or atomics. With the backward's start and finish as separate kernels (twelfth
+session): the layer 7.9 / 29.2 / 56.8 ms, the whole model 80.3 %.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
-units per program, default 32; 16 measured 17 % slower), ``OLMO_MIRAS_TRITON_SPLIT_ROWS`` (the
-backward's ``RB``, default 16), ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and
+units per program, default 32; 16 measured 17 % slower; ``_BWD_FINISH_BLOCK`` for the finish
+kernel alone), ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and
 ``_NORM_ROWS`` / ``_NORM_WARPS`` (the forward chain's update and norm kernels, default 64 / 8; 32
 rows measured slower; see :func:`_forward_chain_tiles` for bf16 operands),
-``OLMO_MIRAS_TRITON_SPLIT_WARPS`` / ``_BWD_WARPS`` (the read-out kernels / the backward, default 4 / 8),
+``OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS`` / ``_WARPS`` / ``_STAGES`` (64 / 8 / 1) and
+``_BWD_FINISH_ROWS`` / ``_WARPS`` / ``_STAGES`` (16 / 8 / 2) for the backward's two kernels (see
+:func:`_backward_chain_tiles`), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` (the read-out kernels, default 4),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 32),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS`` (the read-out kernels' hidden units and
 rows per program, default 32 / 16; 32 or 64 rows and 64 units measured within 1 %),
-``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2; the
-backward with the clip defaults to 1), ``OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES`` (the backward's alone),
+``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2 except
+where a kernel's own ``_STAGES`` knob above says otherwise; that knob wins when set),
 ``OLMO_MIRAS_TRITON_PRECISION`` (as for the other kernels, plus ``bf16`` here: operands rounded
 to bfloat16, accumulation in float32; 5 % faster scan, 0.6 % on the whole model, so not the
 default), ``OLMO_MIRAS_TRITON_SPLIT=0`` (use
@@ -112,11 +123,17 @@ if triton is not None:
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
-BLOCK, ROWS, FWD_WARPS, BWD_WARPS, STAGES, BWD_CLIP_STAGES, READ_GROUP, READ_ROWS = 32, 16, 4, 8, 2, 1, 32, 16
-# The forward chain's two kernels: whole 64-row passes with 8 warps (Hopper's warpgroup MMA takes
-# tiles of 64 rows; 16-row passes run on the older, instruction-heavier MMA: docs/performance.md,
-# eleventh session).
-CHAIN_FWD_ROWS, CHAIN_FWD_WARPS = 64, 8
+BLOCK, FWD_WARPS, STAGES, READ_GROUP, READ_ROWS = 32, 4, 2, 32, 16
+# The chunk chain's kernels whose dots all have the chunk's rows as M (the forward's update and norm
+# kernels, the backward's start kernel): whole 64-row passes with 8 warps, which Triton runs on
+# Hopper's warpgroup MMA (16-row passes run on the older, instruction-heavier MMA:
+# docs/performance.md, eleventh and twelfth sessions).
+CHAIN_ROWS, CHAIN_WARPS = 64, 8
+# The backward's finish kernel accumulates W's adjoint with the hidden units as M: 16-row passes,
+# pipelined 2 deep (64 rows there spill; twelfth session).
+FINISH_ROWS, FINISH_WARPS, FINISH_STAGES = 16, 8, 2
+# bfloat16 operands: the forward update kernel keeps 16-row, 4-warp tiles (see _forward_chain_tiles).
+BF16_ROWS = 16
 
 
 if triton is not None:
@@ -366,49 +383,32 @@ if triton is not None:
             tl.store(kept + BHCF, Dk, mask=kmask)
 
     @triton.jit
-    def _split_bwd_kernel(
+    def _split_bwd_start_kernel(
         k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         pk_ptr,  # (BH, T, D): the forward's keys' prediction
         aa_ptr, dd_ptr,  # (BH, T): the forward's ‖Ak_t‖², ‖D_t‖² (clip only)
-        ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # as the forward's
-        w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
-        g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D) / (BH, D, F): adjoints of W, S at the current chunk end
-        r1_ptr, r2_ptr,  # the read weights' adjoint (written at chunk 0)
-        rr1_ptr, rr2_ptr,  # (BH, M, F, D) / (BH, M, D, F): the read-outs' part, from :func:`_split_read_bwd_kernel`
-        scr_ptr,  # (2, 4, BH, C, F): Hk, B, dD and dAk's part without dE, kept from start to finish
-        de_ptr, dk_ptr,  # (BH, T, D) float32, zeroed, summed by atomics (dV = −dE)
+        wa_ptr, ws_ptr,  # (BH, N, C): the token weights, as the forward's
+        w1_ptr, w2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
+        g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D) / (BH, D, F): adjoints of W, S at chunk c's end
+        scr_ptr,  # (4, BH, C, F): Hk, B, dD₀ and dAk's part without dE, for the finish kernel
+        de_ptr,  # (BH, T, D) float32, zeroed: dE₀, summed over hidden units by atomics
         xe_ptr,  # (BH, T, D) float32, zeroed (clip only): ∂dE/∂dn, summed by atomics
         dsig_ptr,  # (BH, T) float32, zeroed (clip only): ∂L/∂σ, summed by atomics
-        dn_ptr,  # (BH, T) float32 (clip only): dn = 2 ∂L/∂n, for dV = −(dE₀ + dn xe) afterwards
         dw_ptr,  # (2, BH, N, C), zeroed: d w_A, d w_S
-        dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
-        c, H, N, M, D, F, tau,
+        c, H, N, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
     ):
-        """Launch c: finish chunk c + 1, then start chunk c (c = N − 1 … −1). With G, H the adjoints
-        of a chunk's end state, ω = σ∘w and dn = 2 ∂L/∂n (:func:`~.triton_mlp._mlp_bwd_kernel`):
+        """Start chunk c (this slice's share of the sums over hidden units), given the adjoints G, H
+        of its end state; ω = σ∘w (:func:`~.triton_mlp._mlp_bwd_kernel` has the derivation):
 
-            start (this slice's share):  dω_A = −rowsum(D ∘ K G₁ᵀ) − rowsum((E G₂) ∘ Ak)
-                                         ∂L/∂σ = dω_A∘w_A + dω_S∘w_S
-                                         dE₀ += dB₀ W₂ᵀ − ω_A∘Ak G₂ᵀ − ω_S∘Ak H₂ᵀ,  dB₀ = dD₀ ∘ act'(Hk),
-                                         dD₀  = −(ω_A∘K G₁ᵀ + ω_S∘K H₁ᵀ)
-                                         xe  += ‖k‖² (D ∘ act'(Hk)) W₂ᵀ  (+ ‖Ak‖² E, once)
-            finish (with the totals):    dn = −∂L/∂σ · raw / n where raw ≤ 1, else 0
-                                         dE = dE₀ + dn xe,   dD = dD₀ + dn ‖k‖² D
-                                         dAk = dE W₂ − ω_A∘E G₂ − ω_S∘E H₂ + dn ‖e‖² Ak
-                                         dHk = dAk ∘ act'(Hk) + dD ∘ B ∘ act''(Hk)
-                                         dK  += dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁ (+ dn ‖D‖² K, once)
-                                         G ← a_keep G + (via W₁: dHkᵀ K + dHqᵀ Q; via W₂: Eᵀ dB + dEᵀ Ak + dYᵀ Aq)
+            dω_A = −rowsum(D ∘ K G₁ᵀ) − rowsum((E G₂) ∘ Ak);   ∂L/∂σ = dω_A∘w_A + dω_S∘w_S
+            dD₀  = −(ω_A∘K G₁ᵀ + ω_S∘K H₁ᵀ);   dE₀ = dD₀ ∘ act'(Hk) W₂ᵀ − ω_A∘Ak G₂ᵀ − ω_S∘Ak H₂ᵀ
+            xe   = ‖k‖² (D ∘ act'(Hk)) W₂ᵀ  (+ ‖Ak‖² E, once: by the head's first program)
 
-        (the read-out's terms dHqᵀ Q, dYᵀ Aq and dQ = dHq W₁ come from :func:`_split_read_bwd_kernel`).
-                                         H ← a_mom G + s_keep H
-
-        dE is linear in the per-token dn, which needs ∂L/∂σ summed over all hidden units: summing
-        dE₀ and xe separately keeps one launch per chunk with the clip too (without it σ = 1,
-        dn = 0 and xe, ∂L/∂σ are not formed). "Once": by the head's first program. The start half
-        keeps Hk, B, dD₀ and dAk's part without dE for the finish half (no recompute).
-        """
+        Every dot here has the chunk's rows as its M dimension, so whole 64-row passes run on
+        Hopper's warpgroup MMA. Hk, B = E W₂, dD₀ and dAk's part without dE are kept for
+        :func:`_split_bwd_finish_kernel` (no recompute)."""
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         row_mask = dmask[None, :]
         fd = F * D
@@ -416,7 +416,7 @@ if triton is not None:
         rf = f0 + tl.arange(0, BF)
         kmask = (rf < F)[None, :]
         BHCF = tl.num_programs(0).to(tl.int64) * C * F
-        lead = tl.program_id(1) == 0  # adds the terms that are not a sum over hidden units
+        lead = tl.program_id(1) == 0
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sv_b + h * sv_h
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
@@ -426,142 +426,187 @@ if triton is not None:
         if MOM:
             H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
             H2 = tl.load(h2_ptr + bh * fd + off2, mask=mask2, other=0.0)
-        if c + 1 < N:
-            cn = c + 1
-            cc = bh * N + cn
-            st = (bh * (N + 1) + cn) * fd
-            W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
-            W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
-            # The adjoint of W_cn via everything in the chunk: the read-out's part (summed off the
-            # chain by :func:`_split_read_bwd_kernel`), then the keys' part row pass by row pass …
-            rslot = (bh * M + cn % M) * fd
-            R1 = tl.load(rr1_ptr + rslot + off1, mask=mask1, other=0.0)
-            R2 = tl.load(rr2_ptr + rslot + off2, mask=mask2, other=0.0)
-            for r0 in range(0, C, RB):  # RB rows at a time (fewer (rows × d) tiles live at once)
-                rr = r0 + tl.arange(0, RB)
-                rows = (cn * C + rr).to(tl.int64)
-                # The keys' part, with the total dE of chunk cn and what the previous launch kept.
-                K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
-                dE = tl.load(de_ptr + out_rows, mask=row_mask, other=0.0)
-                kept = scr_ptr + (cn % 2) * 4 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
-                Hk = tl.load(kept, mask=kmask, other=0.0)
-                B = tl.load(kept + BHCF, mask=kmask, other=0.0)
-                dD = tl.load(kept + 2 * BHCF, mask=kmask, other=0.0)
-                dAk = tl.load(kept + 3 * BHCF, mask=kmask, other=0.0)
-                Ak = _act(Hk, GELU)
-                Dk = B * _act_grad(Hk, GELU)
-                wa = tl.load(wa_ptr + cc * C + rr)
-                if CLIP:
-                    tok = bh * N * C + rows
-                    _, dd, ee, kk, nrm, raw, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
-                    dn = tl.where(raw <= 1.0, -tl.load(dsig_ptr + tok) * raw / nrm, 0.0)
-                    if lead:
-                        tl.store(dn_ptr + tok, dn)
-                    dE += dn[:, None] * tl.load(xe_ptr + out_rows, mask=row_mask, other=0.0)
-                    dD += (dn * kk)[:, None] * Dk
-                    dAk += (dn * ee)[:, None] * Ak
-                    wa = wa * sig
-                dAk = _dot(dE, W2, dAk, PREC)
-                dK = _dot(-wa[:, None] * Dk, G1, None, PREC)
-                if CLIP:
-                    dK += (tl.where(lead, dn * dd, 0.0))[:, None] * K
-                if MOM:
-                    ws = tl.load(ws_ptr + cc * C + rr)
-                    if CLIP:
-                        ws = ws * sig
-                    dK = _dot(-ws[:, None] * Dk, H1, dK, PREC)
-                dHk = dAk * _act_grad(Hk, GELU) + dD * B * _act_grad2(Hk, GELU)
-                dK = _dot(dHk, W1, dK, PREC)
-                tl.atomic_add(dk_ptr + out_rows, dK, mask=row_mask, sem="relaxed")
-                R1 = _dot(tl.trans(dHk), K, R1, PREC)
-                R2 = _dot(tl.trans(E), dD * _act_grad(Hk, GELU), R2, PREC)
-                R2 = _dot(tl.trans(dE), Ak, R2, PREC)
-            # The coefficients' gradients and the adjoints of chunk cn's start state.
-            a_keep = tl.load(ak_ptr + cc)
-            tl.atomic_add(dcoef_ptr + cc, tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0), sem="relaxed")
+        cc = bh * N + c
+        st = (bh * (N + 1) + c) * fd
+        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
+        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        for r0 in range(0, C, RB):
+            rr = r0 + tl.arange(0, RB)
+            rows = (c * C + rr).to(tl.int64)
+            K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
+            wa = tl.load(wa_ptr + cc * C + rr)
+            om_a = wa
+            if CLIP:
+                tok = bh * N * C + rows
+                aa, _, _, kk, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
+                om_a = wa * sig
+            Hk = _dot(K, tl.trans(W1), None, PREC)
+            Ak = _act(Hk, GELU)
+            B = _dot(E, W2, None, PREC)
+            Dk = B * _act_grad(Hk, GELU)
+            KG1 = _dot(K, tl.trans(G1), None, PREC)
+            EG2 = _dot(E, G2, None, PREC)
+            g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
+            dw_a = -g_a
+            if CLIP:  # d w = dω ∘ σ;  ∂L/∂σ = Σ dω ∘ w
+                dw_a = dw_a * sig
+                dsig = -g_a * wa
+            tl.atomic_add(dw_ptr + cc * C + rr, dw_a, sem="relaxed")
+            dD = -om_a[:, None] * KG1
+            X = -om_a[:, None] * EG2  # dAk's part without dE
+            dE = _dot(-om_a[:, None] * Ak, tl.trans(G2), None, PREC)
             if MOM:
-                a_mom = tl.load(am_ptr + cc)
-                s_keep = tl.load(skeep_ptr + cc)
-                S1 = tl.load(s1_ptr + st + off1, mask=mask1, other=0.0)
-                S2 = tl.load(s2_ptr + st + off2, mask=mask2, other=0.0)
-                tl.atomic_add(dcoef_ptr + n_all + cc, tl.sum(tl.sum(G1 * S1, axis=1), axis=0) + tl.sum(tl.sum(G2 * S2, axis=1), axis=0), sem="relaxed")
-                tl.atomic_add(dcoef_ptr + 2 * n_all + cc, tl.sum(tl.sum(H1 * S1, axis=1), axis=0) + tl.sum(tl.sum(H2 * S2, axis=1), axis=0), sem="relaxed")
-                H1 = a_mom * G1 + s_keep * H1
-                H2 = a_mom * G2 + s_keep * H2
-                tl.store(h1_ptr + bh * fd + off1, H1, mask=mask1)
-                tl.store(h2_ptr + bh * fd + off2, H2, mask=mask2)
-            if cn > 0:  # chunk cn reads its start accumulator: the read path joins G
-                G1 = a_keep * G1 + R1
-                G2 = a_keep * G2 + R2
-            else:  # chunk 0's read weights are a separate input
-                tl.store(r1_ptr + bh * fd + off1, R1, mask=mask1)
-                tl.store(r2_ptr + bh * fd + off2, R2, mask=mask2)
-                G1 = a_keep * G1
-                G2 = a_keep * G2
-            tl.store(g1_ptr + bh * fd + off1, G1, mask=mask1)
-            tl.store(g2_ptr + bh * fd + off2, G2, mask=mask2)
-        if c >= 0:
-            # Start chunk c: this slice's share of dE (and xe, ∂L/∂σ) and of dω, with the adjoints
-            # of its end state.
-            cc = bh * N + c
-            st = (bh * (N + 1) + c) * fd
-            W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
-            W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
-            for r0 in range(0, C, RB):
-                rr = r0 + tl.arange(0, RB)
-                rows = (c * C + rr).to(tl.int64)
-                K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
-                wa = tl.load(wa_ptr + cc * C + rr)
-                om_a = wa
+                ws = tl.load(ws_ptr + cc * C + rr)
+                om_s = ws
                 if CLIP:
-                    tok = bh * N * C + rows
-                    aa, _, _, kk, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
-                    om_a = wa * sig
-                Hk = _dot(K, tl.trans(W1), None, PREC)
-                Ak = _act(Hk, GELU)
-                B = _dot(E, W2, None, PREC)
-                Dk = B * _act_grad(Hk, GELU)
-                KG1 = _dot(K, tl.trans(G1), None, PREC)
-                EG2 = _dot(E, G2, None, PREC)
-                g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
-                dw_a = -g_a
-                if CLIP:  # d w = dω ∘ σ;  ∂L/∂σ = Σ dω ∘ w
-                    dw_a = dw_a * sig
-                    dsig = -g_a * wa
-                tl.atomic_add(dw_ptr + cc * C + rr, dw_a, sem="relaxed")
-                dD = -om_a[:, None] * KG1
-                X = -om_a[:, None] * EG2  # dAk's part without dE
-                dE = _dot(-om_a[:, None] * Ak, tl.trans(G2), None, PREC)
-                if MOM:
-                    ws = tl.load(ws_ptr + cc * C + rr)
-                    om_s = ws
-                    if CLIP:
-                        om_s = ws * sig
-                    KH1 = _dot(K, tl.trans(H1), None, PREC)
-                    EH2 = _dot(E, H2, None, PREC)
-                    g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * EH2, axis=1)
-                    dw_s = -g_s
-                    if CLIP:
-                        dw_s = dw_s * sig
-                        dsig -= g_s * ws
-                    tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, dw_s, sem="relaxed")
-                    dD -= om_s[:, None] * KH1
-                    X -= om_s[:, None] * EH2
-                    dE = _dot(-om_s[:, None] * Ak, tl.trans(H2), dE, PREC)
-                dE = _dot(dD * _act_grad(Hk, GELU), tl.trans(W2), dE, PREC)
+                    om_s = ws * sig
+                KH1 = _dot(K, tl.trans(H1), None, PREC)
+                EH2 = _dot(E, H2, None, PREC)
+                g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * EH2, axis=1)
+                dw_s = -g_s
                 if CLIP:
-                    tl.atomic_add(dsig_ptr + tok, dsig, sem="relaxed")
-                    xe = tl.where(lead, aa, 0.0)[:, None] * E
-                    xe = _dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), xe, PREC)
-                    tl.atomic_add(xe_ptr + out_rows, xe, mask=row_mask, sem="relaxed")
-                # Kept for finishing this chunk in the next launch (two slots: that launch writes
-                # the other one while it reads this).
-                kept = scr_ptr + (c % 2) * 4 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
-                tl.store(kept, Hk, mask=kmask)
-                tl.store(kept + BHCF, B, mask=kmask)
-                tl.store(kept + 2 * BHCF, dD, mask=kmask)
-                tl.store(kept + 3 * BHCF, X, mask=kmask)
-                tl.atomic_add(de_ptr + out_rows, dE, mask=row_mask, sem="relaxed")
+                    dw_s = dw_s * sig
+                    dsig -= g_s * ws
+                tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, dw_s, sem="relaxed")
+                dD -= om_s[:, None] * KH1
+                X -= om_s[:, None] * EH2
+                dE = _dot(-om_s[:, None] * Ak, tl.trans(H2), dE, PREC)
+            dE = _dot(dD * _act_grad(Hk, GELU), tl.trans(W2), dE, PREC)
+            if CLIP:
+                tl.atomic_add(dsig_ptr + tok, dsig, sem="relaxed")
+                xe = tl.where(lead, aa, 0.0)[:, None] * E
+                xe = _dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), xe, PREC)
+                tl.atomic_add(xe_ptr + out_rows, xe, mask=row_mask, sem="relaxed")
+            kept = scr_ptr + bh * C * F + rr[:, None] * F + rf[None, :]
+            tl.store(kept, Hk, mask=kmask)
+            tl.store(kept + BHCF, B, mask=kmask)
+            tl.store(kept + 2 * BHCF, dD, mask=kmask)
+            tl.store(kept + 3 * BHCF, X, mask=kmask)
+            tl.atomic_add(de_ptr + out_rows, dE, mask=row_mask, sem="relaxed")
+
+    @triton.jit
+    def _split_bwd_finish_kernel(
+        k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
+        pk_ptr,  # (BH, T, D): the forward's keys' prediction
+        aa_ptr, dd_ptr,  # (BH, T): the forward's ‖Ak_t‖², ‖D_t‖² (clip only)
+        ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # as the forward's
+        w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
+        g1_ptr, g2_ptr, h1_ptr, h2_ptr,  # (BH, F, D) / (BH, D, F): adjoints of W, S; chunk c's end in, start out
+        r1_ptr, r2_ptr,  # the read weights' adjoint (written at chunk 0)
+        rr1_ptr, rr2_ptr,  # (BH, M, F, D) / (BH, M, D, F): the read-outs' part, from :func:`_split_read_bwd_kernel`
+        scr_ptr,  # (4, BH, C, F): what :func:`_split_bwd_start_kernel` kept
+        de_ptr,  # (BH, T, D): dE₀ of chunk c, complete (the start launch summed it)
+        dk_ptr,  # (BH, T, D) float32, zeroed, summed by atomics
+        xe_ptr, dsig_ptr,  # complete for chunk c (clip only)
+        dv_ptr,  # (BH, T, D) float32: dV = −dE, written by each head's first program
+        dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
+        c, H, N, M, D, F, tau,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
+        PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
+    ):
+        """Finish chunk c with the totals over hidden units (dn = 2 ∂L/∂n):
+
+            dn  = −∂L/∂σ · raw / n where raw ≤ 1, else 0
+            dE  = dE₀ + dn xe,   dD = dD₀ + dn ‖k‖² D
+            dAk = dE W₂ − ω_A∘E G₂ − ω_S∘E H₂ + dn ‖e‖² Ak
+            dHk = dAk ∘ act'(Hk) + dD ∘ B ∘ act''(Hk)
+            dK  = dHk W₁ − ω_A∘D G₁ − ω_S∘D H₁ (+ dn ‖D‖² K, once)
+            G  ← a_keep G + (via W₁: dHkᵀ K + dHqᵀ Q; via W₂: Eᵀ (dD ∘ act'(Hk)) + dEᵀ Ak + dYᵀ Aq)
+            H  ← a_mom G + s_keep H
+
+        (the read-out's terms dHqᵀ Q, dYᵀ Aq come from :func:`_split_read_bwd_kernel`). G₂ and H₂ are
+        read after the row passes, which do not need them: fewer live tiles leave registers for the
+        passes. The passes are 16 rows (64-row ones spill and measured slower: twelfth session), so
+        most of their dots run on the older MMA (summing W₁'s adjoint transposed, so that its dot
+        has d = 128 rows as M and takes the warpgroup MMA, measured slower too)."""
+        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        row_mask = dmask[None, :]
+        fd = F * D
+        n_all = tl.num_programs(0).to(tl.int64) * N
+        rf = f0 + tl.arange(0, BF)
+        kmask = (rf < F)[None, :]
+        BHCF = tl.num_programs(0).to(tl.int64) * C * F
+        lead = tl.program_id(1) == 0
+        k_base = k_ptr + b * sk_b + h * sk_h
+        v_base = v_ptr + b * sv_b + h * sv_h
+        cc = bh * N + c
+        st = (bh * (N + 1) + c) * fd
+        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
+        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
+        H1 = G1
+        if MOM:
+            H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
+        # The adjoint of W_c via everything in the chunk: the read-out's part (summed off the chain
+        # by :func:`_split_read_bwd_kernel`), then the keys' part row pass by row pass.
+        rslot = (bh * M + c % M) * fd
+        R1 = tl.load(rr1_ptr + rslot + off1, mask=mask1, other=0.0)
+        R2 = tl.load(rr2_ptr + rslot + off2, mask=mask2, other=0.0)
+        for r0 in range(0, C, RB):
+            rr = r0 + tl.arange(0, RB)
+            rows = (c * C + rr).to(tl.int64)
+            K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
+            dE = tl.load(de_ptr + out_rows, mask=row_mask, other=0.0)
+            kept = scr_ptr + bh * C * F + rr[:, None] * F + rf[None, :]
+            Hk = tl.load(kept, mask=kmask, other=0.0)
+            B = tl.load(kept + BHCF, mask=kmask, other=0.0)
+            dD = tl.load(kept + 2 * BHCF, mask=kmask, other=0.0)
+            dAk = tl.load(kept + 3 * BHCF, mask=kmask, other=0.0)
+            Ak = _act(Hk, GELU)
+            Dk = B * _act_grad(Hk, GELU)
+            wa = tl.load(wa_ptr + cc * C + rr)
+            if CLIP:
+                tok = bh * N * C + rows
+                _, dd, ee, kk, nrm, raw, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
+                dn = tl.where(raw <= 1.0, -tl.load(dsig_ptr + tok) * raw / nrm, 0.0)
+                dE += dn[:, None] * tl.load(xe_ptr + out_rows, mask=row_mask, other=0.0)
+                dD += (dn * kk)[:, None] * Dk
+                dAk += (dn * ee)[:, None] * Ak
+                wa = wa * sig
+            if lead:
+                tl.store(dv_ptr + out_rows, -dE, mask=row_mask)
+            dAk = _dot(dE, W2, dAk, PREC)
+            dK = _dot(-wa[:, None] * Dk, G1, None, PREC)
+            if CLIP:
+                dK += (tl.where(lead, dn * dd, 0.0))[:, None] * K
+            if MOM:
+                ws = tl.load(ws_ptr + cc * C + rr)
+                if CLIP:
+                    ws = ws * sig
+                dK = _dot(-ws[:, None] * Dk, H1, dK, PREC)
+            dHk = dAk * _act_grad(Hk, GELU) + dD * B * _act_grad2(Hk, GELU)
+            dK = _dot(dHk, W1, dK, PREC)
+            tl.atomic_add(dk_ptr + out_rows, dK, mask=row_mask, sem="relaxed")
+            R1 = _dot(tl.trans(dHk), K, R1, PREC)
+            R2 = _dot(tl.trans(E), dD * _act_grad(Hk, GELU), R2, PREC)
+            R2 = _dot(tl.trans(dE), Ak, R2, PREC)
+        # The coefficients' gradients and the adjoints of chunk c's start state.
+        G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0)
+        a_keep = tl.load(ak_ptr + cc)
+        tl.atomic_add(dcoef_ptr + cc, tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0), sem="relaxed")
+        if MOM:
+            H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
+            H2 = tl.load(h2_ptr + bh * fd + off2, mask=mask2, other=0.0)
+            a_mom = tl.load(am_ptr + cc)
+            s_keep = tl.load(skeep_ptr + cc)
+            S1 = tl.load(s1_ptr + st + off1, mask=mask1, other=0.0)
+            S2 = tl.load(s2_ptr + st + off2, mask=mask2, other=0.0)
+            tl.atomic_add(dcoef_ptr + n_all + cc, tl.sum(tl.sum(G1 * S1, axis=1), axis=0) + tl.sum(tl.sum(G2 * S2, axis=1), axis=0), sem="relaxed")
+            tl.atomic_add(dcoef_ptr + 2 * n_all + cc, tl.sum(tl.sum(H1 * S1, axis=1), axis=0) + tl.sum(tl.sum(H2 * S2, axis=1), axis=0), sem="relaxed")
+            H1 = a_mom * G1 + s_keep * H1
+            H2 = a_mom * G2 + s_keep * H2
+            tl.store(h1_ptr + bh * fd + off1, H1, mask=mask1)
+            tl.store(h2_ptr + bh * fd + off2, H2, mask=mask2)
+        if c > 0:  # chunk c reads its start accumulator: the read path joins G
+            G1 = a_keep * G1 + R1
+            G2 = a_keep * G2 + R2
+        else:  # chunk 0's read weights are a separate input
+            tl.store(r1_ptr + bh * fd + off1, R1, mask=mask1)
+            tl.store(r2_ptr + bh * fd + off2, R2, mask=mask2)
+            G1 = a_keep * G1
+            G2 = a_keep * G2
+        tl.store(g1_ptr + bh * fd + off1, G1, mask=mask1)
+        tl.store(g2_ptr + bh * fd + off2, G2, mask=mask2)
 
 
 def _block(hidden: int, env: str) -> int:
@@ -587,9 +632,8 @@ def _read_tiles(hidden: int, chunk: int) -> Tuple[int, int]:
     return bf, _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_READ_ROWS", READ_ROWS)
 
 
-def _rows_per_pass(chunk: int, name: str = "OLMO_MIRAS_TRITON_SPLIT_ROWS", default: int = ROWS) -> int:
-    """Rows per pass (``RB``; the knob ``name``). At d = 128 and 32 hidden units the backward needs
-    176 KiB of shared memory with 16 rows, 208 KiB with 32 and 272 KiB with all 64 (over an H100's 227)."""
+def _rows_per_pass(chunk: int, name: str, default: int) -> int:
+    """Rows per pass (``RB``) from the knob ``name``, else ``default`` (at most the chunk)."""
     env = os.environ.get(name)
     rows = (int(env) if env.isdigit() else 0) if env else min(default, chunk)
     if rows < 1 or rows & (rows - 1) or chunk % rows:
@@ -601,20 +645,41 @@ def _forward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
     """Rows per pass and launch options of the forward chain's update kernel and (with the clip)
     norm kernel: ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and ``_NORM_ROWS`` /
     ``_NORM_WARPS``, default 64 rows and 8 warps. With bfloat16 operands
-    (``OLMO_MIRAS_TRITON_PRECISION=bf16``) the update kernel keeps the 16-row, 4-warp tiles: at 64
+    (``OLMO_MIRAS_TRITON_PRECISION=bf16``) the update kernel keeps 16-row, 4-warp tiles: at 64
     rows and 8 warps it returned NaN without the clip (H100, Triton 3.6, eleventh session; cause not
     found), so larger update tiles are refused there rather than risked."""
-    default_rows, default_warps = (ROWS, FWD_WARPS) if prec == "bf16" else (CHAIN_FWD_ROWS, CHAIN_FWD_WARPS)
+    default_rows, default_warps = (BF16_ROWS, FWD_WARPS) if prec == "bf16" else (CHAIN_ROWS, CHAIN_WARPS)
     rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS", default_rows)
     opts = _opts("OLMO_MIRAS_TRITON_SPLIT_FWD_WARPS", default_warps)
-    if prec == "bf16" and (rows > ROWS or opts.get("num_warps", FWD_WARPS) != FWD_WARPS):
+    if prec == "bf16" and (rows > BF16_ROWS or opts.get("num_warps", FWD_WARPS) != FWD_WARPS):
         raise ValueError(
-            f"OLMO_MIRAS_TRITON_PRECISION=bf16 runs the forward update kernel at {ROWS} rows and "
+            f"OLMO_MIRAS_TRITON_PRECISION=bf16 runs the forward update kernel at {BF16_ROWS} rows and "
             f"{FWD_WARPS} warps only (larger tiles gave NaN on an H100); got "
             f"OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS={rows}, _FWD_WARPS={opts.get('num_warps')}"
         )
-    norm_rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_NORM_ROWS", CHAIN_FWD_ROWS)
-    return rows, opts, norm_rows, _opts("OLMO_MIRAS_TRITON_SPLIT_NORM_WARPS", CHAIN_FWD_WARPS)
+    norm_rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_NORM_ROWS", CHAIN_ROWS)
+    return rows, opts, norm_rows, _opts("OLMO_MIRAS_TRITON_SPLIT_NORM_WARPS", CHAIN_WARPS)
+
+
+def _backward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
+    """Rows per pass and launch options of the backward's start kernel
+    (``OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS`` / ``_WARPS`` / ``_STAGES``, default 64 / 8 / 1) and
+    finish kernel (``OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS`` / ``_WARPS`` / ``_STAGES``, default
+    16 / 8 / 2). With bfloat16 operands the start kernel keeps 16-row passes and refuses larger
+    ones: at 64 rows it failed the GPU test with the clip (H100, Triton 3.6, twelfth session), as
+    the forward update kernel did (:func:`_forward_chain_tiles`)."""
+    start_rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS", BF16_ROWS if prec == "bf16" else CHAIN_ROWS)
+    if prec == "bf16" and start_rows > BF16_ROWS:
+        raise ValueError(
+            f"OLMO_MIRAS_TRITON_PRECISION=bf16 runs the backward start kernel at {BF16_ROWS} rows or fewer "
+            f"(larger tiles failed on an H100); got OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS={start_rows}"
+        )
+    start = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_START_WARPS", CHAIN_WARPS, "OLMO_MIRAS_TRITON_SPLIT_BWD_START_STAGES", 1)
+    finish_rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS", FINISH_ROWS)
+    finish = _opts(
+        "OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_WARPS", FINISH_WARPS, "OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_STAGES", FINISH_STAGES
+    )
+    return start_rows, start, finish_rows, finish
 
 
 def _opts(env: str, warps: int, stages_env: str = "OLMO_MIRAS_TRITON_SPLIT_STAGES", stages: int = STAGES) -> dict:
@@ -706,20 +771,16 @@ class _SplitMLPScan(torch.autograd.Function):
         de, dk, dq = (torch.zeros(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
         dw = torch.zeros(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.zeros(3, b * h, n, device=dev, dtype=torch.float32)
-        kept = torch.empty(2, 4, b * h, chunk, hidden, device=dev, dtype=torch.float32)
-        if clip:  # dE's part along dn, ∂L/∂σ (both summed by atomics) and dn itself
+        kept = torch.empty(4, b * h, chunk, hidden, device=dev, dtype=torch.float32)  # start → finish
+        dv = torch.empty_like(de)  # −dE, from the finish kernel
+        if clip:  # dE's part along dn and ∂L/∂σ (both summed by atomics)
             xe = torch.zeros_like(de)
             dsig = torch.zeros(b * h, t, device=dev, dtype=torch.float32)
-            dn = torch.empty_like(dsig)
         else:
-            xe, dsig, dn = de, dcoef, dcoef  # never touched without CLIP
+            xe, dsig = de, dcoef  # never touched without CLIP
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_BLOCK")
-        grid = (b * h, triton.cdiv(hidden, bf))
-        # Pipelining the row passes pays without the clip (6.74 vs 7.15 ms at 4k); with it, the
-        # extra live tiles (xe, ∂L/∂σ) make one stage faster (8.49 vs 9.0 ms; H100, 2026-11-26).
-        opts = _opts("OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS", BWD_WARPS, "OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES",
-                     BWD_CLIP_STAGES if clip else STAGES)
-        rb = _rows_per_pass(chunk)
+        fbf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_BLOCK")
+        srb, sopts, frb, fopts = _backward_chain_tiles(chunk, prec)
         # The read-outs' backward runs off the chunk chain, a group of chunks at a time (just before
         # the chain reaches the group: its buffer holds one group, not every chunk).
         group = _read_group(n)
@@ -727,21 +788,24 @@ class _SplitMLPScan(torch.autograd.Function):
         rr2 = torch.empty(b * h, group, d, hidden, device=dev, dtype=torch.float32)
         read_opts = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
         rbf, rrb = _read_tiles(hidden, chunk)
-        for c in range(n - 1, -2, -1):
-            top = c + 1  # the chunk this launch finishes
-            if top < n and (top == n - 1 or (top + 1) % group == 0):
-                g0 = top - top % group
-                _split_read_bwd_kernel[(b * h, triton.cdiv(hidden, rbf), top + 1 - g0)](
+        tau_ = float(tau) if clip else 1.0
+        for c in range(n - 1, -1, -1):  # start chunk c (its share of the sums), then finish it
+            if c == n - 1 or (c + 1) % group == 0:
+                g0 = c - c % group
+                _split_read_bwd_kernel[(b * h, triton.cdiv(hidden, rbf), c + 1 - g0)](
                     q, dy, *_strides(q), *_strides(dy), w1, w2, dq, rr1, rr2, g0, h, n, group, d, hidden,
                     C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **read_opts,
                 )
-            _split_bwd_kernel[grid](
-                k, v, *_strides(k), *_strides(v), pk,
-                aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2, r1, r2, rr1, rr2, kept, de, dk, xe, dsig, dn,
-                dw, dcoef, c, h, n, group, d, hidden, float(tau) if clip else 1.0,
-                C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb, CLIP=clip, **opts,
+            _split_bwd_start_kernel[(b * h, triton.cdiv(hidden, bf))](
+                k, v, *_strides(k), *_strides(v), pk, aa, dd, wa, ws, w1, w2, g1, g2, h1, h2, kept, de, xe, dsig, dw,
+                c, h, n, d, hidden, tau_,
+                C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=srb, CLIP=clip, **sopts,
             )
-        dv = -torch.addcmul(de, dn.view(b, h, t, 1), xe) if clip else -de
+            _split_bwd_finish_kernel[(b * h, triton.cdiv(hidden, fbf))](
+                k, v, *_strides(k), *_strides(v), pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2,
+                r1, r2, rr1, rr2, kept, de, dk, xe, dsig, dv, dcoef, c, h, n, group, d, hidden, tau_,
+                C=chunk, BD=_bd(d), BF=fbf, MOM=mom, GELU=gelu, PREC=prec, RB=frb, CLIP=clip, **fopts,
+            )
         return _input_grads(dk, dv, dq, dcoef, dw, (r1, r2, g1, g2, h1, h2), mom, chunk, dtypes)
 
 
