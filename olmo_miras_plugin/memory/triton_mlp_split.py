@@ -55,7 +55,8 @@ make the last bits of y, dK, dQ, dV and the gate gradients depend on the order p
 rows at a time: the backward's finish kernel 16 (its many live tiles; 64 rows spill and measured
 slower), the forward's two chain kernels and the backward's start kernel 64 with 8 warps, which
 lets Triton use Hopper's warpgroup MMA for their dots (23.0 → 18.8 µs per update launch, 8.5 →
-5.1 µs per norm launch at OLMO2-1B shapes; eleventh session).
+5.1 µs per norm launch at OLMO2-1B shapes; eleventh session; the update kernel holds W₁ and S₁
+transposed so that its update sums have d rows as M and take that MMA too: 17.8 µs, twelfth).
 
 Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats per (batch, head)
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
@@ -273,12 +274,16 @@ if triton is not None:
         slot = bh * NS + c % NS
         k_base = k_ptr + b * sk_b + h * sk_h
         v_base = v_ptr + b * sv_b + h * sv_h
+        # W₁ and S₁ are held transposed, (BD, BF), like W₂: the update's dots then have d = 128
+        # rows as M (Kᵀ D, not Dᵀ K), which Hopper's warpgroup MMA takes.
+        off1t = rf[None, :] * D + rd[:, None]
+        mask1t = tl.trans(mask1)
         if c > 0:
             # Finish chunk c − 1 (its keys' prediction is complete: the previous launch summed it;
             # with the clip, so is ‖D‖²: :func:`_split_norm_kernel` ran in between).
             cp = c - 1
             prev = bh * NS + cp % NS
-            W1 = tl.load(w1_ptr + prev * fd + off1, mask=mask1, other=0.0)
+            W1 = tl.load(w1_ptr + prev * fd + off1t, mask=mask1t, other=0.0)
             W2 = tl.load(w2_ptr + prev * fd + off2, mask=mask2, other=0.0)
             cc = bh * N + cp
             a_keep = tl.load(ak_ptr + cc)
@@ -287,7 +292,7 @@ if triton is not None:
             if MOM:
                 a_mom = tl.load(am_ptr + cc)
                 s_keep = tl.load(skeep_ptr + cc)
-                S1 = tl.load(s1_ptr + prev * fd + off1, mask=mask1, other=0.0)
+                S1 = tl.load(s1_ptr + prev * fd + off1t, mask=mask1t, other=0.0)
                 S2 = tl.load(s2_ptr + prev * fd + off2, mask=mask2, other=0.0)
                 acc1 += a_mom * S1
                 acc2 += a_mom * S2
@@ -303,7 +308,7 @@ if triton is not None:
                     Hk = tl.load(kept, mask=kmask, other=0.0)
                     Dk = tl.load(kept + BHCF, mask=kmask, other=0.0)
                 else:
-                    Hk = _dot(K, tl.trans(W1), None, PREC)  # (RB, BF)
+                    Hk = _dot(K, W1, None, PREC)  # (RB, BF)
                     Dk = _dot(E, W2, None, PREC) * _act_grad(Hk, GELU)  # (RB, BF)
                 Ak = _act(Hk, GELU)
                 wa = tl.load(wa_ptr + cc * C + rr)
@@ -314,19 +319,19 @@ if triton is not None:
                     ws = tl.load(ws_ptr + cc * C + rr)
                     if CLIP:
                         ws = ws * sig
-                    S1 = _dot(tl.trans(Dk * (-ws)[:, None]), K, S1, PREC)
+                    S1 = _dot(tl.trans(K), Dk * (-ws)[:, None], S1, PREC)
                     S2 = _dot(tl.trans(E * (-ws)[:, None]), Ak, S2, PREC)
-                acc1 = _dot(tl.trans(Dk * (-wa)[:, None]), K, acc1, PREC)  # (BF, BD)
+                acc1 = _dot(tl.trans(K), Dk * (-wa)[:, None], acc1, PREC)  # (BD, BF)
                 acc2 = _dot(tl.trans(E * (-wa)[:, None]), Ak, acc2, PREC)  # (BD, BF)
             if MOM:
-                tl.store(s1_ptr + slot * fd + off1, S1, mask=mask1)
+                tl.store(s1_ptr + slot * fd + off1t, S1, mask=mask1t)
                 tl.store(s2_ptr + slot * fd + off2, S2, mask=mask2)
             W1 = acc1
             W2 = acc2
-            tl.store(w1_ptr + slot * fd + off1, W1, mask=mask1)
+            tl.store(w1_ptr + slot * fd + off1t, W1, mask=mask1t)
             tl.store(w2_ptr + slot * fd + off2, W2, mask=mask2)
         else:
-            W1 = tl.load(w1_ptr + slot * fd + off1, mask=mask1, other=0.0)
+            W1 = tl.load(w1_ptr + slot * fd + off1t, mask=mask1t, other=0.0)
             W2 = tl.load(w2_ptr + slot * fd + off2, mask=mask2, other=0.0)
         if c < N:
             # Start chunk c at W_c: this slice's share of the keys' prediction, of ‖Ak‖² with the
@@ -334,13 +339,13 @@ if triton is not None:
             # chunks' at once afterwards).
             if READ:
                 q_base = q_ptr + b * sq_b + h * sq_h
-                _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, row_mask, D, C, RB, GELU, PREC)
+                _readout(q_base, sq_t, y_ptr, bh * N * C, c, tl.trans(W1), W2, rd, row_mask, D, C, RB, GELU, PREC)
             for r0 in range(0, C, RB):
                 rr = r0 + tl.arange(0, RB)
                 rows = (c * C + rr).to(tl.int64)
                 out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
                 K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
-                Hk = _dot(K.to(tl.float32), tl.trans(W1), None, PREC)
+                Hk = _dot(K.to(tl.float32), W1, None, PREC)
                 Ak = _act(Hk, GELU)
                 Yk = _dot(Ak, tl.trans(W2), None, PREC)
                 tl.atomic_add(pk_ptr + out_rows, Yk, mask=row_mask, sem="relaxed")
