@@ -364,6 +364,26 @@ def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activati
 
 
 @interpreted
+@pytest.mark.parametrize("tau", [None, 6.0])
+def test_split_backward_kernels_take_their_own_tiles(monkeypatch, tau):
+    """The backward's start and finish kernels each with their own hidden units per program and
+    rows per pass (start: 16 units and 4-row passes, 4 programs per head; finish: 32 units and
+    8-row passes, 2 programs): what one writes for the other goes through memory, so the
+    gradients still equal autograd through the chunked scan."""
+    for env, value in (("BWD_BLOCK", "16"), ("BWD_FINISH_BLOCK", "32"), ("BWD_START_ROWS", "4"), ("BWD_FINISH_ROWS", "8")):
+        monkeypatch.setenv(f"OLMO_MIRAS_TRITON_SPLIT_{env}", value)
+    rule = mlp_rule(16, 8, tau, 4.0)
+    theta_max = 0.5 if tau else 0.05
+    scales = record_clip(monkeypatch, rule) if tau else None
+    leaves = leaf_inputs(rule, 1, 2, 3 * 8, 16, theta_max=theta_max)
+    want = run_with_grads(chunked_scan, rule, leaves, 8)
+    if tau:
+        assert_clips_some(scales)
+    got = run_with_grads(triton_mlp_split.split_mlp_scan, rule, leaves, 8)
+    assert_grads_close(got, want, 1e-4)
+
+
+@interpreted
 @pytest.mark.parametrize("tau", [None, 1.0])
 def test_dispatcher_picks_split(monkeypatch, tau):
     """With or without the clip (τ = 1: the titans default), whole chunks go to the hidden-split
