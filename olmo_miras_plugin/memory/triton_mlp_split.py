@@ -388,6 +388,22 @@ if triton is not None:
             tl.store(kept + BHCF, Dk, mask=kmask)
 
     @triton.jit
+    def _bwd_program(k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C: tl.constexpr, BD: tl.constexpr,
+                     BF: tl.constexpr):
+        """The backward kernels' prologue: :func:`_program`'s values plus the row and hidden-unit
+        masks, ``F · D``, ``BH · N`` (the stride of ``dw``'s and ``dcoef``'s second slot), one
+        ``(BH, C, F)`` slot of the scratch, whether this is the head's first program, and the
+        head's K and V bases."""
+        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        rf = f0 + tl.arange(0, BF)
+        n_all = tl.num_programs(0).to(tl.int64) * N
+        BHCF = tl.num_programs(0).to(tl.int64) * C * F
+        return (
+            bh, rd, off1, mask1, off2, mask2, dmask[None, :], rf, (rf < F)[None, :], F * D, n_all, BHCF,
+            tl.program_id(1) == 0, k_ptr + b * sk_b + h * sk_h, v_ptr + b * sv_b + h * sv_h,
+        )
+
+    @triton.jit
     def _split_bwd_start_kernel(
         k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         pk_ptr,  # (BH, T, D): the forward's keys' prediction
@@ -414,16 +430,9 @@ if triton is not None:
         Every dot here has the chunk's rows as its M dimension, so whole 64-row passes run on
         Hopper's warpgroup MMA. Hk, B = E W₂, dD₀ and dAk's part without dE are kept for
         :func:`_split_bwd_finish_kernel` (no recompute)."""
-        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
-        row_mask = dmask[None, :]
-        fd = F * D
-        n_all = tl.num_programs(0).to(tl.int64) * N
-        rf = f0 + tl.arange(0, BF)
-        kmask = (rf < F)[None, :]
-        BHCF = tl.num_programs(0).to(tl.int64) * C * F
-        lead = tl.program_id(1) == 0
-        k_base = k_ptr + b * sk_b + h * sk_h
-        v_base = v_ptr + b * sv_b + h * sv_h
+        bh, rd, off1, mask1, off2, mask2, row_mask, rf, kmask, fd, n_all, BHCF, lead, k_base, v_base = _bwd_program(
+            k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C, BD, BF
+        )
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
         G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0)
         H1 = G1
@@ -524,16 +533,9 @@ if triton is not None:
         passes. The passes are 16 rows (64-row ones spill and measured slower: twelfth session), so
         most of their dots run on the older MMA (summing W₁'s adjoint transposed, so that its dot
         has d = 128 rows as M and takes the warpgroup MMA, measured slower too)."""
-        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
-        row_mask = dmask[None, :]
-        fd = F * D
-        n_all = tl.num_programs(0).to(tl.int64) * N
-        rf = f0 + tl.arange(0, BF)
-        kmask = (rf < F)[None, :]
-        BHCF = tl.num_programs(0).to(tl.int64) * C * F
-        lead = tl.program_id(1) == 0
-        k_base = k_ptr + b * sk_b + h * sk_h
-        v_base = v_ptr + b * sv_b + h * sv_h
+        bh, rd, off1, mask1, off2, mask2, row_mask, rf, kmask, fd, n_all, BHCF, lead, k_base, v_base = _bwd_program(
+            k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C, BD, BF
+        )
         cc = bh * N + c
         st = (bh * (N + 1) + c) * fd
         W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
