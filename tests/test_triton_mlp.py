@@ -423,6 +423,15 @@ def test_split_refuses_bad_input(monkeypatch):
     monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS", "3")
     with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS must be a power of two dividing the chunk"):
         triton_mlp_split._backward_chain_tiles(64, "tf32")
+    monkeypatch.delenv("OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS")
+    monkeypatch.delenv("OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS")
+    # the single backward kernel's knobs are refused, naming what replaced them
+    for old, new in [("ROWS", "_BWD_FINISH_ROWS"), ("BWD_WARPS", "_BWD_FINISH_WARPS"), ("BWD_STAGES", "_BWD_FINISH_STAGES")]:
+        monkeypatch.setenv(f"OLMO_MIRAS_TRITON_SPLIT_{old}", "16")
+        with pytest.raises(ValueError, match=f"OLMO_MIRAS_TRITON_SPLIT_{old} is no longer read.*{new}"):
+            triton_mlp_split._backward_chain_tiles(64, "tf32")
+        monkeypatch.delenv(f"OLMO_MIRAS_TRITON_SPLIT_{old}")
+    assert triton_mlp_split._backward_chain_tiles(64, "tf32")[::2] == (64, 16)
     for bad in ("0", "two"):
         monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_GROUP", bad)
         with pytest.raises(ValueError, match=f"OLMO_MIRAS_TRITON_SPLIT_READ_GROUP must be a positive number of chunks, got '{bad}'"):

@@ -668,13 +668,26 @@ def _forward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
     return rows, opts, norm_rows, _opts("OLMO_MIRAS_TRITON_SPLIT_NORM_WARPS", CHAIN_WARPS)
 
 
+# Knobs of the single backward kernel that the start and finish kernels replaced (twelfth session):
+# a setting of one would otherwise be ignored without a word.
+_REPLACED_KNOBS = {
+    "OLMO_MIRAS_TRITON_SPLIT_ROWS": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS / _BWD_FINISH_ROWS",
+    "OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_WARPS / _BWD_FINISH_WARPS",
+    "OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_STAGES / _BWD_FINISH_STAGES",
+}
+
+
 def _backward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
     """Rows per pass and launch options of the backward's start kernel
     (``OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS`` / ``_WARPS`` / ``_STAGES``, default 64 / 8 / 1) and
     finish kernel (``OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_ROWS`` / ``_WARPS`` / ``_STAGES``, default
     16 / 8 / 2). With bfloat16 operands the start kernel keeps 16-row passes and refuses larger
     ones: at 64 rows it failed the GPU test with the clip (H100, Triton 3.6, twelfth session), as
-    the forward update kernel did (:func:`_forward_chain_tiles`)."""
+    the forward update kernel did (:func:`_forward_chain_tiles`). The old single kernel's knobs
+    are refused with the names that replace them."""
+    for old, new in _REPLACED_KNOBS.items():
+        if os.environ.get(old):
+            raise ValueError(f"{old} is no longer read (the backward is now a start and a finish kernel); set {new}")
     start_rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS", BF16_ROWS if prec == "bf16" else CHAIN_ROWS)
     if prec == "bf16" and start_rows > BF16_ROWS:
         raise ValueError(
