@@ -86,8 +86,8 @@ launches, spills or atomics. With the backward's start and finish as separate ke
 session): the layer 7.9 / 29.2 / 56.8 ms, the whole model 80.3 %.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
-units per program, default 32; 16 measured 17 % slower; ``_BWD_FINISH_BLOCK`` for the finish
-kernel alone), ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and
+units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
+slower; ``_BWD_FINISH_BLOCK`` overrides ``_BWD_BLOCK`` for the finish kernel), ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and
 ``_NORM_ROWS`` / ``_NORM_WARPS`` (the forward chain's update and norm kernels, default 64 / 8; 32
 rows measured slower; see :func:`_forward_chain_tiles` for bf16 operands),
 ``OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS`` / ``_WARPS`` / ``_STAGES`` (64 / 8 / 1) and
@@ -799,7 +799,9 @@ class _SplitMLPScan(torch.autograd.Function):
         else:
             xe, dsig = de, dcoef  # never touched without CLIP
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_BLOCK")
-        fbf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_BLOCK")
+        # The finish kernel's own hidden units per program, else the backward's.
+        finish_block = "OLMO_MIRAS_TRITON_SPLIT_BWD_FINISH_BLOCK"
+        fbf = _block(hidden, finish_block) if os.environ.get(finish_block) else bf
         srb, sopts, frb, fopts = _backward_chain_tiles(chunk, prec)
         # The read-outs' backward runs off the chunk chain, a group of chunks at a time (just before
         # the chain reaches the group: its buffer holds one group, not every chunk).
