@@ -811,6 +811,7 @@ class _SplitMLPScan(torch.autograd.Function):
         read_opts = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
         rbf, rrb = _read_tiles(hidden, chunk)
         tau_ = float(tau) if clip else 1.0
+        kv = (k, v, *_strides(k), *_strides(v))  # 2N launches: formed once, not per launch
         for c in range(n - 1, -1, -1):  # start chunk c (its share of the sums), then finish it
             if c == n - 1 or (c + 1) % group == 0:
                 g0 = c - c % group
@@ -819,12 +820,12 @@ class _SplitMLPScan(torch.autograd.Function):
                     C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **read_opts,
                 )
             _split_bwd_start_kernel[(b * h, triton.cdiv(hidden, bf))](
-                k, v, *_strides(k), *_strides(v), pk, aa, dd, wa, ws, w1, w2, g1, g2, h1, h2, kept, de, xe, dsig, dw,
+                *kv, pk, aa, dd, wa, ws, w1, w2, g1, g2, h1, h2, kept, de, xe, dsig, dw,
                 c, h, n, d, hidden, tau_,
                 C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=srb, CLIP=clip, **sopts,
             )
             _split_bwd_finish_kernel[(b * h, triton.cdiv(hidden, fbf))](
-                k, v, *_strides(k), *_strides(v), pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2,
+                *kv, pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2,
                 r1, r2, rr1, rr2, kept, de, dk, xe, dsig, dv, dcoef, c, h, n, group, d, hidden, tau_,
                 C=chunk, BD=_bd(d), BF=fbf, MOM=mom, GELU=gelu, PREC=prec, RB=frb, CLIP=clip, **fopts,
             )
