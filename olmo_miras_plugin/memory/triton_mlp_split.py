@@ -164,6 +164,13 @@ if triton is not None:
         return bh, bh // H, bh % H, f0, rd, dmask, off1, mask1, off2, mask2
 
     @triton.jit
+    def _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2):
+        """Chunk c's saved start state, this program's slices: the offset of its ``(F, D)`` slot in
+        the ``(BH, N + 1, …)`` state tensors (S₁, S₂ share it), W₁ ``(BF, BD)`` and W₂ ``(BD, BF)``."""
+        st = (bh * (N + 1) + c) * F * D
+        return st, tl.load(w1_ptr + st + off1, mask=mask1, other=0.0), tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+
+    @triton.jit
     def _readout(q_base, sq_t, y_ptr, out_base, c, W1, W2, rd, row_mask, D, C: tl.constexpr, RB: tl.constexpr,
                  GELU: tl.constexpr, PREC: tl.constexpr):
         """This slice's share of chunk c's read-out ``act(Q W₁ᵀ) W₂ᵀ``, added into y."""
@@ -207,9 +214,7 @@ if triton is not None:
         chain: nothing in the scan depends on it). Grid ``(BH, programs per head, N)``."""
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
         c = tl.program_id(2)
-        st = (bh * (N + 1) + c) * F * D
-        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
-        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
         q_base = q_ptr + b * sq_b + h * sq_h
         _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, dmask[None, :], D, C, RB, GELU, PREC)
 
@@ -232,9 +237,7 @@ if triton is not None:
         row_mask = dmask[None, :]
         c = g0 + tl.program_id(2)
         fd = F * D
-        st = (bh * (N + 1) + c) * fd
-        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
-        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
         R1 = tl.zeros([BF, BD], dtype=tl.float32)
         R2 = tl.zeros([BD, BF], dtype=tl.float32)
         for r0 in range(0, C, RB):
@@ -441,9 +444,7 @@ if triton is not None:
             H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
             H2 = tl.load(h2_ptr + bh * fd + off2, mask=mask2, other=0.0)
         cc = bh * N + c
-        st = (bh * (N + 1) + c) * fd
-        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
-        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
         for r0 in range(0, C, RB):
             rr = r0 + tl.arange(0, RB)
             rows = (c * C + rr).to(tl.int64)
@@ -537,9 +538,7 @@ if triton is not None:
             k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C, BD, BF
         )
         cc = bh * N + c
-        st = (bh * (N + 1) + c) * fd
-        W1 = tl.load(w1_ptr + st + off1, mask=mask1, other=0.0)
-        W2 = tl.load(w2_ptr + st + off2, mask=mask2, other=0.0)
+        st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
         H1 = G1
         if MOM:
@@ -592,7 +591,6 @@ if triton is not None:
         a_keep = tl.load(ak_ptr + cc)
         tl.atomic_add(dcoef_ptr + cc, tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0), sem="relaxed")
         if MOM:
-            H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
             H2 = tl.load(h2_ptr + bh * fd + off2, mask=mask2, other=0.0)
             a_mom = tl.load(am_ptr + cc)
             s_keep = tl.load(skeep_ptr + cc)
