@@ -451,6 +451,25 @@ def test_split_refuses_bad_input(monkeypatch):
                                             Gates(*(g[:, :, :6] for g in gates)), 4)
 
 
+def test_split_programmatic_dependent_launch_knob(monkeypatch):
+    """Plain launches wherever the device can't wait on the previous launch (CPU tensors, the
+    interpreter: the kernels must then be built without ``griddepcontrol``); a bad setting is
+    refused, not read as either value."""
+    cpu = torch.device("cpu")
+    assert triton_mlp_split._launch_pdl(cpu) == {"PDL": False}
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_PDL", "0")
+    assert triton_mlp_split._launch_pdl(cpu) == {"PDL": False}
+    if torch.cuda.is_available() and not INTERPRETED:
+        assert triton_mlp_split._launch_pdl(torch.device("cuda")) == {"PDL": False}
+    for bad in ("yes", "2", ""):  # an empty value too: it is neither 0 nor 1
+        monkeypatch.setenv("OLMO_MIRAS_TRITON_PDL", bad)
+        with pytest.raises(ValueError, match=f"OLMO_MIRAS_TRITON_PDL must be 0 .* or 1 .*got '{bad}'"):
+            triton_mlp_split._launch_pdl(cpu)
+    monkeypatch.delenv("OLMO_MIRAS_TRITON_PDL")
+    if torch.cuda.is_available() and not INTERPRETED and torch.cuda.get_device_capability()[0] >= 9:
+        assert triton_mlp_split._launch_pdl(torch.device("cuda")) == {"PDL": True, "launch_pdl": True}
+
+
 # ---------------------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")

@@ -17,7 +17,7 @@ from olmo_miras_plugin.memory import triton_linear, triton_mlp, triton_mlp_split
 H100_SHARED_BYTES = 232448  # per block, sm_90 (what triton reports as the hardware limit)
 
 
-def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int = 1) -> int:
+def _compile(fn, constexprs: dict, num_warps: int, num_stages: int = 1):
     from triton.backends.compiler import GPUTarget
 
     def arg_type(name: str) -> str:
@@ -34,7 +34,11 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
         raise  # the kernel's source (or the constexprs given here) is wrong: a failure, not a skip
     except Exception as e:  # noqa: BLE001 - e.g. a triton build without the NVIDIA backend or ptxas
         pytest.skip(f"cannot compile for sm_90 here: {type(e).__name__}: {str(e)[:200]}")
-    return int(kernel.metadata.shared)
+    return kernel
+
+
+def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int = 1) -> int:
+    return int(_compile(fn, constexprs, num_warps, num_stages).metadata.shared)
 
 
 @pytest.mark.skipif(triton_linear._interpreted(), reason="compiles real kernels")
@@ -51,8 +55,10 @@ def _compile_shared_bytes(fn, constexprs: dict, num_warps: int, num_stages: int 
 def test_kernels_fit_h100_shared_memory(name: str):
     mlp = dict(C=64, BD=128, CLIP=True, MOM=True, GELU=True, PREC="tf32")
     linear = dict(C=64, BD=128, BV=128, CLIP=True, PREC="tf32")
-    split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.BF16_ROWS, MOM=True, GELU=True, PREC="tf32")
-    read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.READ_ROWS, GELU=True, PREC="tf32")
+    # PDL: as launched on Hopper (programmatic dependent launch, the default there)
+    split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.BF16_ROWS, MOM=True, GELU=True, PREC="tf32",
+                 PDL=True)
+    read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.READ_ROWS, GELU=True, PREC="tf32", PDL=True)
     chain = {**split, "RB": triton_mlp_split.CHAIN_ROWS}
     finish = {**split, "RB": triton_mlp_split.FINISH_ROWS}
     S = triton_mlp_split
@@ -108,3 +114,32 @@ def test_prepare_kernels_compile_for_sm90(name: str, has_ctx: bool):
     fn, constexprs = cases[name]
     shared = _compile_shared_bytes(fn, constexprs, tp.WARPS)
     assert 0 <= shared <= H100_SHARED_BYTES
+
+
+@pytest.mark.skipif(triton_linear._interpreted(), reason="compiles real kernels")
+@pytest.mark.parametrize("pdl", [True, False])
+@pytest.mark.parametrize("kernel", ["forward", "forward_clip", "norm", "backward_start", "backward_finish", "read_backward"])
+def test_split_kernels_wait_for_the_previous_launch_only_with_pdl(kernel: str, pdl: bool):
+    """With programmatic dependent launch a split kernel may read before it waits
+    (``griddepcontrol.wait``) but must not write: a store or atomic before the wait could clobber
+    what the previous launch is still reading. It lets the next launch start only after its wait.
+    Without PDL neither instruction may be there (they need sm_90)."""
+    S = triton_mlp_split
+    chain = dict(C=64, BD=128, BF=S.BLOCK, RB=S.CHAIN_ROWS, MOM=True, GELU=True, PREC="tf32", PDL=pdl)
+    fn, constexprs = {
+        "forward": (S._split_fwd_kernel, {**chain, "READ": False, "CLIP": False}),
+        "forward_clip": (S._split_fwd_kernel, {**chain, "READ": False, "CLIP": True}),
+        "norm": (S._split_norm_kernel, {k: v for k, v in chain.items() if k != "MOM"}),
+        "backward_start": (S._split_bwd_start_kernel, {**chain, "CLIP": True}),
+        "backward_finish": (S._split_bwd_finish_kernel, {**chain, "RB": S.FINISH_ROWS, "CLIP": True}),
+        "read_backward": (S._split_read_bwd_kernel, {k: v for k, v in chain.items() if k != "MOM"}),
+    }[kernel]
+    ptx = _compile(fn, constexprs, S.CHAIN_WARPS).asm["ptx"]
+    body = ptx[ptx.index(".entry"):]
+    assert ("griddepcontrol.wait" in body) == pdl
+    assert ("griddepcontrol.launch_dependents" in body) == pdl
+    if pdl:
+        wait = body.index("griddepcontrol.wait")
+        writes = [body.find(op) for op in ("st.global", "atom.global", "red.global")]
+        assert min(w for w in writes if w >= 0) > wait, "a write before griddepcontrol.wait"
+        assert body.index("griddepcontrol.launch_dependents") > wait

@@ -116,10 +116,16 @@ from . import triton_mlp
 from .triton_linear import _bd, _env_rows, _interpreted, _precision, _rows, _strides, piece_reason
 from .triton_mlp import _f32, _input_grads, _state_adjoints, triton
 
+gdc_launch_dependents = gdc_wait = None
 if triton is not None:
     import triton.language as tl
 
     from .triton_mlp import _act, _act_grad, _act_grad2, _dot, _key_block
+
+    try:  # Hopper's programmatic dependent launch (Triton ≥ 3.4)
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    except ImportError:  # pragma: no cover - older Triton: launches stay plain
+        pass
 
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
@@ -138,6 +144,18 @@ BF16_ROWS = 16
 
 
 if triton is not None:
+
+    @triton.jit
+    def _after_previous_launch(PDL: tl.constexpr):
+        """With programmatic dependent launch (``PDL``): wait here until the previous launch has
+        finished and its writes are visible, then let the next launch's programs start. Each launch
+        thus starts up, and runs the code before this call, while its predecessor drains. The rule
+        for that code: it may only *read*, and only what launches before the previous one wrote (the
+        previous launch signals after its own wait, so those are complete); every program calls this
+        exactly once, on every path."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
 
     @triton.jit
     def _slice_offsets(f0, D, F, rd, dmask, BF: tl.constexpr):
@@ -209,10 +227,12 @@ if triton is not None:
         q_ptr, sq_b, sq_h, sq_t, y_ptr, w1_ptr, w2_ptr, H, N, D, F,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, RB: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """The read-out of every chunk at once from the saved start states (it is off the chunk
         chain: nothing in the scan depends on it). Grid ``(BH, programs per head, N)``."""
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        _after_previous_launch(PDL)
         c = tl.program_id(2)
         _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
         q_base = q_ptr + b * sq_b + h * sq_h
@@ -227,6 +247,7 @@ if triton is not None:
         g0, H, N, M, D, F,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, RB: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """The read-out's backward for chunks g0, g0 + 1, … at once (grid ``(BH, programs per head,
         chunks)``): dQ and the read-out's part of the adjoint of W_c, ``dHqᵀ Q`` and ``dYᵀ Aq``. It
@@ -237,7 +258,8 @@ if triton is not None:
         row_mask = dmask[None, :]
         c = g0 + tl.program_id(2)
         fd = F * D
-        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
+        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)  # the forward's
+        _after_previous_launch(PDL)  # before rr's slots are overwritten
         R1 = tl.zeros([BF, BD], dtype=tl.float32)
         R2 = tl.zeros([BD, BF], dtype=tl.float32)
         for r0 in range(0, C, RB):
@@ -267,8 +289,11 @@ if triton is not None:
         c, H, N, NS, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, READ: tl.constexpr, CLIP: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        if not CLIP:  # the previous launch wrote W_{c−1}, S_{c−1}
+            _after_previous_launch(PDL)
         row_mask = dmask[None, :]
         rf = f0 + tl.arange(0, BF)
         kmask = (rf < F)[None, :]
@@ -286,8 +311,9 @@ if triton is not None:
             # with the clip, so is ‖D‖²: :func:`_split_norm_kernel` ran in between).
             cp = c - 1
             prev = bh * NS + cp % NS
-            W1 = tl.load(w1_ptr + prev * fd + off1t, mask=mask1t, other=0.0)
-            W2 = tl.load(w2_ptr + prev * fd + off2, mask=mask2, other=0.0)
+            # (".cg": with the clip these are read before the wait, from L2: see the backward's finish)
+            W1 = tl.load(w1_ptr + prev * fd + off1t, mask=mask1t, other=0.0, cache_modifier=".cg")
+            W2 = tl.load(w2_ptr + prev * fd + off2, mask=mask2, other=0.0, cache_modifier=".cg")
             cc = bh * N + cp
             a_keep = tl.load(ak_ptr + cc)
             acc1 = a_keep * W1
@@ -295,12 +321,14 @@ if triton is not None:
             if MOM:
                 a_mom = tl.load(am_ptr + cc)
                 s_keep = tl.load(skeep_ptr + cc)
-                S1 = tl.load(s1_ptr + prev * fd + off1t, mask=mask1t, other=0.0)
-                S2 = tl.load(s2_ptr + prev * fd + off2, mask=mask2, other=0.0)
+                S1 = tl.load(s1_ptr + prev * fd + off1t, mask=mask1t, other=0.0, cache_modifier=".cg")
+                S2 = tl.load(s2_ptr + prev * fd + off2, mask=mask2, other=0.0, cache_modifier=".cg")
                 acc1 += a_mom * S1
                 acc2 += a_mom * S2
                 S1 = s_keep * S1
                 S2 = s_keep * S2
+            if CLIP:  # W_{c−1}, S_{c−1} are two launches old (the norm launch ran since): loaded first
+                _after_previous_launch(PDL)
             # RB rows at a time (small tiles stay in registers): the weighted gradient sums.
             for r0 in range(0, C, RB):
                 rr = r0 + tl.arange(0, RB)
@@ -334,6 +362,8 @@ if triton is not None:
             tl.store(w1_ptr + slot * fd + off1t, W1, mask=mask1t)
             tl.store(w2_ptr + slot * fd + off2, W2, mask=mask2)
         else:
+            if CLIP:
+                _after_previous_launch(PDL)
             W1 = tl.load(w1_ptr + slot * fd + off1t, mask=mask1t, other=0.0)
             W2 = tl.load(w2_ptr + slot * fd + off2, mask=mask2, other=0.0)
         if c < N:
@@ -368,12 +398,14 @@ if triton is not None:
         c, H, N, NS, D, F,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         RB: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """With the clip, between forward launches c and c + 1: ‖D_t‖² needs chunk c's whole E, so
         it is a second sum over hidden units per chunk (and a second launch). Hk (kept by the forward
         launch's start half) and D are what the update in launch c + 1 needs too: kept (L2-sized),
         not formed twice."""
         bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        _after_previous_launch(PDL)
         rf = f0 + tl.arange(0, BF)
         kmask = (rf < F)[None, :]
         W2 = tl.load(w2_ptr + (bh * NS + c % NS) * F * D + off2, mask=mask2, other=0.0)
@@ -422,6 +454,7 @@ if triton is not None:
         c, H, N, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Start chunk c (this slice's share of the sums over hidden units), given the adjoints G, H
         of its end state; ω = σ∘w (:func:`~.triton_mlp._mlp_bwd_kernel` has the derivation):
@@ -436,6 +469,9 @@ if triton is not None:
         bh, rd, off1, mask1, off2, mask2, row_mask, rf, kmask, fd, n_all, BHCF, lead, k_base, v_base = _bwd_program(
             k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C, BD, BF
         )
+        # W_c, the forward's, before the wait (:func:`_after_previous_launch`); G, H after it.
+        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
+        _after_previous_launch(PDL)
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
         G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0)
         H1 = G1
@@ -444,7 +480,6 @@ if triton is not None:
             H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
             H2 = tl.load(h2_ptr + bh * fd + off2, mask=mask2, other=0.0)
         cc = bh * N + c
-        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
         for r0 in range(0, C, RB):
             rr = r0 + tl.arange(0, RB)
             rows = (c * C + rr).to(tl.int64)
@@ -518,6 +553,7 @@ if triton is not None:
         c, H, N, M, D, F, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """Finish chunk c with the totals over hidden units (dn = 2 ∂L/∂n):
 
@@ -538,16 +574,21 @@ if triton is not None:
             k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C, BD, BF
         )
         cc = bh * N + c
+        # Before the wait (:func:`_after_previous_launch`): W_c (the forward's), G₁, H₁ (the previous
+        # finish launch's) and the read-outs' part (the read-outs' backward's), all written at
+        # least two launches ago.
+        # (".cg": from L2, never a line an SM's L1 kept from an earlier launch.)
         st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
-        G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
+        G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0, cache_modifier=".cg")
         H1 = G1
         if MOM:
-            H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
+            H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0, cache_modifier=".cg")
         # The adjoint of W_c via everything in the chunk: the read-out's part (summed off the chain
         # by :func:`_split_read_bwd_kernel`), then the keys' part row pass by row pass.
         rslot = (bh * M + c % M) * fd
-        R1 = tl.load(rr1_ptr + rslot + off1, mask=mask1, other=0.0)
-        R2 = tl.load(rr2_ptr + rslot + off2, mask=mask2, other=0.0)
+        R1 = tl.load(rr1_ptr + rslot + off1, mask=mask1, other=0.0, cache_modifier=".cg")
+        R2 = tl.load(rr2_ptr + rslot + off2, mask=mask2, other=0.0, cache_modifier=".cg")
+        _after_previous_launch(PDL)  # the start launch's sums for chunk c
         for r0 in range(0, C, RB):
             rr = r0 + tl.arange(0, RB)
             rows = (c * C + rr).to(tl.int64)
@@ -700,6 +741,27 @@ def _backward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
     return start_rows, start, finish_rows, finish
 
 
+PDL_ENV = "OLMO_MIRAS_TRITON_PDL"
+
+
+def _launch_pdl(device: torch.device) -> dict:
+    """Launch arguments for programmatic dependent launch (``OLMO_MIRAS_TRITON_PDL``, default 1):
+    on Hopper and later each of the chain's back-to-back launches starts its programs while the
+    previous launch drains (:func:`_after_previous_launch`), instead of after it. Off where the GPU
+    (compute capability < 9), the interpreter or the Triton build cannot do it."""
+    env = os.environ.get(PDL_ENV, "1")
+    if env not in ("0", "1"):
+        raise ValueError(f"{PDL_ENV} must be 0 (plain launches) or 1 (programmatic dependent launch), got {env!r}")
+    on = (
+        env == "1"
+        and gdc_wait is not None
+        and not _interpreted()
+        and device.type == "cuda"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+    return dict(PDL=True, launch_pdl=True) if on else dict(PDL=False)
+
+
 def _opts(env: str, warps: int, stages_env: str = "OLMO_MIRAS_TRITON_SPLIT_STAGES", stages: int = STAGES) -> dict:
     if _interpreted():
         return {}
@@ -745,23 +807,24 @@ class _SplitMLPScan(torch.autograd.Function):
         bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_BLOCK")
         grid = (b * h, triton.cdiv(hidden, bf))
         rb, opts, norm_rb, norm_opts = _forward_chain_tiles(chunk, prec)
+        pdl = _launch_pdl(dev)
         for c in range(n + 1):
             _split_fwd_kernel[grid](
                 k, v, q, *_strides(k), *_strides(v), *_strides(q), y, pk, aa, dd, kept, ak, am, sk, wa, ws, w1, w2, s1, s2,
                 c, h, n, ns, d, hidden, tau_, C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=rb,
-                READ=not save, CLIP=clip, **opts,
+                READ=not save, CLIP=clip, **opts, **pdl,
             )
             if clip and c < n:  # chunk c's ‖D‖², before launch c + 1 applies its update
                 _split_norm_kernel[grid](
                     v, *_strides(v), pk, dd, kept, w2, c, h, n, ns, d, hidden,
-                    C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=norm_rb, **norm_opts,
+                    C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=norm_rb, **norm_opts, **pdl,
                 )
         if save:  # every chunk's start state is kept: all read-outs at once
             rbf, rrb = _read_tiles(hidden, chunk)
             _split_read_kernel[(b * h, triton.cdiv(hidden, rbf), n)](
                 q, *_strides(q), y, w1, w2, h, n, d, hidden,
                 C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec,
-                **_opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS),
+                **_opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS), **pdl,
             )
         last = n % ns
         outs = [w1[:, :, last].clone(), w2[:, :, last].clone()]
@@ -810,22 +873,23 @@ class _SplitMLPScan(torch.autograd.Function):
         rbf, rrb = _read_tiles(hidden, chunk)
         tau_ = float(tau) if clip else 1.0
         kv = (k, v, *_strides(k), *_strides(v))  # 2N launches: formed once, not per launch
+        pdl = _launch_pdl(dev)
         for c in range(n - 1, -1, -1):  # start chunk c (its share of the sums), then finish it
             if c == n - 1 or (c + 1) % group == 0:
                 g0 = c - c % group
                 _split_read_bwd_kernel[(b * h, triton.cdiv(hidden, rbf), c + 1 - g0)](
                     q, dy, *_strides(q), *_strides(dy), w1, w2, dq, rr1, rr2, g0, h, n, group, d, hidden,
-                    C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **read_opts,
+                    C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **read_opts, **pdl,
                 )
             _split_bwd_start_kernel[(b * h, triton.cdiv(hidden, bf))](
                 *kv, pk, aa, dd, wa, ws, w1, w2, g1, g2, h1, h2, kept, de, xe, dsig, dw,
                 c, h, n, d, hidden, tau_,
-                C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=srb, CLIP=clip, **sopts,
+                C=chunk, BD=_bd(d), BF=bf, MOM=mom, GELU=gelu, PREC=prec, RB=srb, CLIP=clip, **sopts, **pdl,
             )
             _split_bwd_finish_kernel[(b * h, triton.cdiv(hidden, fbf))](
                 *kv, pk, aa, dd, ak, am, sk, wa, ws, w1, w2, s1, s2, g1, g2, h1, h2,
                 r1, r2, rr1, rr2, kept, de, dk, xe, dsig, dv, dcoef, c, h, n, group, d, hidden, tau_,
-                C=chunk, BD=_bd(d), BF=fbf, MOM=mom, GELU=gelu, PREC=prec, RB=frb, CLIP=clip, **fopts,
+                C=chunk, BD=_bd(d), BF=fbf, MOM=mom, GELU=gelu, PREC=prec, RB=frb, CLIP=clip, **fopts, **pdl,
             )
         return _input_grads(dk, dv, dq, dcoef, dw, (r1, r2, g1, g2, h1, h2), mom, chunk, dtypes)
 
