@@ -521,16 +521,20 @@ def test_gpu_backward_matches_chunked(monkeypatch, precision: str, tol: float, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="needs a CUDA device")
 @pytest.mark.parametrize(
-    "precision,tol,optimizer,tau",
+    "precision,tol,optimizer,tau,groups",
     [
-        ("ieee", 1e-4, "momentum", None), ("tf32", 3e-2, "momentum", None), ("tf32", 3e-2, "gd", None),
-        ("ieee", 1e-3, "momentum", 1.0), ("tf32", 3e-2, "momentum", 1.0),  # the clip (tolerances as the one-program kernels')
-        ("bf16", 5e-2, "momentum", 1.0), ("bf16", 5e-2, "momentum", None),  # bfloat16 operands
+        ("ieee", 1e-4, "momentum", None, None), ("tf32", 3e-2, "momentum", None, None), ("tf32", 3e-2, "gd", None, None),
+        # the clip (tolerances as the one-program kernels')
+        ("ieee", 1e-3, "momentum", 1.0, None), ("tf32", 3e-2, "momentum", 1.0, None),
+        ("bf16", 5e-2, "momentum", 1.0, None), ("bf16", 5e-2, "momentum", None, None),  # bfloat16 operands
+        ("ieee", 1e-3, "momentum", 1.0, "3"),  # the read-outs' backward 3 chunks at a time: its ring wraps
     ],
 )
-def test_gpu_split_matches_chunked(monkeypatch, precision: str, tol: float, optimizer: str, tau):
+def test_gpu_split_matches_chunked(monkeypatch, precision: str, tol: float, optimizer: str, tau, groups):
     """The hidden-split kernels at OLMo2-1B memory shapes (d = 128, hidden 256, C = 64), fp32
     inputs, against autograd through the chunked scan (IEEE matmuls): outputs, state, gradients."""
+    if groups:
+        monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_GROUP", groups)
     monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", precision)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     rule = mlp_rule(128, 64, tau, optimizer=optimizer)
