@@ -445,6 +445,24 @@ if triton is not None:
         )
 
     @triton.jit
+    def _start_rows(k_base, v_base, pk_ptr, sk_t, sv_t, aa_ptr, dd_ptr, wa_ptr, ws_ptr, bh, cc, rows, rr, rd, row_mask,
+                    D, N, tau, C: tl.constexpr, MOM: tl.constexpr, CLIP: tl.constexpr):
+        """What the backward's start kernel reads of these rows, all written by the forward: K, E
+        and their offsets (:func:`_key_rows`), the token weights w_A, w_S and, with the clip,
+        ‖Ak‖², ‖k‖² and σ (else placeholders)."""
+        K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
+        wa = tl.load(wa_ptr + cc * C + rr)
+        ws = wa
+        if MOM:
+            ws = tl.load(ws_ptr + cc * C + rr)
+        aa = wa
+        kk = wa
+        sig = wa
+        if CLIP:
+            aa, _, _, kk, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, bh * N * C + rows, tau)
+        return K, E, out_rows, wa, ws, aa, kk, sig
+
+    @triton.jit
     def _split_bwd_start_kernel(
         k_ptr, v_ptr, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
         pk_ptr,  # (BH, T, D): the forward's keys' prediction
@@ -475,8 +493,17 @@ if triton is not None:
         bh, rd, off1, mask1, off2, mask2, row_mask, rf, kmask, fd, n_all, BHCF, lead, k_base, v_base = _bwd_program(
             k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C, BD, BF
         )
-        # W_c, the forward's, before the wait (:func:`_after_previous_launch`); G, H after it.
+        # Before the wait (:func:`_after_previous_launch`) what the forward wrote: W_c and, in one
+        # pass (the default), the chunk's rows and token weights too; G, H after it.
         _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
+        cc = bh * N + c
+        if RB == C:
+            rr = tl.arange(0, RB)
+            rows = (c * C + rr).to(tl.int64)
+            K, E, out_rows, wa, ws, aa, kk, sig = _start_rows(
+                k_base, v_base, pk_ptr, sk_t, sv_t, aa_ptr, dd_ptr, wa_ptr, ws_ptr, bh, cc, rows, rr, rd, row_mask,
+                D, N, tau, C, MOM, CLIP,
+            )
         _after_previous_launch(PDL)
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0)
         G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0)
@@ -485,16 +512,17 @@ if triton is not None:
         if MOM:
             H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0)
             H2 = tl.load(h2_ptr + bh * fd + off2, mask=mask2, other=0.0)
-        cc = bh * N + c
         for r0 in range(0, C, RB):
-            rr = r0 + tl.arange(0, RB)
-            rows = (c * C + rr).to(tl.int64)
-            K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
-            wa = tl.load(wa_ptr + cc * C + rr)
+            if RB != C:
+                rr = r0 + tl.arange(0, RB)
+                rows = (c * C + rr).to(tl.int64)
+                K, E, out_rows, wa, ws, aa, kk, sig = _start_rows(
+                    k_base, v_base, pk_ptr, sk_t, sv_t, aa_ptr, dd_ptr, wa_ptr, ws_ptr, bh, cc, rows, rr, rd, row_mask,
+                    D, N, tau, C, MOM, CLIP,
+                )
             om_a = wa
             if CLIP:
                 tok = bh * N * C + rows
-                aa, _, _, kk, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, tok, tau)
                 om_a = wa * sig
             Hk = _dot(K, tl.trans(W1), None, PREC)
             Ak = _act(Hk, GELU)
@@ -512,7 +540,6 @@ if triton is not None:
             X = -om_a[:, None] * EG2  # dAk's part without dE
             dE = _dot(-om_a[:, None] * Ak, tl.trans(G2), None, PREC)
             if MOM:
-                ws = tl.load(ws_ptr + cc * C + rr)
                 om_s = ws
                 if CLIP:
                     om_s = ws * sig
