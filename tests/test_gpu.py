@@ -108,6 +108,53 @@ def test_gpu_graphed_segments_match_chunked(monkeypatch, impl: str, depth: int, 
         assert st_f.read_weights[0] is st_f.accum[0] and st_f.position == 96
 
 
+@pytest.mark.parametrize("impl,depth", [("triton_graphed", 2), ("triton_graphed", 1), ("graphed", 2)])
+def test_gpu_inference_segments_replay_from_graphs(monkeypatch, impl: str, depth: int):
+    """Without gradients a stream of fixed-size segments runs its first segment eagerly, captures a
+    forward-only graph at the second and replays it after: outputs and carried states equal the
+    chunked scan's segment by segment, a state handed out is never overwritten by a later replay,
+    once :data:`INFERENCE_GRAPHS` signatures have graphs a new one runs eagerly, and pieces that
+    are not whole chunks from a chunk boundary (generation's single tokens) are never captured."""
+    from olmo_miras_plugin.memory import cuda_graphs
+
+    if impl == "triton_graphed":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("OLMO_MIRAS_TRITON_PRECISION", "ieee")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(cuda_graphs, "INFERENCE_GRAPHS", 1)
+    ref, fast = (_small_titans_layer(name, depth) for name in ("chunked", impl))
+    graphs = fast._graphed_scan if impl == "graphed" else fast._graphed_triton_scan
+    monkeypatch.setattr(graphs, "_eager_from_tokens", None)  # the linear memory's threshold: not at these sizes
+    x = torch.randn(2, 32 * 5, 64, device="cuda")
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    with torch.no_grad():
+        st_r = st_f = None
+        kept = []
+        for i in range(5):
+            seg = x[:, 32 * i : 32 * (i + 1)]
+            y_r, st_r = ref(seg, st_r)
+            y_f, st_f = fast(seg, st_f)
+            assert rel(y_f, y_r) < 1e-4, (i, rel(y_f, y_r))
+            assert max(rel(a, b) for a, b in zip(st_f.accum + st_f.momentum, st_r.accum + st_r.momentum)) < 1e-4
+            kept.append((st_f.accum[0], st_f.accum[0].clone()))
+        assert len(graphs._inference_graphs) == 1  # segments 2-5 share one signature; segment 1 ran eagerly
+        for handed_out, value in kept:
+            assert torch.equal(handed_out, value)
+        for _ in range(3):  # a second signature past the cap (1 here): eager, no new graph
+            y_r, _ = ref(x[:, :48], st_r)
+            y_f, _ = fast(x[:, :48], st_f)
+            assert rel(y_f, y_r) < 1e-4
+        assert len(graphs._inference_graphs) == 1
+        monkeypatch.setattr(cuda_graphs, "INFERENCE_GRAPHS", 4)
+        st_r = st_f = None
+        for i in range(3):  # single tokens, as generation feeds them: partial chunks, never captured
+            y_r, st_r = ref(x[:, i : i + 1], st_r)
+            y_f, st_f = fast(x[:, i : i + 1], st_f)
+            assert rel(y_f, y_r) < 1e-4
+        assert len(graphs._inference_graphs) == 1
+    assert not graphs._graphs  # no training graph was captured
+
+
 def test_gpu_linear_long_segments_run_without_graph(monkeypatch):
     """Linear memory under ``triton_graphed``: segments of at least ``eager_from_tokens`` tokens
     run the kernels without a graph (copying into the graph's buffers costs more than the launches

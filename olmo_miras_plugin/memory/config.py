@@ -36,7 +36,9 @@ class MemoryImpl(StrEnum):
     """``triton``, with the forward+backward captured as CUDA graphs per input shape (as ``graphed``
     does for ``compiled``): removes the Python/launch overhead per call that dominates at 4k
     tokens (the linear memory's segments of ≥ 16k tokens run without the graph, where its input
-    copies cost more). For fixed-shape training loops (each new shape captures and keeps a graph)."""
+    copies cost more). For fixed-shape training loops (each new shape captures and keeps a graph)
+    and for streaming inference in fixed-size segments: without gradients a forward-only graph is
+    captured at a shape's second call, for at most four shapes per layer (``cuda_graphs.py``)."""
 
 
 PRESETS: Dict[str, Dict[str, Any]] = {

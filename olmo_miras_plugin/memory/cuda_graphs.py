@@ -16,8 +16,13 @@ Rules that keep replays correct:
 - outputs are cloned out of the graph's static buffers, so states a caller keeps are never
   overwritten by a later replay.
 Graphs hold their activations in a private memory pool for the life of the layer: use this for
-fixed-shape training loops, not for inference with varying lengths (that runs eagerly anyway:
-graphs are only used when gradients are being recorded).
+fixed-shape training loops.
+
+Without gradients (inference: streaming a document segment by segment) a signature's first call
+of whole chunks from a chunk boundary runs eagerly and its second captures a forward-only graph
+that later calls replay (other pieces, such as generation's single tokens, run eagerly); at most
+:data:`INFERENCE_GRAPHS` signatures get one (then calls run eagerly), so evaluating documents of
+many lengths neither captures without end nor holds a pool per length.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from .scan import Gates, MemoryRule, ScanState, chunked_scan
 
-__all__ = ["GraphedChunkedScan", "MAX_GRAPHS_PER_SIGNATURE"]
+__all__ = ["GraphedChunkedScan", "INFERENCE_GRAPHS", "MAX_GRAPHS_PER_SIGNATURE"]
 
 MAX_GRAPHS_PER_SIGNATURE = 16
 """Graphs of one signature that can hold activations at once (a 32k sequence cut every 2k tokens
@@ -36,11 +41,38 @@ needs 16); each keeps its own activations, so together they hold what one graph 
 sequence would."""
 
 
+INFERENCE_GRAPHS = 4
+"""Signatures of gradient-free calls that get a graph (a stream of fixed-size segments needs one;
+its first segment, from the initial state, may share it)."""
+
+
 ScanFn = Callable[[MemoryRule, ScanState, torch.Tensor, torch.Tensor, torch.Tensor, Gates, int], Tuple[torch.Tensor, ScanState]]
 
 
 def _compiled_chunked_scan(rule, state, k, v, q, gates, chunk_size):
     return chunked_scan(rule, state, k, v, q, gates, chunk_size, compiled=True)
+
+
+class _InferenceGraph:
+    """One gradient-free call of ``fn`` captured: inputs are copied into static buffers, the graph
+    replays, outputs are cloned out (a caller's state never aliases the graph's buffers)."""
+
+    def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]], sample: List[torch.Tensor]) -> None:
+        self._inputs = [t.detach().clone() for t in sample]
+        side = torch.cuda.Stream()  # warm-up off the capture (allocator and lazy init), as torch advises
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*self._inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._outputs = fn(*self._inputs)
+
+    def __call__(self, *ts: torch.Tensor) -> List[torch.Tensor]:
+        for dst, src in zip(self._inputs, ts):
+            dst.copy_(src)
+        self._graph.replay()
+        return [o.clone() for o in self._outputs]
 
 
 class GraphedChunkedScan:
@@ -56,6 +88,8 @@ class GraphedChunkedScan:
         self._eager_from_tokens = eager_from_tokens
         self._graphs: Dict[Hashable, Callable] = {}
         self._busy: Set[Hashable] = set()
+        self._inference_graphs: Dict[Hashable, _InferenceGraph] = {}
+        self._inference_calls: Dict[Hashable, int] = {}
 
     def __call__(
         self, rule: MemoryRule, state: ScanState, k: torch.Tensor, v: torch.Tensor, q: torch.Tensor, gates: Gates, chunk_size: int
@@ -73,44 +107,66 @@ class GraphedChunkedScan:
         eager = lambda: self._scan_fn(rule, state, k, v, q, gates, chunk_size)  # noqa: E731
         if (
             not k.is_cuda
-            or not torch.is_grad_enabled()
-            or not any(t.requires_grad for t in flat)
             or torch.cuda.is_current_stream_capturing()
             or (self._eager_from_tokens is not None and k.shape[2] >= self._eager_from_tokens)
         ):
             return eager()
         signature = (left, chunk_size, share_in, share_out, tuple((tuple(t.shape), t.dtype, t.requires_grad) for t in flat))
-        key = next(((signature, i) for i in range(MAX_GRAPHS_PER_SIGNATURE) if (signature, i) not in self._busy), None)
-        if key is None:
-            return eager()
 
-        graphed = self._graphs.get(key)
-        if graphed is None:
+        def scan_fn(*ts: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+            i = 0
+            accum = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
+            momentum = None
+            if has_momentum:
+                momentum = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
+            read = accum
+            if not share_in:
+                read = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
+            k_, v_, q_, theta, log_eta, log_keep = ts[i:]
+            g = Gates(theta, theta, theta, log_eta, log_keep)  # the chunked scan reads θ, log η, log(1−α)
+            out, new = self._scan_fn(rule, ScanState(accum, momentum, read, left), k_, v_, q_, g, chunk_size)
+            return (out, *new.accum, *(new.momentum or []), *([] if share_out else new.read_weights))
 
-            def scan_fn(*ts: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-                i = 0
-                accum = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
-                momentum = None
-                if has_momentum:
-                    momentum = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
-                read = accum
-                if not share_in:
-                    read = list(ts[i : i + n_layers]); i += n_layers  # noqa: E702
-                k_, v_, q_, theta, log_eta, log_keep = ts[i:]
-                g = Gates(theta, theta, theta, log_eta, log_keep)  # the chunked scan reads θ, log η, log(1−α)
-                out, new = self._scan_fn(rule, ScanState(accum, momentum, read, left), k_, v_, q_, g, chunk_size)
-                return (out, *new.accum, *(new.momentum or []), *([] if share_out else new.read_weights))
-
-            sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
-            graphed = torch.cuda.make_graphed_callables(scan_fn, sample)
-            self._graphs[key] = graphed
-
-        outs = [o.clone() for o in graphed(*flat)]
-        if outs[0].requires_grad:
-            self._busy.add(key)
-            outs[0].register_hook(lambda grad: (self._busy.discard(key), grad)[1])
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in flat):
+            # inference: only whole chunks from a chunk boundary (segments of a stream), not the
+            # partial pieces of token-by-token generation
+            whole = left == 0 and k.shape[2] % chunk_size == 0
+            outs = self._inference_call(signature, scan_fn, flat) if whole else None
+            if outs is None:
+                return eager()
+        else:
+            key = next(((signature, i) for i in range(MAX_GRAPHS_PER_SIGNATURE) if (signature, i) not in self._busy), None)
+            if key is None:
+                return eager()
+            graphed = self._graphs.get(key)
+            if graphed is None:
+                sample = tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in flat)
+                graphed = torch.cuda.make_graphed_callables(scan_fn, sample)
+                self._graphs[key] = graphed
+            outs = [o.clone() for o in graphed(*flat)]
+            if outs[0].requires_grad:
+                self._busy.add(key)
+                outs[0].register_hook(lambda grad: (self._busy.discard(key), grad)[1])
         out, rest = outs[0], outs[1:]
         accum = rest[:n_layers]
         momentum = rest[n_layers : 2 * n_layers] if has_momentum else None
         read = accum if share_out else rest[-n_layers:]
         return out, ScanState(accum, momentum, read, state.position + k.shape[2])
+
+    def _inference_call(self, signature: Hashable, scan_fn: Callable, flat: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
+        """A gradient-free call from its graph (captured at the signature's second call), or None:
+        run it eagerly (a first call, or :data:`INFERENCE_GRAPHS` signatures have graphs already)."""
+        graph = self._inference_graphs.get(signature)
+        if graph is None:
+            if len(self._inference_graphs) >= INFERENCE_GRAPHS:
+                return None
+            calls = self._inference_calls.get(signature, 0) + 1
+            if calls < 2:
+                if len(self._inference_calls) >= 16 * INFERENCE_GRAPHS:  # many one-off lengths: forget them
+                    self._inference_calls.clear()
+                self._inference_calls[signature] = calls
+                return None
+            with torch.no_grad():
+                graph = _InferenceGraph(scan_fn, flat)
+            self._inference_graphs[signature] = graph
+        return graph(*flat)
