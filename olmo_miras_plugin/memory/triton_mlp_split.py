@@ -51,8 +51,8 @@ The launch boundary is the barrier between programs, so nothing relies on progra
 co-resident, and Triton's interpreter runs the same code on CPU (tests). On Hopper the launches
 use programmatic dependent launch (:func:`_after_previous_launch`): a launch's programs start
 while the previous launch drains and load what is at least two launches old (the chunk's saved
-state; in the backward's finish kernel also G₁, H₁ and the read-outs' part) before they wait for
-it; scan 12.6 → 12.1 ms at 8k (H100, thirteenth session; waiting first, with nothing loaded
+state; in the backward's start kernel also the chunk's rows, in its finish kernel G, H and the
+read-outs' part, with everything that needs only those) before they wait for it; scan 12.6 → 12.1 ms at 8k (H100, thirteenth session; waiting first, with nothing loaded
 before, gained nothing). Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
 make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
@@ -88,7 +88,9 @@ backward launch (eleventh session): 255 registers, one 8-warp program per SM, ~1
 per warp of which ~700 are MMAs, ~10.7 cycles per issued instruction (a third of it waiting on
 loads) — the chain is bound by the latency of a long dependent instruction stream, not by
 launches, spills or atomics. With the backward's start and finish as separate kernels (twelfth
-session): the layer 7.9 / 29.2 / 56.8 ms, the whole model 80.3 %.
+session): the layer 7.9 / 29.2 / 56.8 ms, the whole model 80.3 %; with programmatic dependent
+launch (thirteenth) 7.7 / 27.7 / 56.2 ms and 80.9 %; with the finish kernel's state-only work and
+the start kernel's rows before their waits (fourteenth) 7.4 / 26.8 / 52.6 ms and 82.1 %.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
