@@ -51,8 +51,9 @@ The launch boundary is the barrier between programs, so nothing relies on progra
 co-resident, and Triton's interpreter runs the same code on CPU (tests). On Hopper the launches
 use programmatic dependent launch (:func:`_after_previous_launch`): a launch's programs start
 while the previous launch drains and load what is at least two launches old (the chunk's saved
-state; in the backward's start kernel also the chunk's rows, in its finish kernel G, H and the
-read-outs' part, with everything that needs only those) before they wait for it; scan 12.6 → 12.1 ms at 8k (H100, thirteenth session; waiting first, with nothing loaded
+state; with the clip the forward update kernel's rows and Hk too; in the backward's start
+kernel the chunk's rows, in its finish kernel G, H and the read-outs' part, with everything that
+needs only those) before they wait for it; scan 12.6 → 12.1 ms at 8k (H100, thirteenth session; waiting first, with nothing loaded
 before, gained nothing). Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
 make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
@@ -90,7 +91,8 @@ loads) — the chain is bound by the latency of a long dependent instruction str
 launches, spills or atomics. With the backward's start and finish as separate kernels (twelfth
 session): the layer 7.9 / 29.2 / 56.8 ms, the whole model 80.3 %; with programmatic dependent
 launch (thirteenth) 7.7 / 27.7 / 56.2 ms and 80.9 %; with the finish kernel's state-only work and
-the start kernel's rows before their waits (fourteenth) 7.4 / 26.8 / 52.6 ms and 82.1 %.
+the start kernel's rows before their waits (fourteenth) 7.4 / 26.8 / 52.6 ms and 82.1 %, then
+the forward update kernel's rows too: scan 11.66 → 11.31 ms at 8k.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
@@ -335,18 +337,27 @@ if triton is not None:
                 acc2 += a_mom * S2
                 S1 = s_keep * S1
                 S2 = s_keep * S2
-            if CLIP:  # W_{c−1}, S_{c−1} are two launches old (the norm launch ran since): loaded first
+            if CLIP:  # W_{c−1}, S_{c−1} are two launches old (the norm launch ran since): loaded first,
+                # and in one pass (the default) the chunk's rows and Hk (the last launch but one's) too
+                if RB == C:
+                    rr = tl.arange(0, RB)
+                    K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, (cp * C + rr).to(tl.int64), rd,
+                                               row_mask, D, N, C)
+                    kept = kept_ptr + (cp % 2) * 2 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
+                    Hk = tl.load(kept, mask=kmask, other=0.0, cache_modifier=".cg")
                 _after_previous_launch(PDL)
             # RB rows at a time (small tiles stay in registers): the weighted gradient sums.
             for r0 in range(0, C, RB):
                 rr = r0 + tl.arange(0, RB)
                 rows = (cp * C + rr).to(tl.int64)
-                K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                 if CLIP:  # the norm launch formed Hk and D at these weights already
                     kept = kept_ptr + (cp % 2) * 2 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
-                    Hk = tl.load(kept, mask=kmask, other=0.0)
+                    if RB != C:
+                        K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
+                        Hk = tl.load(kept, mask=kmask, other=0.0)
                     Dk = tl.load(kept + BHCF, mask=kmask, other=0.0)
                 else:
+                    K, E, out_rows = _key_rows(k_base, v_base, pk_ptr, sk_t, sv_t, bh, rows, rd, row_mask, D, N, C)
                     Hk = _dot(K, W1, None, PREC)  # (RB, BF)
                     Dk = _dot(E, W2, None, PREC) * _act_grad(Hk, GELU)  # (RB, BF)
                 Ak = _act(Hk, GELU)
