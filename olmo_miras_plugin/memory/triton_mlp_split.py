@@ -53,8 +53,9 @@ use programmatic dependent launch (:func:`_after_previous_launch`): a launch's p
 while the previous launch drains and load what is at least two launches old (the chunk's saved
 state; with the clip the forward update kernel's rows and Hk too; in the backward's start
 kernel the chunk's rows, in its finish kernel G, H and the read-outs' part, with everything that
-needs only those) before they wait for it; scan 12.6 → 12.1 ms at 8k (H100, thirteenth session; waiting first, with nothing loaded
-before, gained nothing). Under
+needs only those) before they wait for it; scan 12.6 → 12.1 ms at 8k (H100, thirteenth
+session; waiting first, with nothing loaded before, gained nothing), 11.3 ms with the fourteenth
+session's additions. Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
 make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
 (float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
@@ -616,10 +617,9 @@ if triton is not None:
         update, a_keep G: G₂, H₂ and S are read for nothing else) is loaded and formed before the
         wait, while the previous launch drains, not after the row passes: the launch ends with its
         passes and G's store (34 → 30 µs per launch at 8k, 1.2 → 0.6 KB of stack; H100, fourteenth
-        session). The passes are 16
-        rows (64-row ones spill and measured slower: twelfth session), so most of their dots run on
-        the older MMA (summing W₁'s adjoint transposed, so that its dot has d = 128 rows as M and
-        takes the warpgroup MMA, measured slower too)."""
+        session). The passes are 16 rows (64-row ones spill and measured slower: twelfth session),
+        so most of their dots run on the older MMA (summing W₁'s adjoint transposed, so that its dot
+        has d = 128 rows as M and takes the warpgroup MMA, measured slower too)."""
         bh, rd, off1, mask1, off2, mask2, row_mask, rf, kmask, fd, n_all, BHCF, lead, k_base, v_base = _bwd_program(
             k_ptr, v_ptr, sk_b, sk_h, sv_b, sv_h, H, N, D, F, C, BD, BF
         )
