@@ -129,8 +129,9 @@ class GraphedChunkedScan:
 
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in flat):
             # inference: only whole chunks from a chunk boundary (segments of a stream), not the
-            # partial pieces of token-by-token generation
-            whole = left == 0 and k.shape[2] % chunk_size == 0
+            # partial pieces of token-by-token generation; not under inference_mode, whose tensors
+            # (the graph's static inputs would be some) refuse in-place copies outside it
+            whole = left == 0 and k.shape[2] % chunk_size == 0 and not torch.is_inference_mode_enabled()
             outs = self._inference_call(signature, scan_fn, flat) if whole else None
             if outs is None:
                 return eager()
