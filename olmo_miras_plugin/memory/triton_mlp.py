@@ -125,6 +125,12 @@ if triton is not None:
         return s * (1.0 - s) * (2.0 + h * (1.0 - 2.0 * s))
 
     @triton.jit
+    def _pair_inner(a1, b1, a2, b2):
+        """``⟨a₁, b₁⟩ + ⟨a₂, b₂⟩`` (Frobenius): a coefficient's gradient from a pair of weight tiles
+        (e.g. d a_keep = ⟨G₁, W₁⟩ + ⟨G₂, W₂⟩)."""
+        return tl.sum(tl.sum(a1 * b1, axis=1), axis=0) + tl.sum(tl.sum(a2 * b2, axis=1), axis=0)
+
+    @triton.jit
     def _dot(a, b, acc, PREC: tl.constexpr):
         """``a @ b (+ acc)`` in float32 with operand precision ``PREC``: Triton's ``tf32``,
         ``tf32x3`` or ``ieee``, or ``bf16`` (operands rounded to bfloat16: half the shared memory
@@ -423,7 +429,7 @@ if triton is not None:
                 dAk = tl.dot(dE, W2, input_precision=PREC) + (dn2 * ee)[:, None] * Ak
                 dAk = tl.dot(-om_a[:, None] * E, G2, acc=dAk, input_precision=PREC)
                 dK = tl.dot(-om_a[:, None] * Dk, G1, acc=dK, input_precision=PREC)
-                d_ak += tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0)
+                d_ak += _pair_inner(G1, W1, G2, W2)
                 if MOM:
                     H1 = tl.load(h1_base + off1, mask=mask1, other=0.0)
                     H2 = tl.load(h2_base + off2, mask=mask2, other=0.0)
@@ -432,8 +438,8 @@ if triton is not None:
                     dD -= om_s[:, None] * tl.dot(K, tl.trans(H1), input_precision=PREC)
                     dAk = tl.dot(-om_s[:, None] * E, H2, acc=dAk, input_precision=PREC)
                     dK = tl.dot(-om_s[:, None] * Dk, H1, acc=dK, input_precision=PREC)
-                    d_am += tl.sum(tl.sum(G1 * S1, axis=1), axis=0) + tl.sum(tl.sum(G2 * S2, axis=1), axis=0)
-                    d_sk += tl.sum(tl.sum(H1 * S1, axis=1), axis=0) + tl.sum(tl.sum(H2 * S2, axis=1), axis=0)
+                    d_am += _pair_inner(G1, S1, G2, S2)
+                    d_sk += _pair_inner(H1, S1, H2, S2)
                     tl.store(h1_base + off1, a_mom * G1 + s_keep * H1, mask=mask1)
                     tl.store(h2_base + off2, a_mom * G2 + s_keep * H2, mask=mask2)
                 dB = dD * _act_grad(Hk, GELU)

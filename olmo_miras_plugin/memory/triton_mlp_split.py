@@ -131,7 +131,7 @@ gdc_launch_dependents = gdc_wait = None
 if triton is not None:
     import triton.language as tl
 
-    from .triton_mlp import _act, _act_grad, _act_grad2, _dot, _key_block
+    from .triton_mlp import _act, _act_grad, _act_grad2, _dot, _key_block, _pair_inner
 
     try:  # Hopper's programmatic dependent launch (Triton ≥ 3.4)
         from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -631,7 +631,7 @@ if triton is not None:
         G1 = tl.load(g1_ptr + bh * fd + off1, mask=mask1, other=0.0, cache_modifier=".cg")
         G2 = tl.load(g2_ptr + bh * fd + off2, mask=mask2, other=0.0, cache_modifier=".cg")
         a_keep = tl.load(ak_ptr + cc)
-        d_keep = tl.sum(tl.sum(G1 * W1, axis=1), axis=0) + tl.sum(tl.sum(G2 * W2, axis=1), axis=0)
+        d_keep = _pair_inner(G1, W1, G2, W2)
         H1 = G1
         if MOM:
             H1 = tl.load(h1_ptr + bh * fd + off1, mask=mask1, other=0.0, cache_modifier=".cg")
@@ -640,8 +640,8 @@ if triton is not None:
             S2 = tl.load(s2_ptr + st + off2, mask=mask2, other=0.0, cache_modifier=".cg")
             a_mom = tl.load(am_ptr + cc)
             s_keep = tl.load(skeep_ptr + cc)
-            d_mom = tl.sum(tl.sum(G1 * S1, axis=1), axis=0) + tl.sum(tl.sum(G2 * S2, axis=1), axis=0)
-            d_skeep = tl.sum(tl.sum(H1 * S1, axis=1), axis=0) + tl.sum(tl.sum(H2 * S2, axis=1), axis=0)
+            d_mom = _pair_inner(G1, S1, G2, S2)
+            d_skeep = _pair_inner(H1, S1, H2, S2)
             H2 = a_mom * G2 + s_keep * H2
         # The adjoint of W_c via everything in the chunk: the read-out's part (summed off the chain
         # by :func:`_split_read_bwd_kernel`), a_keep G (chunk c > 0; chunk 0's read weights are a
