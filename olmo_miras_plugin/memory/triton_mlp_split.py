@@ -538,10 +538,18 @@ if triton is not None:
             if CLIP:
                 tok = bh * N * C + rows
                 om_a = wa * sig
+            # Ordered so that the large tiles die early (fewer registers live at once): xe and
+            # every dot with K or E first, then dE's three terms.
             Hk = _dot(K, tl.trans(W1), None, PREC)
             Ak = _act(Hk, GELU)
             B = _dot(E, W2, None, PREC)
+            kept = scr_ptr + bh * C * F + rr[:, None] * F + rf[None, :]
+            tl.store(kept + BHCF, B, mask=kmask)
             Dk = B * _act_grad(Hk, GELU)
+            if CLIP:
+                xe = tl.where(lead, aa, 0.0)[:, None] * E
+                xe = _dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), xe, PREC)
+                tl.atomic_add(xe_ptr + out_rows, xe, mask=row_mask, sem="relaxed")
             KG1 = _dot(K, tl.trans(G1), None, PREC)
             EG2 = _dot(E, G2, None, PREC)
             g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
@@ -552,7 +560,6 @@ if triton is not None:
             tl.atomic_add(dw_ptr + cc * C + rr, dw_a, sem="relaxed")
             dD = -om_a[:, None] * KG1
             X = -om_a[:, None] * EG2  # dAk's part without dE
-            dE = _dot(-om_a[:, None] * Ak, tl.trans(G2), None, PREC)
             if MOM:
                 om_s = ws
                 if CLIP:
@@ -567,18 +574,15 @@ if triton is not None:
                 tl.atomic_add(dw_ptr + (n_all + cc) * C + rr, dw_s, sem="relaxed")
                 dD -= om_s[:, None] * KH1
                 X -= om_s[:, None] * EH2
-                dE = _dot(-om_s[:, None] * Ak, tl.trans(H2), dE, PREC)
-            dE = _dot(dD * _act_grad(Hk, GELU), tl.trans(W2), dE, PREC)
             if CLIP:
                 tl.atomic_add(dsig_ptr + tok, dsig, sem="relaxed")
-                xe = tl.where(lead, aa, 0.0)[:, None] * E
-                xe = _dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), xe, PREC)
-                tl.atomic_add(xe_ptr + out_rows, xe, mask=row_mask, sem="relaxed")
-            kept = scr_ptr + bh * C * F + rr[:, None] * F + rf[None, :]
-            tl.store(kept, Hk, mask=kmask)
-            tl.store(kept + BHCF, B, mask=kmask)
-            tl.store(kept + 2 * BHCF, dD, mask=kmask)
             tl.store(kept + 3 * BHCF, X, mask=kmask)
+            dE = _dot(-om_a[:, None] * Ak, tl.trans(G2), None, PREC)
+            if MOM:
+                dE = _dot(-om_s[:, None] * Ak, tl.trans(H2), dE, PREC)
+            dE = _dot(dD * _act_grad(Hk, GELU), tl.trans(W2), dE, PREC)
+            tl.store(kept, Hk, mask=kmask)
+            tl.store(kept + 2 * BHCF, dD, mask=kmask)
             tl.atomic_add(de_ptr + out_rows, dE, mask=row_mask, sem="relaxed")
 
     @triton.jit
