@@ -538,20 +538,25 @@ if triton is not None:
             if CLIP:
                 tok = bh * N * C + rows
                 om_a = wa * sig
-            # Ordered so that the large tiles die early (fewer registers live at once): xe and
-            # every dot with K or E first, then dE's three terms.
+            # The order matters more than the dot count (H100, fifteenth session, scan at 8k): the
+            # dots with K and E, then xe (E's last use, its atomic out early), then dE's three terms
+            # (11.33 ms with xe and its atomic last, 10.61 with xe first, 10.44 as here). G, H load
+            # before the loop: loading them just before their dots measured 11.52.
             Hk = _dot(K, tl.trans(W1), None, PREC)
             Ak = _act(Hk, GELU)
             B = _dot(E, W2, None, PREC)
             kept = scr_ptr + bh * C * F + rr[:, None] * F + rf[None, :]
             tl.store(kept + BHCF, B, mask=kmask)
             Dk = B * _act_grad(Hk, GELU)
+            KG1 = _dot(K, tl.trans(G1), None, PREC)
+            EG2 = _dot(E, G2, None, PREC)
+            if MOM:
+                KH1 = _dot(K, tl.trans(H1), None, PREC)
+                EH2 = _dot(E, H2, None, PREC)
             if CLIP:
                 xe = tl.where(lead, aa, 0.0)[:, None] * E
                 xe = _dot(kk[:, None] * Dk * _act_grad(Hk, GELU), tl.trans(W2), xe, PREC)
                 tl.atomic_add(xe_ptr + out_rows, xe, mask=row_mask, sem="relaxed")
-            KG1 = _dot(K, tl.trans(G1), None, PREC)
-            EG2 = _dot(E, G2, None, PREC)
             g_a = tl.sum(Dk * KG1, axis=1) + tl.sum(Ak * EG2, axis=1)
             dw_a = -g_a
             if CLIP:  # d w = dω ∘ σ;  ∂L/∂σ = Σ dω ∘ w
@@ -564,8 +569,6 @@ if triton is not None:
                 om_s = ws
                 if CLIP:
                     om_s = ws * sig
-                KH1 = _dot(K, tl.trans(H1), None, PREC)
-                EH2 = _dot(E, H2, None, PREC)
                 g_s = tl.sum(Dk * KH1, axis=1) + tl.sum(Ak * EH2, axis=1)
                 dw_s = -g_s
                 if CLIP:
