@@ -366,21 +366,23 @@ if triton is not None:
                 if CLIP:  # ω = σ∘w
                     _, _, _, _, _, _, sig = _clip(K, E, aa_ptr, dd_ptr, bh * N * C + rows, tau)
                     wa = wa * sig
+                # W's sums before S's, W stored first (with Hk's store before the prediction's
+                # dot below: scan at 8k 10.50 -> 10.41 ms, H100, fifteenth session, two pairs)
+                acc1 = _dot(tl.trans(K), Dk * (-wa)[:, None], acc1, PREC)  # (BD, BF)
+                acc2 = _dot(tl.trans(E * (-wa)[:, None]), Ak, acc2, PREC)  # (BD, BF)
                 if MOM:
                     ws = tl.load(ws_ptr + cc * C + rr)
                     if CLIP:
                         ws = ws * sig
                     S1 = _dot(tl.trans(K), Dk * (-ws)[:, None], S1, PREC)
                     S2 = _dot(tl.trans(E * (-ws)[:, None]), Ak, S2, PREC)
-                acc1 = _dot(tl.trans(K), Dk * (-wa)[:, None], acc1, PREC)  # (BD, BF)
-                acc2 = _dot(tl.trans(E * (-wa)[:, None]), Ak, acc2, PREC)  # (BD, BF)
-            if MOM:
-                tl.store(s1_ptr + slot * fd + off1t, S1, mask=mask1t)
-                tl.store(s2_ptr + slot * fd + off2, S2, mask=mask2)
             W1 = acc1
             W2 = acc2
             tl.store(w1_ptr + slot * fd + off1t, W1, mask=mask1t)
             tl.store(w2_ptr + slot * fd + off2, W2, mask=mask2)
+            if MOM:
+                tl.store(s1_ptr + slot * fd + off1t, S1, mask=mask1t)
+                tl.store(s2_ptr + slot * fd + off2, S2, mask=mask2)
         else:
             if CLIP:
                 _after_previous_launch(PDL)
@@ -400,13 +402,13 @@ if triton is not None:
                 K = tl.load(k_base + rows[:, None] * sk_t + rd[None, :], mask=row_mask, other=0.0)
                 Hk = _dot(K.to(tl.float32), W1, None, PREC)
                 Ak = _act(Hk, GELU)
-                Yk = _dot(Ak, tl.trans(W2), None, PREC)
-                tl.atomic_add(pk_ptr + out_rows, Yk, mask=row_mask, sem="relaxed")
-                if CLIP:
-                    tl.atomic_add(aa_ptr + bh * N * C + rows, tl.sum(Ak * Ak, axis=1), sem="relaxed")
+                if CLIP:  # stored and summed before the dot
                     # Hk for the norm launch and the next update (slot c % 2: this launch read c − 1's)
                     kept = kept_ptr + (c % 2) * 2 * BHCF + bh * C * F + rr[:, None] * F + rf[None, :]
                     tl.store(kept, Hk, mask=kmask)
+                    tl.atomic_add(aa_ptr + bh * N * C + rows, tl.sum(Ak * Ak, axis=1), sem="relaxed")
+                Yk = _dot(Ak, tl.trans(W2), None, PREC)
+                tl.atomic_add(pk_ptr + out_rows, Yk, mask=row_mask, sem="relaxed")
 
     @triton.jit
     def _split_norm_kernel(
