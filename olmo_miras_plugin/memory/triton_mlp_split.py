@@ -93,7 +93,12 @@ launches, spills or atomics. With the backward's start and finish as separate ke
 session): the layer 7.9 / 29.2 / 56.8 ms, the whole model 80.3 %; with programmatic dependent
 launch (thirteenth) 7.7 / 27.7 / 56.2 ms and 80.9 %; with the finish kernel's state-only work and
 the start kernel's rows before their waits (fourteenth) 7.4 / 26.8 / 52.6 ms and 82.1 %, then
-the forward update kernel's rows too: scan 11.66 → 11.31 ms at 8k.
+the forward update kernel's rows too: scan 11.66 → 11.31 ms at 8k. Reordering the start and
+forward update kernels' bodies (no arithmetic changed: which tiles are live together, atomics and
+stores issued early; fifteenth session) took the scan to 10.41 ms, the layer to 6.8 / 24.9 /
+48.3 ms and the whole model to 82.8 %; moving dots before a wait (the start kernel's Hk, B, xe)
+cost 7 %: the next launch's programs cannot start until the previous one's leave their SM, so
+work before the wait overlaps little, while the added live tiles spill.
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
