@@ -324,15 +324,16 @@ def assert_clips_some(scales: list) -> None:
         (16, 2.0, 8, "gelu", "momentum", "16", "4", None, None),  # two programs per head; two row passes per chunk
         (24, 2.0, 4, "silu", "momentum", "16", None, None, None),  # d padded to 32; hidden 48 = 3 programs
         (16, 1.5, 4, "gelu", "gd", "16", None, None, None),  # no momentum; hidden 24: a partly padded slice
-        # the read-outs' kernels (off the chain) with their own tiles: one chunk per backward launch,
-        # one program per head (the chain: two), then groups of 3 chunks (4 = 1 + 3), 4-row passes
+        # the read-outs' kernels (off the chain) with their own hidden units per step: one chunk per
+        # backward launch, all 32 units in one step (the chain: two programs), then groups of 3
+        # chunks (4 = 1 + 3) and two steps of 16
         (16, 2.0, 8, "gelu", "momentum", "16", None, None, dict(GROUP="1", BLOCK="32")),
         # with the clip (τ: about half the tokens clipped, checked)
         (16, 2.0, 8, "gelu", "momentum", None, None, 6.0, None),
         (16, 2.0, 8, "gelu", "momentum", "16", "4", 6.0, None),
         (24, 2.0, 4, "silu", "momentum", "16", None, 6.0, None),
         (16, 1.5, 4, "gelu", "gd", "16", None, 2.0, None),
-        (16, 2.0, 8, "gelu", "momentum", "16", None, 6.0, dict(GROUP="3", ROWS="4")),
+        (16, 2.0, 8, "gelu", "momentum", "16", None, 6.0, dict(GROUP="3", BLOCK="16")),
     ],
 )
 def test_split_matches_chunked(monkeypatch, head_dim, expansion, chunk, activation, optimizer, block, rows, tau, read):
@@ -436,9 +437,12 @@ def test_split_refuses_bad_input(monkeypatch):
         monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_GROUP", bad)
         with pytest.raises(ValueError, match=f"OLMO_MIRAS_TRITON_SPLIT_READ_GROUP must be a positive number of chunks, got '{bad}'"):
             triton_mlp_split._read_group(8)
-    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS", "3")
-    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_READ_ROWS must be a power of two dividing the chunk"):
-        triton_mlp_split._read_tiles(64, 64)
+    monkeypatch.setenv("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS", "16")  # replaced: a whole chunk per program
+    with pytest.raises(ValueError, match="OLMO_MIRAS_TRITON_SPLIT_READ_ROWS is no longer read.*_READ_BLOCK"):
+        triton_mlp_split._read_block(64)
+    monkeypatch.delenv("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS")
+    # bf16 operands: the read-outs (whole 64-row chunks) keep tf32 dots; other precisions pass through
+    assert [triton_mlp_split._read_precision(p) for p in ("bf16", "tf32", "ieee")] == ["tf32", "tf32", "ieee"]
     # the forward chain: 64-row passes, except the bf16-operand mode, which refuses larger tiles
     assert triton_mlp_split._forward_chain_tiles(64, "tf32")[::2] == (64, 64)
     assert triton_mlp_split._forward_chain_tiles(64, "bf16")[::2] == (16, 64)

@@ -58,7 +58,7 @@ def test_kernels_fit_h100_shared_memory(name: str):
     # PDL: as launched on Hopper (programmatic dependent launch, the default there)
     split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.BF16_ROWS, MOM=True, GELU=True, PREC="tf32",
                  PDL=True)
-    read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.READ_ROWS, GELU=True, PREC="tf32", PDL=True)
+    read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, GELU=True, PREC="tf32", PDL=True)
     chain = {**split, "RB": triton_mlp_split.CHAIN_ROWS}
     finish = {**split, "RB": triton_mlp_split.FINISH_ROWS}
     S = triton_mlp_split
@@ -79,13 +79,13 @@ def test_kernels_fit_h100_shared_memory(name: str):
                             triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         # the forward chain's default tiles (64 rows, 8 warps), as the training forward runs them
         "split_forward_chain_tiles": (triton_mlp_split._split_fwd_kernel, {**chain, "READ": False, "CLIP": True},
-                                      triton_mlp_split.CHAIN_WARPS, triton_mlp_split.STAGES),
+                                      triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         "split_norm_chain_tiles": (triton_mlp_split._split_norm_kernel, {k: v for k, v in chain.items() if k != "MOM"},
-                                   triton_mlp_split.CHAIN_WARPS, triton_mlp_split.STAGES),
+                                   triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         "split_backward_start_clip": (S._split_bwd_start_kernel, {**chain, "CLIP": True}, S.CHAIN_WARPS, 1),
         "split_backward_finish_clip": (S._split_bwd_finish_kernel, {**finish, "CLIP": True}, S.FINISH_WARPS,
                                        S.FINISH_STAGES),
-        # the read-outs, off the chain, with their own tiles
+        # the read-outs, off the chain: a whole chunk per program, 4 warps (their default)
         "split_read": (triton_mlp_split._split_read_kernel, read, triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         "split_read_backward": (triton_mlp_split._split_read_bwd_kernel, read, triton_mlp_split.FWD_WARPS,
                                 triton_mlp_split.STAGES),
@@ -132,7 +132,7 @@ def test_split_kernels_wait_for_the_previous_launch_only_with_pdl(kernel: str, p
         "norm": (S._split_norm_kernel, {k: v for k, v in chain.items() if k != "MOM"}),
         "backward_start": (S._split_bwd_start_kernel, {**chain, "CLIP": True}),
         "backward_finish": (S._split_bwd_finish_kernel, {**chain, "RB": S.FINISH_ROWS, "CLIP": True}),
-        "read_backward": (S._split_read_bwd_kernel, {k: v for k, v in chain.items() if k != "MOM"}),
+        "read_backward": (S._split_read_bwd_kernel, {k: v for k, v in chain.items() if k not in ("MOM", "RB")}),
     }[kernel]
     ptx = _compile(fn, constexprs, S.CHAIN_WARPS).asm["ptx"]
     body = ptx[ptx.index(".entry"):]

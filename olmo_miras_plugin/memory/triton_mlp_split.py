@@ -35,7 +35,10 @@ saved start state (one launch for all chunks), and so do their backward's dQ and
 W_c's adjoint (``dHqᵀ Q``, ``dYᵀ Aq``): :func:`_split_read_bwd_kernel` forms those for a group
 of chunks at once, just before the chain reaches the group, and the finish kernel starts W_c's
 adjoint sum from them (5 of the chain's 22 dots per row pass moved off it: scan 8.57 → 8.18 ms
-at 4k, H100, ninth session).
+at 4k, H100, ninth session). Both read-out kernels run one program per chunk (and head), which
+holds the chunk's rows of y or dQ and walks the hidden units 32 at a time: y and dQ are stored
+once, not summed over a head's programs by atomics (sixteenth session: 0.41 → 0.26 ms forward,
+1.31 → 1.01 ms backward at 8k; scan 10.45 → 10.05 ms at 8 warps, 4 warps faster still).
 
 The clip ``σ_t = min(1, τ / √n_t)``, ``n_t = ‖E_t‖²‖Ak_t‖² + ‖D_t‖²‖k_t‖²``: ``‖Ak_t‖²`` is summed
 with the keys' prediction, but ``D_t = (W₂ᵀ E_t) ∘ act'(h_t)`` needs the whole E_t first, so
@@ -57,8 +60,8 @@ needs only those) before they wait for it; scan 12.6 → 12.1 ms at 8k (H100, th
 session; waiting first, with nothing loaded before, gained nothing), 11.3 ms with the fourteenth
 session's additions. Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
-make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
-(float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
+make the last bits of dK, dV and the gate gradients (and of y without a gradient) depend on the
+order programs finish (float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
 rows at a time: the backward's finish kernel 16 (its many live tiles; 64 rows spill and measured
 slower), the forward's two chain kernels and the backward's start kernel 64 with 8 warps, which
 lets Triton use Hopper's warpgroup MMA for their dots (23.0 → 18.8 µs per update launch, 8.5 →
@@ -98,7 +101,12 @@ forward update kernels' bodies (no arithmetic changed: which tiles are live toge
 stores issued early; fifteenth session) took the scan to 10.41 ms, the layer to 6.8 / 24.9 /
 48.3 ms and the whole model to 82.8 %; moving dots before a wait (the start kernel's Hk, B, xe)
 cost 7 %: the next launch's programs cannot start until the previous one's leave their SM, so
-work before the wait overlaps little, while the added live tiles spill.
+work before the wait overlaps little, while the added live tiles spill. The read-outs' kernels
+at one program per chunk (sixteenth session): the layer 6.5 / 23.8 / 46.4 ms, the whole model
+83.3 %. A persistent forward chain (one cooperative launch, a barrier among each head's programs
+where a launch boundary was) measured slower (scan 11.70 against 10.47 ms): a barrier on a
+global counter costs ~1.0 µs, the boundary between two programmatically dependent launches in a
+CUDA graph ~0.6 µs, and the fused kernel spilled (docs/performance.md, sixteenth session).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
@@ -109,8 +117,9 @@ rows measured slower; see :func:`_forward_chain_tiles` for bf16 operands),
 ``_BWD_FINISH_ROWS`` / ``_WARPS`` / ``_STAGES`` (16 / 8 / 2) for the backward's two kernels (see
 :func:`_backward_chain_tiles`), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` (the read-out kernels, default 4),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 32),
-``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS`` (the read-out kernels' hidden units and
-rows per program, default 32 / 16; 32 or 64 rows and 64 units measured within 1 %),
+``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` (the read-out kernels' hidden units per step, default 32;
+16 measured slower; 64 raised an error in its one try, at 8 warps, not investigated;
+``_READ_ROWS`` is refused: a program takes the whole chunk),
 ``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2 except
 where a kernel's own ``_STAGES`` knob above says otherwise; that knob wins when set),
 ``OLMO_MIRAS_TRITON_PDL`` (1, the default: programmatic dependent launch where the GPU can, compute
@@ -146,7 +155,7 @@ if triton is not None:
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
-BLOCK, FWD_WARPS, STAGES, READ_GROUP, READ_ROWS = 32, 4, 2, 32, 16
+BLOCK, FWD_WARPS, STAGES, READ_GROUP = 32, 4, 2, 32
 # The chunk chain's kernels whose dots all have the chunk's rows as M (the forward's update and norm
 # kernels, the backward's start kernel): whole 64-row passes with 8 warps, which Triton runs on
 # Hopper's warpgroup MMA (16-row passes run on the older, instruction-heavier MMA:
@@ -239,60 +248,73 @@ if triton is not None:
         return aa, dd, ee, kk, nrm, raw, tl.minimum(raw, 1.0)
 
     @triton.jit
+    def _read_program(q_ptr, sq_b, sq_h, sq_t, H, N, D, c, BD: tl.constexpr, C: tl.constexpr):
+        """The read-out kernels' prologue for chunk c of this program's (batch·head): the head's index,
+        the feature lanes and mask, the chunk's rows' offsets in the ``(BH, T, D)`` buffers and its
+        queries ``(C, BD)`` (float32)."""
+        bh = tl.program_id(0).to(tl.int64)
+        rd = tl.arange(0, BD)
+        dmask = rd < D
+        rows = (c * C + tl.arange(0, C)).to(tl.int64)
+        out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
+        q_base = q_ptr + (bh // H) * sq_b + (bh % H) * sq_h
+        Q = tl.load(q_base + rows[:, None] * sq_t + rd[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
+        return bh, rd, dmask, rows, out_rows, Q
+
+    @triton.jit
     def _split_read_kernel(
         q_ptr, sq_b, sq_h, sq_t, y_ptr, w1_ptr, w2_ptr, H, N, D, F,
-        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, RB: tl.constexpr, GELU: tl.constexpr,
-        PREC: tl.constexpr,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         PDL: tl.constexpr,
     ):
         """The read-out of every chunk at once from the saved start states (it is off the chunk
-        chain: nothing in the scan depends on it). Grid ``(BH, programs per head, N)``."""
-        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
+        chain: nothing in the scan depends on it). Grid ``(BH, N)``: one program per chunk holds
+        the chunk's rows of y and walks the hidden units ``BF`` at a time, so y is stored once,
+        not summed over programs by atomics (sixteenth session: one program per ``BF`` units and
+        chunk, with atomics, measured slower)."""
+        c = tl.program_id(1)
+        bh, rd, dmask, rows, out_rows, Q = _read_program(q_ptr, sq_b, sq_h, sq_t, H, N, D, c, BD, C)
         _after_previous_launch(PDL)
-        c = tl.program_id(2)
-        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
-        q_base = q_ptr + b * sq_b + h * sq_h
-        _readout(q_base, sq_t, y_ptr, bh * N * C, c, W1, W2, rd, dmask[None, :], D, C, RB, GELU, PREC)
+        Y = tl.zeros([C, BD], dtype=tl.float32)
+        for f0 in range(0, F, BF):
+            off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
+            _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)
+            Aq = _act(_dot(Q, tl.trans(W1), None, PREC), GELU)  # (C, BF)
+            Y = _dot(Aq, tl.trans(W2), Y, PREC)
+        tl.store(y_ptr + out_rows, Y, mask=dmask[None, :])
 
     @triton.jit
     def _split_read_bwd_kernel(
         q_ptr, dy_ptr, sq_b, sq_h, sq_t, sdy_b, sdy_h, sdy_t,
         w1_ptr, w2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
-        dq_ptr,  # (BH, T, D) float32, zeroed: dQ, summed over hidden units by atomics
+        dq_ptr,  # (BH, T, D) float32: dQ, stored
         rr1_ptr, rr2_ptr,  # (BH, M, F, D) / (BH, M, D, F): the read-outs' adjoint of W, chunk c in slot c % M
         g0, H, N, M, D, F,
-        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, RB: tl.constexpr, GELU: tl.constexpr,
-        PREC: tl.constexpr,
+        C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        """The read-out's backward for chunks g0, g0 + 1, … at once (grid ``(BH, programs per head,
-        chunks)``): dQ and the read-out's part of the adjoint of W_c, ``dHqᵀ Q`` and ``dYᵀ Aq``. It
-        depends on the saved W_c and on dY only, not on the adjoints flowing back through the chunk
-        chain, so it is off the chain, like the forward's :func:`_split_read_kernel`; the chain
-        launch that finishes chunk c starts its adjoint sum from slot c % M."""
-        bh, b, h, f0, rd, dmask, off1, mask1, off2, mask2 = _program(H, D, F, BD, BF)
-        row_mask = dmask[None, :]
-        c = g0 + tl.program_id(2)
-        fd = F * D
-        _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)  # the forward's
+        """The read-out's backward for chunks g0, g0 + 1, … at once (grid ``(BH, chunks)``): dQ and
+        the read-out's part of the adjoint of W_c, ``dHqᵀ Q`` and ``dYᵀ Aq``. It depends on the
+        saved W_c and on dY only, not on the adjoints flowing back through the chunk chain, so it is
+        off the chain, like the forward's :func:`_split_read_kernel`; the chain launch that finishes
+        chunk c starts its adjoint sum from slot c % M. As there, one program per chunk walks the
+        hidden units: dQ is stored once (no atomics), each slice of the adjoint as it is formed."""
+        c = g0 + tl.program_id(1)
+        bh, rd, dmask, rows, out_rows, Q = _read_program(q_ptr, sq_b, sq_h, sq_t, H, N, D, c, BD, C)
+        dy_base = dy_ptr + (bh // H) * sdy_b + (bh % H) * sdy_h
+        dY = tl.load(dy_base + rows[:, None] * sdy_t + rd[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
+        slot = (bh * M + c % M) * F * D
         _after_previous_launch(PDL)  # before rr's slots are overwritten
-        R1 = tl.zeros([BF, BD], dtype=tl.float32)
-        R2 = tl.zeros([BD, BF], dtype=tl.float32)
-        for r0 in range(0, C, RB):
-            rows = (c * C + r0 + tl.arange(0, RB)).to(tl.int64)
-            out_rows = (bh * N * C + rows[:, None]) * D + rd[None, :]
-            Q = tl.load(q_ptr + b * sq_b + h * sq_h + rows[:, None] * sq_t + rd[None, :], mask=row_mask, other=0.0)
-            Q = Q.to(tl.float32)
-            dY = tl.load(dy_ptr + b * sdy_b + h * sdy_h + rows[:, None] * sdy_t + rd[None, :], mask=row_mask, other=0.0)
-            dY = dY.to(tl.float32)
+        dQ = tl.zeros([C, BD], dtype=tl.float32)
+        for f0 in range(0, F, BF):
+            off1, mask1, off2, mask2 = _slice_offsets(f0, D, F, rd, dmask, BF)
+            _st, W1, W2 = _chunk_state(w1_ptr, w2_ptr, bh, c, N, F, D, off1, mask1, off2, mask2)  # the forward's
             Hq = _dot(Q, tl.trans(W1), None, PREC)
-            dHq = _dot(dY, W2, None, PREC) * _act_grad(Hq, GELU)  # (RB, BF)
-            tl.atomic_add(dq_ptr + out_rows, _dot(dHq, W1, None, PREC), mask=row_mask, sem="relaxed")
-            R1 = _dot(tl.trans(dHq), Q, R1, PREC)  # (BF, BD)
-            R2 = _dot(tl.trans(dY), _act(Hq, GELU), R2, PREC)  # (BD, BF)
-        slot = (bh * M + c % M) * fd
-        tl.store(rr1_ptr + slot + off1, R1, mask=mask1)
-        tl.store(rr2_ptr + slot + off2, R2, mask=mask2)
+            dHq = _dot(dY, W2, None, PREC) * _act_grad(Hq, GELU)  # (C, BF)
+            dQ = _dot(dHq, W1, dQ, PREC)
+            tl.store(rr1_ptr + slot + off1, _dot(tl.trans(dHq), Q, None, PREC), mask=mask1)  # (BF, BD)
+            tl.store(rr2_ptr + slot + off2, _dot(tl.trans(dY), _act(Hq, GELU), None, PREC), mask=mask2)  # (BD, BF)
+        tl.store(dq_ptr + out_rows, dQ, mask=dmask[None, :])
 
     @triton.jit
     def _split_fwd_kernel(
@@ -738,11 +760,30 @@ def _read_group(chunks: int) -> int:
     return max(1, min(group, chunks))
 
 
-def _read_tiles(hidden: int, chunk: int) -> Tuple[int, int]:
-    """Hidden units and rows per program of the read-out kernels (forward and backward), which
-    run off the chunk chain: ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` / ``_READ_ROWS``."""
-    bf = _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK")
-    return bf, _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_READ_ROWS", READ_ROWS)
+def _read_block(hidden: int) -> int:
+    """Hidden units per step of the read-out kernels (forward and backward), which run off the
+    chunk chain, one program per chunk: ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` (default 32)."""
+    if os.environ.get("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS"):
+        raise ValueError(
+            "OLMO_MIRAS_TRITON_SPLIT_READ_ROWS is no longer read: the read-out kernels take a whole chunk's rows "
+            "per program (set OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK / OLMO_MIRAS_TRITON_SPLIT_WARPS instead)"
+        )
+    return _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK")
+
+
+def _read_precision(prec: str) -> str:
+    """The read-out kernels' dot precision: the chain's, except that with bfloat16 operands they
+    keep tf32. Their whole-chunk (64-row) tiles failed the GPU tests with bfloat16 operands (H100,
+    Triton 3.6, sixteenth session), as the chain kernels' larger tiles did (:func:`_forward_chain_tiles`);
+    off the chain, the bf16 mode's few percent come from the chain, not from them."""
+    return "tf32" if prec == "bf16" else prec
+
+
+def _read_opts() -> dict:
+    """Launch options of the read-out kernels: ``OLMO_MIRAS_TRITON_SPLIT_WARPS``, default 4 (8
+    measured slower with a whole 64-row chunk per program: 1.09 / 0.29 ms against 1.01 / 0.26 for
+    the backward / forward at 8k; H100, sixteenth session)."""
+    return _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
 
 
 def _rows_per_pass(chunk: int, name: str, default: int) -> int:
@@ -862,7 +903,8 @@ class _SplitMLPScan(torch.autograd.Function):
             s1[:, :, 0], s2[:, :, 0] = m1.detach(), m2.detach()
         else:
             s1, s2 = w1, w2  # never read without MOM
-        y = torch.zeros(b, h, t, d, device=dev, dtype=torch.float32)
+        # y: stored whole by the read-out kernel when saving, else summed by the chain's atomics
+        y = (torch.empty if save else torch.zeros)(b, h, t, d, device=dev, dtype=torch.float32)
         pk = torch.zeros_like(y)
         clip = tau is not None
         # With the clip, ‖Ak_t‖² and ‖D_t‖² summed over hidden units (kept for the backward).
@@ -887,11 +929,10 @@ class _SplitMLPScan(torch.autograd.Function):
                     C=chunk, BD=_bd(d), BF=bf, GELU=gelu, PREC=prec, RB=norm_rb, **norm_opts, **pdl,
                 )
         if save:  # every chunk's start state is kept: all read-outs at once
-            rbf, rrb = _read_tiles(hidden, chunk)
-            _split_read_kernel[(b * h, triton.cdiv(hidden, rbf), n)](
+            _split_read_kernel[(b * h, n)](
                 q, *_strides(q), y, w1, w2, h, n, d, hidden,
-                C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec,
-                **_opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS), **pdl,
+                C=chunk, BD=_bd(d), BF=_read_block(hidden), GELU=gelu, PREC=_read_precision(prec),
+                **_read_opts(), **pdl,
             )
         last = n % ns
         outs = [w1[:, :, last].clone(), w2[:, :, last].clone()]
@@ -916,7 +957,8 @@ class _SplitMLPScan(torch.autograd.Function):
         dy = torch.zeros_like(q) if dy is None else _rows(dy)
 
         g1, g2, h1, h2, r1, r2 = _state_adjoints(dw1, dw2, ds, mom, (b, h, hidden, d), dev)
-        de, dk, dq = (torch.zeros(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(3))
+        de, dk = (torch.zeros(b, h, t, d, device=dev, dtype=torch.float32) for _ in range(2))
+        dq = torch.empty_like(de)  # stored whole by the read-outs' backward
         dw = torch.zeros(2, b * h, n, chunk, device=dev, dtype=torch.float32)
         dcoef = torch.zeros(3, b * h, n, device=dev, dtype=torch.float32)
         kept = torch.empty(4, b * h, chunk, hidden, device=dev, dtype=torch.float32)  # start → finish
@@ -936,17 +978,16 @@ class _SplitMLPScan(torch.autograd.Function):
         group = _read_group(n)
         rr1 = torch.empty(b * h, group, hidden, d, device=dev, dtype=torch.float32)
         rr2 = torch.empty(b * h, group, d, hidden, device=dev, dtype=torch.float32)
-        read_opts = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
-        rbf, rrb = _read_tiles(hidden, chunk)
+        read_opts, rbf = _read_opts(), _read_block(hidden)
         tau_ = float(tau) if clip else 1.0
         kv = (k, v, *_strides(k), *_strides(v))  # 2N launches: formed once, not per launch
         pdl = _launch_pdl(dev)
         for c in range(n - 1, -1, -1):  # start chunk c (its share of the sums), then finish it
             if c == n - 1 or (c + 1) % group == 0:
                 g0 = c - c % group
-                _split_read_bwd_kernel[(b * h, triton.cdiv(hidden, rbf), c + 1 - g0)](
+                _split_read_bwd_kernel[(b * h, c + 1 - g0)](
                     q, dy, *_strides(q), *_strides(dy), w1, w2, dq, rr1, rr2, g0, h, n, group, d, hidden,
-                    C=chunk, BD=_bd(d), BF=rbf, RB=rrb, GELU=gelu, PREC=prec, **read_opts, **pdl,
+                    C=chunk, BD=_bd(d), BF=rbf, GELU=gelu, PREC=_read_precision(prec), **read_opts, **pdl,
                 )
             _split_bwd_start_kernel[(b * h, triton.cdiv(hidden, bf))](
                 *kv, pk, aa, dd, wa, ws, w1, w2, g1, g2, h1, h2, kept, de, xe, dsig, dw,
