@@ -60,8 +60,9 @@ needs only those) before they wait for it; scan 12.6 → 12.1 ms at 8k (H100, th
 session; waiting first, with nothing loaded before, gained nothing), 11.3 ms with the fourteenth
 session's additions. Under
 ``triton_graphed`` the launches replay from a CUDA graph: no Python per launch. Sums by atomics
-make the last bits of dK, dV and the gate gradients (and of y without a gradient) depend on the
-order programs finish (float32, ~1e-7 relative), as in other atomic-reduction backwards. Chunks are processed ``RB``
+make the last bits of y, dK, dQ, dV and the gate gradients depend on the order programs finish
+(float32, ~1e-7 relative), as in other atomic-reduction backwards: the read-out kernels add no
+atomics of their own, but they read states that the chain summed. Chunks are processed ``RB``
 rows at a time: the backward's finish kernel 16 (its many live tiles; 64 rows spill and measured
 slower), the forward's two chain kernels and the backward's start kernel 64 with 8 warps, which
 lets Triton use Hopper's warpgroup MMA for their dots (23.0 → 18.8 µs per update launch, 8.5 →
