@@ -79,9 +79,9 @@ def test_kernels_fit_h100_shared_memory(name: str):
                             triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
         # the forward chain's default tiles (64 rows, 8 warps), as the training forward runs them
         "split_forward_chain_tiles": (triton_mlp_split._split_fwd_kernel, {**chain, "READ": False, "CLIP": True},
-                                      triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
+                                      triton_mlp_split.CHAIN_WARPS, triton_mlp_split.STAGES),
         "split_norm_chain_tiles": (triton_mlp_split._split_norm_kernel, {k: v for k, v in chain.items() if k != "MOM"},
-                                   triton_mlp_split.FWD_WARPS, triton_mlp_split.STAGES),
+                                   triton_mlp_split.CHAIN_WARPS, triton_mlp_split.STAGES),
         "split_backward_start_clip": (S._split_bwd_start_kernel, {**chain, "CLIP": True}, S.CHAIN_WARPS, 1),
         "split_backward_finish_clip": (S._split_bwd_finish_kernel, {**finish, "CLIP": True}, S.FINISH_WARPS,
                                        S.FINISH_STAGES),
