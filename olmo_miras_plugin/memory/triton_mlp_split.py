@@ -274,6 +274,7 @@ if triton is not None:
         not summed over programs by atomics (sixteenth session: one program per ``BF`` units and
         chunk, with atomics, measured slower)."""
         c = tl.program_id(1)
+        # Q before the wait: no launch of the chain writes it
         bh, rd, dmask, rows, out_rows, Q = _read_program(q_ptr, sq_b, sq_h, sq_t, H, N, D, c, BD, C)
         _after_previous_launch(PDL)
         Y = tl.zeros([C, BD], dtype=tl.float32)
@@ -301,6 +302,8 @@ if triton is not None:
         chunk c starts its adjoint sum from slot c % M. As there, one program per chunk walks the
         hidden units: dQ is stored once (no atomics), each slice of the adjoint as it is formed."""
         c = g0 + tl.program_id(1)
+        # Q and dY before the wait: both were written before the backward's buffers were zeroed, so
+        # at least two launches back (the rule of :func:`_after_previous_launch`)
         bh, rd, dmask, rows, out_rows, Q = _read_program(q_ptr, sq_b, sq_h, sq_t, H, N, D, c, BD, C)
         dy_base = dy_ptr + (bh // H) * sdy_b + (bh % H) * sdy_h
         dY = tl.load(dy_base + rows[:, None] * sdy_t + rd[None, :], mask=dmask[None, :], other=0.0).to(tl.float32)
