@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from olmo_miras_plugin.benchmarks.memory_bench import main
+from olmo_miras_plugin.benchmarks.timing import kernel_summary
 
 
 def test_bench_memory_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,3 +36,23 @@ def test_bench_memory_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert all(r["extra"]["tok_per_s"] > 0 for r in streams)
     layers = [r for r in res["results"] if r["name"] == "miras"]
     assert len(layers) == 2 and all(r["ms"] > 0 for r in layers)
+    assert all(r["profile"] is None for r in res["results"])  # only with --profile (CUDA)
+
+
+def test_kernel_summary_totals_and_ranks_gpu_kernels() -> None:
+    """What ``--profile`` writes to the JSON: total GPU time and op count over every kernel, the
+    top kernels by time with their launch counts (profiler times are µs, the summary's ms)."""
+    from types import SimpleNamespace as Event
+
+    events = [
+        Event(key="_split_fwd_kernel", count=129, self_device_time_total=2310.0),
+        Event(key="_split_bwd_finish_kernel", count=128, self_device_time_total=3680.0),
+        Event(key="fill", count=24, self_device_time_total=150.0),
+    ]
+    summary = kernel_summary(events, top=2)
+    assert summary["gpu_ms"] == pytest.approx(6.14) and summary["gpu_ops"] == 281
+    assert summary["kernels"] == [
+        {"name": "_split_bwd_finish_kernel", "ms": pytest.approx(3.68), "count": 128},
+        {"name": "_split_fwd_kernel", "ms": pytest.approx(2.31), "count": 129},
+    ]
+

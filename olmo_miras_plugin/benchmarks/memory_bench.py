@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..memory import NeuralMemoryConfig
-from .timing import Measurement, device_description, format_table, measure, write_json
+from .timing import Measurement, device_description, format_table, measure, profile_kernels, write_json
 
 __all__ = ["main", "check_against_reference"]
 
@@ -55,10 +55,9 @@ def bench_miras(args, seq: int, impl: str, device: torch.device) -> Measurement:
         step = _scan_step(layer, args, seq, device)
 
     try:
-        if args.profile:
-            profile_step(step, f"miras/{impl} T={seq}")
+        profile = profile_kernels(step, f"miras/{impl} T={seq}") if args.profile else None
         ms, peak = measure(step, device)
-        return Measurement("miras", params, ms, peak)
+        return Measurement("miras", params, ms, peak, profile=profile)
     except Exception as e:  # report OOMs and unsupported configs in the table instead of dying
         if not _oom(e):
             raise
@@ -131,29 +130,11 @@ def bench_fla(args, seq: int, device: torch.device) -> Optional[Measurement]:
         q.grad = k.grad = v.grad = beta.grad = None
 
     try:
-        if args.profile:
-            profile_step(step, f"fla T={seq}")
+        profile = profile_kernels(step, f"fla T={seq}") if args.profile else None
         ms, peak = measure(step, device)
-        return Measurement("fla", params, ms, peak)
+        return Measurement("fla", params, ms, peak, profile=profile)
     except Exception as e:  # an fla/triton mismatch is reported, not fatal
         return Measurement("fla", params, None, None, error=f"{type(e).__name__}: {str(e)[:80]}")
-
-
-def profile_step(step, label: str, top: int = 15) -> None:
-    """Print where one step's GPU time goes: the top kernels and kernel time vs. wall time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    total_us = sum(e.self_device_time_total for e in events)
-    launches = sum(e.count for e in events)
-    print(f"profile {label}: {launches} GPU ops, {total_us / 1e3:.2f} ms of GPU time")
-    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]:
-        print(f"  {e.self_device_time_total / 1e3:8.2f} ms {e.count:6d}x  {e.key[:110]}")
 
 
 def bench_titans_pytorch(args, seq: int, device: torch.device) -> Optional[Measurement]:
@@ -290,7 +271,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         help="per-token inner-gradient clip (default: the preset's; inf turns it off)",
     )
     p.add_argument("--tf32", action="store_true", help="allow TF32 for float32 matmuls (torch.backends.cuda.matmul)")
-    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one step per row (CUDA)")
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one step per row, and write them to the JSON (CUDA)")
     p.add_argument("--check", action="store_true", help="compare against the reference on fresh random inputs first")
     p.add_argument("--json", default="runs/bench/bench_memory.json", help="where the JSON goes (default: %(default)s)")
     p.add_argument("--stream-tokens", type=int, default=0, help="also stream this many tokens (inference)")

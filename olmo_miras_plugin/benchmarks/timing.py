@@ -12,7 +12,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-__all__ = ["Measurement", "measure", "format_table", "write_json", "write_payload", "device_description"]
+__all__ = [
+    "Measurement", "measure", "format_table", "write_json", "write_payload", "device_description", "profile_kernels",
+    "kernel_summary",
+]
 
 
 @dataclass
@@ -23,6 +26,8 @@ class Measurement:
     peak_gib: Optional[float]
     error: Optional[str] = None
     extra: Dict[str, Any] = field(default_factory=dict)
+    # ``--profile``: one step's GPU kernels (:func:`kernel_summary`); in the JSON, not the table
+    profile: Optional[Dict[str, Any]] = None
 
 
 def device_description(device: torch.device) -> str:
@@ -103,3 +108,35 @@ def write_payload(path: str, payload: Dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, target)
+
+
+def kernel_summary(events, top: int) -> Dict[str, Any]:
+    """Where a profiled step's GPU time went, from profiler events (``key``, ``count``,
+    ``self_device_time_total`` in µs): total milliseconds, the number of GPU ops, and the ``top``
+    kernels by time (name, ms, launches), so that a benchmark's JSON carries the per-kernel
+    figures its documentation quotes."""
+    total_us = sum(e.self_device_time_total for e in events)
+    kernels = [
+        {"name": e.key, "ms": e.self_device_time_total / 1e3, "count": e.count}
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:top]
+    ]
+    return {"gpu_ms": total_us / 1e3, "gpu_ops": sum(e.count for e in events), "kernels": kernels}
+
+
+def profile_kernels(step: Callable[[], Any], label: str, top: int = 15) -> Dict[str, Any]:
+    """Run ``step`` once to warm up and once under the profiler (CUDA), print where the second
+    run's GPU time went and return it (:func:`kernel_summary`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    summary = kernel_summary(events, top)
+    print(f"profile {label}: {summary['gpu_ops']} GPU ops, {summary['gpu_ms']:.2f} ms of GPU time")
+    for k in summary["kernels"]:
+        print(f"  {k['ms']:8.2f} ms {k['count']:6d}x  {k['name'][:110]}")
+    return summary
+

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..memory import MemoryImpl
 from ..models import MirasMemoryConfig, miras_from_preset, parameter_report
-from .timing import Measurement, device_description, format_table, write_json
+from .timing import Measurement, device_description, format_table, profile_kernels, write_json
 
 __all__ = ["main"]
 
@@ -67,9 +67,10 @@ def train_steps(model, opt, x: torch.Tensor, steps: int, device: torch.device) -
 def time_train_steps(
     model, seq: int, steps: int, vocab: int, device: torch.device, profile_label: Optional[str] = None,
     profile_top: int = 25,
-) -> tuple[float, float, List[float]]:
+) -> tuple[float, float, List[float], Optional[dict]]:
     """Median step time over the steps after the first three, peak memory, every loss; with
-    ``profile_label`` (CUDA) one more step under the profiler, its top GPU kernels printed."""
+    ``profile_label`` (CUDA) one more step under the profiler, its top GPU kernels printed and
+    returned (:func:`~.timing.kernel_summary`; else None)."""
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     x = torch.randint(0, vocab, (1, seq), device=device)
     if device.type == "cuda":
@@ -77,11 +78,10 @@ def time_train_steps(
     times, losses = train_steps(model, opt, x, steps, device)
     warm = sorted(times[min(3, steps - 1):])
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    profile = None
     if profile_label is not None and device.type == "cuda":
-        from .memory_bench import profile_step
-
-        profile_step(lambda: train_steps(model, opt, x, 1, device), profile_label, top=profile_top)
-    return statistics.median(warm), peak, losses
+        profile = profile_kernels(lambda: train_steps(model, opt, x, 1, device), profile_label, top=profile_top)
+    return statistics.median(warm), peak, losses, profile
 
 
 def _memory_desc(args) -> str:
@@ -105,7 +105,7 @@ def single_device(args) -> None:
             counts = parameter_report(model)
             name = f"{args.preset} + {args.block_type} every {args.every} ({_memory_desc(args)})" if memory else f"{args.preset} base"
             label = f"{name}, T={seq}" if getattr(args, "profile", False) else None
-            sec, peak, losses = time_train_steps(
+            sec, peak, losses, profile = time_train_steps(
                 model, seq, args.steps, args.vocab_size, device, label, getattr(args, "profile_top", 25)
             )
             rows.append(
@@ -113,6 +113,7 @@ def single_device(args) -> None:
                     name, dict(model=name, seq=seq), sec * 1e3, peak,
                     extra={"tok_per_s": round(seq / sec), "params": counts["total"], "memory_params": counts["memory"],
                            "losses": [round(l, 4) for l in losses]},
+                    profile=profile,
                 )
             )
             print(format_table(rows[-1:], ["model", "seq"]).splitlines()[-1], flush=True)
@@ -202,7 +203,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_model_args(p, impl="graphed")
     p.add_argument("--seq", type=int, nargs="+", default=[8192])
     p.add_argument("--steps", type=int, default=13)
-    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one more step per model (CUDA)")
+    p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one more step per model, and write them to the JSON (CUDA)")
     p.add_argument("--profile-top", type=int, default=25, help="how many kernels --profile prints (default: %(default)s)")
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
     p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")
