@@ -55,4 +55,3 @@ def test_kernel_summary_totals_and_ranks_gpu_kernels() -> None:
         {"name": "_split_bwd_finish_kernel", "ms": pytest.approx(3.68), "count": 128},
         {"name": "_split_fwd_kernel", "ms": pytest.approx(2.31), "count": 129},
     ]
-

@@ -139,4 +139,3 @@ def profile_kernels(step: Callable[[], Any], label: str, top: int = 15) -> Dict[
     for k in summary["kernels"]:
         print(f"  {k['ms']:8.2f} ms {k['count']:6d}x  {k['name'][:110]}")
     return summary
-

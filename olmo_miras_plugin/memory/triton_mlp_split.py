@@ -783,11 +783,13 @@ def _read_precision(prec: str) -> str:
     return "tf32" if prec == "bf16" else prec
 
 
-def _read_opts() -> dict:
-    """Launch options of the read-out kernels: ``OLMO_MIRAS_TRITON_SPLIT_WARPS``, default 4 (8
+def _read_args(hidden: int, prec: str) -> dict:
+    """The read-out kernels' hidden units per step (:func:`_read_block`), dot precision
+    (:func:`_read_precision`) and launch options: ``OLMO_MIRAS_TRITON_SPLIT_WARPS``, default 4 (8
     measured slower with a whole 64-row chunk per program: 1.09 / 0.29 ms against 1.01 / 0.26 for
     the backward / forward at 8k; H100, sixteenth session)."""
-    return _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
+    warps = _opts("OLMO_MIRAS_TRITON_SPLIT_WARPS", FWD_WARPS)
+    return dict(BF=_read_block(hidden), PREC=_read_precision(prec), **warps)
 
 
 def _rows_per_pass(chunk: int, name: str, default: int) -> int:
@@ -935,8 +937,7 @@ class _SplitMLPScan(torch.autograd.Function):
         if save:  # every chunk's start state is kept: all read-outs at once
             _split_read_kernel[(b * h, n)](
                 q, *_strides(q), y, w1, w2, h, n, d, hidden,
-                C=chunk, BD=_bd(d), BF=_read_block(hidden), GELU=gelu, PREC=_read_precision(prec),
-                **_read_opts(), **pdl,
+                C=chunk, BD=_bd(d), GELU=gelu, **_read_args(hidden, prec), **pdl,
             )
         last = n % ns
         outs = [w1[:, :, last].clone(), w2[:, :, last].clone()]
@@ -982,7 +983,7 @@ class _SplitMLPScan(torch.autograd.Function):
         group = _read_group(n)
         rr1 = torch.empty(b * h, group, hidden, d, device=dev, dtype=torch.float32)
         rr2 = torch.empty(b * h, group, d, hidden, device=dev, dtype=torch.float32)
-        read_opts, rbf = _read_opts(), _read_block(hidden)
+        read_args = _read_args(hidden, prec)
         tau_ = float(tau) if clip else 1.0
         kv = (k, v, *_strides(k), *_strides(v))  # 2N launches: formed once, not per launch
         pdl = _launch_pdl(dev)
@@ -991,7 +992,7 @@ class _SplitMLPScan(torch.autograd.Function):
                 g0 = c - c % group
                 _split_read_bwd_kernel[(b * h, c + 1 - g0)](
                     q, dy, *_strides(q), *_strides(dy), w1, w2, dq, rr1, rr2, g0, h, n, group, d, hidden,
-                    C=chunk, BD=_bd(d), BF=rbf, GELU=gelu, PREC=_read_precision(prec), **read_opts, **pdl,
+                    C=chunk, BD=_bd(d), GELU=gelu, **read_args, **pdl,
                 )
             _split_bwd_start_kernel[(b * h, triton.cdiv(hidden, bf))](
                 *kv, pk, aa, dd, wa, ws, w1, w2, g1, g2, h1, h2, kept, de, xe, dsig, dw,
