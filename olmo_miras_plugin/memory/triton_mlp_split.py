@@ -73,7 +73,7 @@ Memory: the forward saves W and S at every chunk start (``4 · F · d`` floats p
 and chunk: 2 GiB at T = 16k for OLMo2-1B shapes) and the keys' prediction ``(B, H, T, d)``; without
 a gradient it keeps two state slots, so streaming inference stays flat in T. The backward's
 read-out buffer holds one group of chunks (``2 · F · d`` floats per (batch, head) and chunk of a
-group: 134 MiB at OLMo2-1B shapes). The clip adds
+group: 32 MiB at OLMo2-1B shapes, 8 chunks). The clip adds
 ``‖Ak_t‖²``, ``‖D_t‖²`` ``(B·H, T)`` (saved) and, in the backward, ``xe`` ``(B, H, T, d)`` and
 ``∂L/∂σ`` ``(B·H, T)``.
 
@@ -117,7 +117,8 @@ rows measured slower; see :func:`_forward_chain_tiles` for bf16 operands),
 ``OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS`` / ``_WARPS`` / ``_STAGES`` (64 / 8 / 1) and
 ``_BWD_FINISH_ROWS`` / ``_WARPS`` / ``_STAGES`` (16 / 8 / 2) for the backward's two kernels (see
 :func:`_backward_chain_tiles`), ``OLMO_MIRAS_TRITON_SPLIT_WARPS`` (the read-out kernels, default 4),
-``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 32),
+``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 8;
+16 and 32 measured the same time with a 2× / 4× larger buffer),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` (the read-out kernels' hidden units per step, default 32;
 16 measured slower; 64 raised an error in its one try, at 8 warps, not investigated;
 ``_READ_ROWS`` is refused: a program takes the whole chunk),
@@ -156,7 +157,7 @@ if triton is not None:
 __all__ = ["unsupported_reason", "split_mlp_scan"]
 
 SPLIT_ENV = "OLMO_MIRAS_TRITON_SPLIT"
-BLOCK, FWD_WARPS, STAGES, READ_GROUP = 32, 4, 2, 32
+BLOCK, FWD_WARPS, STAGES, READ_GROUP = 32, 4, 2, 8
 # The chunk chain's kernels whose dots all have the chunk's rows as M (the forward's update and norm
 # kernels, the backward's start kernel): whole 64-row passes with 8 warps, which Triton runs on
 # Hopper's warpgroup MMA (16-row passes run on the older, instruction-heavier MMA:
@@ -755,8 +756,10 @@ def _block(hidden: int, env: str) -> int:
 
 def _read_group(chunks: int) -> int:
     """Chunks per launch of the read-outs' backward (``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP``, default
-    32): its buffer holds ``2 · F · d`` floats per (batch, head) and chunk of a group (134 MiB at
-    OLMo2-1B shapes), and a group fills the GPU (16 heads × 8 slices × 32 chunks)."""
+    8): its buffer holds ``2 · F · d`` floats per (batch, head) and chunk of a group (32 MiB at
+    OLMo2-1B shapes), and a group's 16 heads × 8 chunks fill the GPU's SMs once. Groups of 16 and
+    32 chunks took the same time (scan at 8k: 9.94 / 9.94 ms at 8, 9.98 / 10.00 at 16, 9.96 /
+    9.93 at 32; H100, seventeenth session) for 2× / 4× the buffer, 32 until then."""
     env = os.environ.get("OLMO_MIRAS_TRITON_SPLIT_READ_GROUP")
     group = int(env) if env and env.isdigit() else (0 if env else READ_GROUP)
     if group < 1:
