@@ -108,6 +108,9 @@ at one program per chunk (sixteenth session): the layer 6.5 / 23.8 / 46.4 ms, th
 where a launch boundary was) measured slower (scan 11.70 against 10.47 ms): a barrier on a
 global counter costs ~1.0 µs, the boundary between two programmatically dependent launches in a
 CUDA graph ~0.6 µs, and the fused kernel spilled (docs/performance.md, sixteenth session).
+Moving dK off the chain (the finish kernel's three dK dots and its atomic into one launch per 16
+chunks, from per-chunk rings of Hk, B, dHk, G₁, H₁) measured slower as well: scan at 8k 11.2
+against 10.0 ms; the chain gained ~3 µs per chunk, the new kernel cost 1.55 ms (seventeenth).
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
@@ -120,7 +123,8 @@ rows measured slower; see :func:`_forward_chain_tiles` for bf16 operands),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_GROUP`` (chunks per launch of the read-outs' backward, default 8;
 16 and 32 measured the same time with a 2× / 4× larger buffer),
 ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` (the read-out kernels' hidden units per step, default 32;
-16 measured slower; 64 raised an error in its one try, at 8 warps, not investigated;
+16 measured slower; at 64 the backward's kernel needs 256 KiB of shared memory, over an H100
+block's 227, and Triton refuses the launch;
 ``_READ_ROWS`` is refused: a program takes the whole chunk),
 ``OLMO_MIRAS_TRITON_SPLIT_STAGES`` (software pipelining of the row passes, default 2 except
 where a kernel's own ``_STAGES`` knob above says otherwise; that knob wins when set),
