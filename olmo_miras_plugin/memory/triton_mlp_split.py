@@ -114,7 +114,9 @@ against 10.0 ms; the chain gained ~3 µs per chunk, the new kernel cost 1.55 ms 
 
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
-slower; ``_BWD_FINISH_BLOCK`` overrides ``_BWD_BLOCK`` for the finish kernel), ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and
+slower, 64 in the forward 8 % slower, and the start kernel at 64 needs 320 KiB of shared memory;
+``_BWD_FINISH_BLOCK`` overrides ``_BWD_BLOCK`` for the finish kernel: 64 there measured 17 %
+slower, seventeenth session), ``OLMO_MIRAS_TRITON_SPLIT_FWD_ROWS`` / ``_FWD_WARPS`` and
 ``_NORM_ROWS`` / ``_NORM_WARPS`` (the forward chain's update and norm kernels, default 64 / 8; 32
 rows measured slower; see :func:`_forward_chain_tiles` for bf16 operands),
 ``OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS`` / ``_WARPS`` / ``_STAGES`` (64 / 8 / 1) and
