@@ -776,11 +776,7 @@ def _read_group(chunks: int) -> int:
 def _read_block(hidden: int) -> int:
     """Hidden units per step of the read-out kernels (forward and backward), which run off the
     chunk chain, one program per chunk: ``OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK`` (default 32)."""
-    if os.environ.get("OLMO_MIRAS_TRITON_SPLIT_READ_ROWS"):
-        raise ValueError(
-            "OLMO_MIRAS_TRITON_SPLIT_READ_ROWS is no longer read: the read-out kernels take a whole chunk's rows "
-            "per program (set OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK / OLMO_MIRAS_TRITON_SPLIT_WARPS instead)"
-        )
+    _refuse_replaced_knobs("read-out")
     return _block(hidden, "OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK")
 
 
@@ -830,13 +826,32 @@ def _forward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
     return rows, opts, norm_rows, _opts("OLMO_MIRAS_TRITON_SPLIT_NORM_WARPS", CHAIN_WARPS)
 
 
-# Knobs of the single backward kernel that the start and finish kernels replaced (twelfth session):
-# a setting of one would otherwise be ignored without a word.
+# Knobs that are no longer read, per group of kernels: why, and what replaced each. The single
+# backward kernel's became the start and finish kernels' (twelfth session).
 _REPLACED_KNOBS = {
-    "OLMO_MIRAS_TRITON_SPLIT_ROWS": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS / _BWD_FINISH_ROWS",
-    "OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_WARPS / _BWD_FINISH_WARPS",
-    "OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_STAGES / _BWD_FINISH_STAGES",
+    "backward": (
+        "the backward is now a start and a finish kernel",
+        {
+            "OLMO_MIRAS_TRITON_SPLIT_ROWS": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS / _BWD_FINISH_ROWS",
+            "OLMO_MIRAS_TRITON_SPLIT_BWD_WARPS": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_WARPS / _BWD_FINISH_WARPS",
+            "OLMO_MIRAS_TRITON_SPLIT_BWD_STAGES": "OLMO_MIRAS_TRITON_SPLIT_BWD_START_STAGES / _BWD_FINISH_STAGES",
+        },
+    ),
+    # the read-out kernels' rows per program (sixteenth session: a program takes the whole chunk)
+    "read-out": (
+        "the read-out kernels take a whole chunk's rows per program",
+        {"OLMO_MIRAS_TRITON_SPLIT_READ_ROWS": "OLMO_MIRAS_TRITON_SPLIT_READ_BLOCK / OLMO_MIRAS_TRITON_SPLIT_WARPS"},
+    ),
 }
+
+
+def _refuse_replaced_knobs(kernels: str) -> None:
+    """Raise if one of ``kernels``' replaced knobs (:data:`_REPLACED_KNOBS`) is set, naming what
+    replaced it: a setting of one would otherwise be ignored without a word."""
+    why, knobs = _REPLACED_KNOBS[kernels]
+    for old, new in knobs.items():
+        if os.environ.get(old):
+            raise ValueError(f"{old} is no longer read ({why}); set {new}")
 
 
 def _backward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
@@ -847,9 +862,7 @@ def _backward_chain_tiles(chunk: int, prec: str) -> Tuple[int, dict, int, dict]:
     ones: at 64 rows it failed the GPU test with the clip (H100, Triton 3.6, twelfth session), as
     the forward update kernel did (:func:`_forward_chain_tiles`). The old single kernel's knobs
     are refused with the names that replace them."""
-    for old, new in _REPLACED_KNOBS.items():
-        if os.environ.get(old):
-            raise ValueError(f"{old} is no longer read (the backward is now a start and a finish kernel); set {new}")
+    _refuse_replaced_knobs("backward")
     start_rows = _rows_per_pass(chunk, "OLMO_MIRAS_TRITON_SPLIT_BWD_START_ROWS", BF16_ROWS if prec == "bf16" else CHAIN_ROWS)
     if prec == "bf16" and start_rows > BF16_ROWS:
         raise ValueError(
