@@ -56,9 +56,10 @@ def test_kernels_fit_h100_shared_memory(name: str):
     mlp = dict(C=64, BD=128, CLIP=True, MOM=True, GELU=True, PREC="tf32")
     linear = dict(C=64, BD=128, BV=128, CLIP=True, PREC="tf32")
     # PDL: as launched on Hopper (programmatic dependent launch, the default there)
+    # the split kernels take the head and hidden sizes as constexprs (D, F), as launched
     split = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, RB=triton_mlp_split.BF16_ROWS, MOM=True, GELU=True, PREC="tf32",
-                 PDL=True)
-    read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, GELU=True, PREC="tf32", PDL=True)
+                 PDL=True, D=128, F=256)
+    read = dict(C=64, BD=128, BF=triton_mlp_split.BLOCK, GELU=True, PREC="tf32", PDL=True, D=128, F=256)
     chain = {**split, "RB": triton_mlp_split.CHAIN_ROWS}
     finish = {**split, "RB": triton_mlp_split.FINISH_ROWS}
     S = triton_mlp_split
@@ -125,7 +126,7 @@ def test_split_kernels_wait_for_the_previous_launch_only_with_pdl(kernel: str, p
     what the previous launch is still reading. It lets the next launch start only after its wait.
     Without PDL neither instruction may be there (they need sm_90)."""
     S = triton_mlp_split
-    chain = dict(C=64, BD=128, BF=S.BLOCK, RB=S.CHAIN_ROWS, MOM=True, GELU=True, PREC="tf32", PDL=pdl)
+    chain = dict(C=64, BD=128, BF=S.BLOCK, RB=S.CHAIN_ROWS, MOM=True, GELU=True, PREC="tf32", PDL=pdl, D=128, F=256)
     fn, constexprs = {
         "forward": (S._split_fwd_kernel, {**chain, "READ": False, "CLIP": False}),
         "forward_clip": (S._split_fwd_kernel, {**chain, "READ": False, "CLIP": True}),

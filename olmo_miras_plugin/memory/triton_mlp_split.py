@@ -112,6 +112,17 @@ Moving dK off the chain (the finish kernel's three dK dots and its atomic into o
 chunks, from per-chunk rings of Hk, B, dHk, G₁, H₁) measured slower as well: scan at 8k 11.2
 against 10.0 ms; the chain gained ~3 µs per chunk, the new kernel cost 1.55 ms (seventeenth).
 
+The head and hidden sizes ``D``, ``F`` are constexprs (one compile per model shape): where they
+equal the tiles (``D == BD``, ``F`` a multiple of ``BF``, as at every OLMo shape) the masks fold
+away with their address arithmetic. Offline sm_90 compile: the forward update kernel 8.3k → 5.8k
+instructions and 1.27 → 0.42 KB of stack, the backward's start 7.8k → 6.5k, its finish 7.1k →
+5.7k (0.65 → 0.14 KB); scan at 8k 10.00 / 10.04 → 9.85 / 9.74 ms (H100, eighteenth session).
+Instructions are not what bounds a launch, though: cycle stamps in a forward update launch
+(~15 µs) put ~5.4 µs in its loads (~170 KB per program, 21 MB per launch, near the L2's
+bandwidth: K, V and the prediction are read by all of a head's programs) and ~4.4 µs in its dots,
+and the same kernel with its loads, stores and atomics through TMA descriptors (3.0k instructions,
+no stack) measured 12 % slower (docs/performance.md, eighteenth session).
+
 Knobs (environment, read per call): ``OLMO_MIRAS_TRITON_SPLIT_BLOCK`` / ``_BWD_BLOCK`` (hidden
 units per program in the forward / the backward's two kernels, default 32; 16 measured 17 %
 slower, 64 in the forward 8 % slower, and the start kernel at 64 needs 320 KiB of shared memory;
@@ -271,7 +282,7 @@ if triton is not None:
 
     @triton.jit
     def _split_read_kernel(
-        q_ptr, sq_b, sq_h, sq_t, y_ptr, w1_ptr, w2_ptr, H, N, D, F,
+        q_ptr, sq_b, sq_h, sq_t, y_ptr, w1_ptr, w2_ptr, H, N, D: tl.constexpr, F: tl.constexpr,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -298,7 +309,7 @@ if triton is not None:
         w1_ptr, w2_ptr,  # (BH, N + 1, F, D) / (BH, N + 1, D, F): each chunk's start state
         dq_ptr,  # (BH, T, D) float32: dQ, stored
         rr1_ptr, rr2_ptr,  # (BH, M, F, D) / (BH, M, D, F): the read-outs' adjoint of W, chunk c in slot c % M
-        g0, H, N, M, D, F,
+        g0, H, N, M, D: tl.constexpr, F: tl.constexpr,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         PDL: tl.constexpr,
     ):
@@ -335,7 +346,7 @@ if triton is not None:
         kept_ptr,  # (2, 2, BH, C, F) float32 (clip only): chunk j's Hk, D in slot j % 2 (D from :func:`_split_norm_kernel`)
         ak_ptr, am_ptr, skeep_ptr, wa_ptr, ws_ptr,  # (BH, N), (BH, N), (BH, N), (BH, N, C), (BH, N, C)
         w1_ptr, w2_ptr, s1_ptr, s2_ptr,  # (BH, NS, F, D), (BH, NS, D, F): state slots (chunk c in slot c % NS)
-        c, H, N, NS, D, F, tau,
+        c, H, N, NS, D: tl.constexpr, F: tl.constexpr, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, READ: tl.constexpr, CLIP: tl.constexpr,
         PDL: tl.constexpr,
@@ -455,7 +466,7 @@ if triton is not None:
         dd_ptr,  # (BH, T), as the forward's: this slice's share of ‖D_t‖² goes in by atomics
         kept_ptr,  # (2, 2, BH, C, F): slot c % 2 holds this slice's Hk (from the forward launch); D goes in
         w2_ptr,  # the forward's W₂ state slots
-        c, H, N, NS, D, F,
+        c, H, N, NS, D: tl.constexpr, F: tl.constexpr,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, GELU: tl.constexpr, PREC: tl.constexpr,
         RB: tl.constexpr,
         PDL: tl.constexpr,
@@ -529,7 +540,7 @@ if triton is not None:
         xe_ptr,  # (BH, T, D) float32, zeroed (clip only): ∂dE/∂dn, summed by atomics
         dsig_ptr,  # (BH, T) float32, zeroed (clip only): ∂L/∂σ, summed by atomics
         dw_ptr,  # (2, BH, N, C), zeroed: d w_A, d w_S
-        c, H, N, D, F, tau,
+        c, H, N, D: tl.constexpr, F: tl.constexpr, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
         PDL: tl.constexpr,
@@ -644,7 +655,7 @@ if triton is not None:
         xe_ptr, dsig_ptr,  # complete for chunk c (clip only)
         dv_ptr,  # (BH, T, D) float32: dV = −dE, written by each head's first program
         dcoef_ptr,  # (3, BH, N), zeroed: d a_keep, d a_mom, d s_keep
-        c, H, N, M, D, F, tau,
+        c, H, N, M, D: tl.constexpr, F: tl.constexpr, tau,
         C: tl.constexpr, BD: tl.constexpr, BF: tl.constexpr, MOM: tl.constexpr, GELU: tl.constexpr,
         PREC: tl.constexpr, RB: tl.constexpr, CLIP: tl.constexpr,
         PDL: tl.constexpr,
