@@ -1,4 +1,7 @@
-"""Where a forward update launch's time goes: cycle stamps inside the prototype kernel (pointer path)."""
+"""Where a forward update launch's time goes: cycle stamps inside the prototype kernel (pointer path).
+
+The stamped kernel is fwd_tma.py with fwd_stamp.patch applied, next to this file:
+``patch -o fwd_stamp.py fwd_tma.py < fwd_stamp.patch`` (eighteenth session, docs/performance.md)."""
 import json, os, sys
 sys.path.insert(0, os.path.dirname(__file__))
 import torch
