@@ -1,0 +1,34 @@
+"""Compile cluster_allreduce.cu for sm_90a without a GPU, with NVRTC from the pip wheel
+``nvidia-cuda-nvrtc-cu12`` (``pip download --no-deps nvidia-cuda-nvrtc-cu12``, unzip it), and print
+the kernel's registers, stack and shared memory (Triton's wheel ships ``cuobjdump``).
+
+    python docs/bench/s18_cluster_spike/compile_offline.py /path/to/libnvrtc.so.12
+"""
+import ctypes
+import os
+import subprocess
+import sys
+
+import triton
+
+here = os.path.dirname(os.path.abspath(__file__))
+lib = ctypes.CDLL(sys.argv[1])
+src = open(os.path.join(here, "cluster_allreduce.cu")).read().encode()
+prog = ctypes.c_void_p()
+assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"cluster_allreduce.cu", 0, None, None) == 0
+opts = [b"--gpu-architecture=sm_90a", b"-default-device", b"--std=c++17"]
+rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+size = ctypes.c_size_t()
+lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+log = ctypes.create_string_buffer(size.value)
+lib.nvrtcGetProgramLog(prog, log)
+print("nvrtc:", "ok" if rc == 0 else f"error {rc}", log.value.decode())
+if rc:
+    sys.exit(1)
+lib.nvrtcGetCUBINSize(prog, ctypes.byref(size))
+cubin = ctypes.create_string_buffer(size.value)
+lib.nvrtcGetCUBIN(prog, cubin)
+path = os.path.join(os.environ.get("TMPDIR", "/tmp"), "cluster_allreduce.cubin")
+open(path, "wb").write(cubin.raw)
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+print(subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True).stdout)
