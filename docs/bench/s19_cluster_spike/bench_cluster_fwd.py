@@ -5,6 +5,8 @@ keys' prediction compared, and a float32 PyTorch reference of the same formulas 
 chunks; then each timed. Needs the repository on PYTHONPATH (Triton, no olmo-core).
 
     python docs/bench/s19_cluster_spike/bench_cluster_fwd.py      # writes $OUT/cluster_fwd.json
+    KERNEL=other.cu SEQS=8192 HEADS=15,16 JSON=x.json python ...   # another kernel file, fewer cases
+    CL=4 python ...      # cluster_mlp_fwd_cl.cu with 4 CTAs per head (CL=8: the same file with 8)
     PROFILE_ONLY=1 ncu -k regex:cluster_mlp_fwd python docs/bench/s19_cluster_spike/bench_cluster_fwd.py
 """
 import json
@@ -20,9 +22,22 @@ dev = torch.device("cuda")
 torch.manual_seed(0)
 b, h, d, F, C, BF = 1, 16, 128, 256, 64, 32
 bh = b * h
-kern = torch.cuda._compile_kernel(open(os.path.join(here, "cluster_mlp_fwd.cu")).read(), "cluster_mlp_fwd",
-                                  compute_capability="90a")
-SMEM = 223232
+
+
+def smem_bytes(cl):
+    """cluster_mlp_fwd_cl.cu's dynamic shared memory at cluster size ``cl``."""
+    bf, own = F // cl, C // cl
+    return 4 * (bf * 132 + 128 * (bf + 4) + 64 * 132 + 64 * (bf + 4) + bf * 80 + 64 * 132 + (cl - 1) * own * 128)
+
+
+CLUSTER = int(os.environ.get("CL", "8"))  # CTAs per head; CL=4 or 8 selects cluster_mlp_fwd_cl.cu
+if "CL" in os.environ:
+    src = f"#define CL {CLUSTER}\n" + open(os.path.join(here, "cluster_mlp_fwd_cl.cu")).read()
+    SMEM = smem_bytes(CLUSTER)
+else:
+    src = open(os.environ.get("KERNEL", os.path.join(here, "cluster_mlp_fwd.cu"))).read()
+    SMEM = int(src.split("SMEM_BYTES:")[1].split()[0]) if "SMEM_BYTES:" in src else 223232  # (v1-v3: 223232)
+kern = torch.cuda._compile_kernel(src, "cluster_mlp_fwd", compute_capability="90a")
 kern.set_shared_memory_config(SMEM)
 prec = S._precision(dev, allow_bf16=True)
 rb, opts, _, _ = S._forward_chain_tiles(C, prec)
@@ -64,7 +79,7 @@ def chain_triton(g, B):
 
 
 def chain_cluster(g, B, flags=0):
-    kern(grid=(8 * bh, 1, 1), block=(256, 1, 1), shared_mem=SMEM,
+    kern(grid=(CLUSTER * bh, 1, 1), block=(256, 1, 1), shared_mem=SMEM,
          args=[g["k"], g["v"], B["pk"], B["w1"], B["w2"], B["s1"], B["s2"], g["ak"], g["am"], g["sk"],
                g["wa"], g["ws"], g["k"].shape[2], g["n"], g["n"] + 1, flags])
 
@@ -146,7 +161,7 @@ for t in [int(x) for x in os.environ.get("SEQS", "4096,8192").split(",") if x]:
 # Heads per launch: an H100 runs at most 15 clusters of 8 one-CTA-per-SM programs at once (Nsight
 # Compute's "Max Active Clusters"), so 16 heads take two waves.
 t = 8192
-for heads in (8, 15, 16):
+for heads in [int(x) for x in os.environ.get("HEADS", "8,15,16").split(",") if x]:
     h = heads; bh = heads
     g = inputs(t)
     Bt, Bc = buffers(g), buffers(g)
@@ -156,4 +171,4 @@ for heads in (8, 15, 16):
     out[f"T{t}_heads{heads}"] = dict(triton_chain_ms=tt, cluster_ms=tc, **ablate,
                                      triton_us_per_chunk=tt / g["n"] * 1e3, cluster_us_per_chunk=tc / g["n"] * 1e3)
     print(t, "heads", heads, json.dumps(out[f"T{t}_heads{heads}"]), flush=True)
-json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), "cluster_fwd.json"), "w"), indent=1)
+json.dump(out, open(os.path.join(os.environ.get("OUT", "/tmp"), os.environ.get("JSON", "cluster_fwd.json")), "w"), indent=1)
