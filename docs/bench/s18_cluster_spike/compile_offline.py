@@ -23,7 +23,7 @@ name = os.path.basename(path)
 src = open(path).read().encode()
 prog = ctypes.c_void_p()
 assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, name.encode(), 0, None, None) == 0
-opts = [b"--gpu-architecture=sm_90a", b"-default-device", b"--std=c++17"] + defines
+opts = [b"--gpu-architecture=sm_90a", b"-default-device", b"--std=c++17", b"-I" + os.path.dirname(os.path.abspath(path)).encode()] + defines
 rc = lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
 size = ctypes.c_size_t()
 lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))

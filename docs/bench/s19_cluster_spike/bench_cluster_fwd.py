@@ -1,12 +1,12 @@
 """The cluster prototype (cluster_mlp_fwd.cu) against the split kernels' forward chain without the
 clip (the production Triton kernel, N + 1 launches in a CUDA graph with PDL) at OLMo2-1B shapes
 (16 heads x 128, hidden 256, chunk 64, batch 1, momentum, GELU): every chunk-start state and the
-keys' prediction compared, and a float32 PyTorch reference of the same formulas for the first
+keys' prediction compared, and a float64 PyTorch reference of the same formulas for the first
 chunks; then each timed. Needs the repository on PYTHONPATH (Triton, no olmo-core).
 
     python docs/bench/s19_cluster_spike/bench_cluster_fwd.py      # writes $OUT/cluster_fwd.json
     KERNEL=other.cu SEQS=8192 HEADS=15,16 JSON=x.json python ...   # another kernel file, fewer cases
-    CL=4 python ...      # cluster_mlp_fwd_cl.cu with 4 CTAs per head (CL=8: the same file with 8)
+    CL=4 python ...      # 4 CTAs per head (default 8)
     PROFILE_ONLY=1 ncu -k regex:cluster_mlp_fwd python docs/bench/s19_cluster_spike/bench_cluster_fwd.py
 """
 import json
@@ -25,19 +25,21 @@ bh = b * h
 
 
 def smem_bytes(cl):
-    """cluster_mlp_fwd_cl.cu's dynamic shared memory at cluster size ``cl``."""
+    """cluster_mlp_fwd.cu's dynamic shared memory at cluster size ``cl``."""
     bf, own = F // cl, C // cl
     return 4 * (bf * 132 + 128 * (bf + 4) + 64 * 132 + 64 * (bf + 4) + bf * 80 + 64 * 132 + (cl - 1) * own * 128)
 
 
-CLUSTER = int(os.environ.get("CL", "8"))  # CTAs per head; CL=4 or 8 selects cluster_mlp_fwd_cl.cu
-if "CL" in os.environ:
-    src = f"#define CL {CLUSTER}\n" + open(os.path.join(here, "cluster_mlp_fwd_cl.cu")).read()
-    SMEM = smem_bytes(CLUSTER)
-else:
-    src = open(os.environ.get("KERNEL", os.path.join(here, "cluster_mlp_fwd.cu"))).read()
+# CTAs per head (8 or 4) for cluster_mlp_fwd.cu; KERNEL=file.cu runs another (8 CTAs per head,
+# its shared memory from its "SMEM_BYTES:" line; earlier versions: see README.md)
+CLUSTER = 8 if "KERNEL" in os.environ else int(os.environ.get("CL", "8"))
+if "KERNEL" in os.environ:
+    src = open(os.environ["KERNEL"]).read()
     SMEM = int(src.split("SMEM_BYTES:")[1].split()[0]) if "SMEM_BYTES:" in src else 223232  # (v1-v3: 223232)
-kern = torch.cuda._compile_kernel(src, "cluster_mlp_fwd", compute_capability="90a")
+else:
+    src = f"#define CL {CLUSTER}\n" + open(os.path.join(here, "cluster_mlp_fwd.cu")).read()
+    SMEM = smem_bytes(CLUSTER)
+kern = torch.cuda._compile_kernel(src, "cluster_mlp_fwd", compute_capability="90a", cuda_include_dirs=[here])
 kern.set_shared_memory_config(SMEM)
 prec = S._precision(dev, allow_bf16=True)
 rb, opts, _, _ = S._forward_chain_tiles(C, prec)

@@ -7,15 +7,12 @@
 //   mode 2: the writes and the three release/acquire barriers only
 //   mode 3: three release/acquire barriers only
 //   mode 4: three relaxed barriers only, no fence
-#define BAR_RA() asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory")
+#include "cluster_common.cuh"
+
+#define BAR_RA() cluster_sync()
 #define BAR_RX() asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory")
 #define FENCE() asm volatile("fence.acq_rel.cluster;" ::: "memory")
 
-__device__ __forceinline__ unsigned remote_addr(const void* p, unsigned rank) {
-  unsigned local = (unsigned)__cvta_generic_to_shared(p), remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
-  return remote;
-}
 __device__ __forceinline__ float4 ld_remote4(unsigned addr) {
   float4 v;
   asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
@@ -27,8 +24,7 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256)
 cluster_allreduce2(float* out, int chunks, int mode) {
   __shared__ __align__(16) float part[64 * 128];  // this CTA's partial, 32 KB
   __shared__ __align__(16) float slice[8 * 128];  // this CTA's rows of the sum
-  unsigned rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const unsigned rank = cluster_rank();
   const bool relaxed = mode == 1 || mode == 4;
   float acc = 0.f;
   for (int c = 0; c < chunks; ++c) {
@@ -38,7 +34,7 @@ cluster_allreduce2(float* out, int chunks, int mode) {
     if (mode <= 1) {  // reduce-scatter: thread t sums float4 t of this CTA's 8 rows over the 8 CTAs
       float4 v[8];
 #pragma unroll
-      for (unsigned r = 0; r < 8; ++r) v[r] = ld_remote4(remote_addr(&part[rank * 1024 + threadIdx.x * 4], r));
+      for (unsigned r = 0; r < 8; ++r) v[r] = ld_remote4(remote(&part[rank * 1024 + threadIdx.x * 4], r));
       float4 s = v[0];
 #pragma unroll
       for (int r = 1; r < 8; ++r) { s.x += v[r].x; s.y += v[r].y; s.z += v[r].z; s.w += v[r].w; }
@@ -48,7 +44,7 @@ cluster_allreduce2(float* out, int chunks, int mode) {
     if (mode <= 1) {  // all-gather: float4 t of CTA r's rows, for each r
       float4 v[8];
 #pragma unroll
-      for (unsigned r = 0; r < 8; ++r) v[r] = ld_remote4(remote_addr(&slice[threadIdx.x * 4], r));
+      for (unsigned r = 0; r < 8; ++r) v[r] = ld_remote4(remote(&slice[threadIdx.x * 4], r));
 #pragma unroll
       for (int r = 0; r < 8; ++r) acc += v[r].x + v[r].y + v[r].z + v[r].w;
     }
@@ -68,14 +64,6 @@ __device__ __forceinline__ void st_async4(unsigned addr, float4 v, unsigned bar)
   asm volatile("st.async.shared::cluster.mbarrier::complete_tx::bytes.v4.f32 [%0], {%1, %2, %3, %4}, [%5];"
                :: "r"(addr), "f"(v.x), "f"(v.y), "f"(v.z), "f"(v.w), "r"(bar) : "memory");
 }
-__device__ __forceinline__ void expect_bytes(unsigned bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void wait_phase(unsigned bar, unsigned parity) {
-  asm volatile("{\n\t.reg .pred p;\n\tWAIT_%=:\n\t"
-               "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 p, [%0], %1;\n\t"
-               "@!p bra WAIT_%=;\n\t}" :: "r"(bar), "r"(parity) : "memory");
-}
 
 extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256)
 cluster_allreduce_push(float* out, int chunks) {
@@ -83,15 +71,10 @@ cluster_allreduce_push(float* out, int chunks) {
   float* slots = dyn;            // 8 senders' partials of this CTA's 8 rows
   float* gather = dyn + 8 * 1024;  // the 8 owners' summed rows
   __shared__ __align__(8) unsigned long long bars[2];
-  unsigned rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const unsigned rank = cluster_rank();
   const unsigned bar_rs = (unsigned)__cvta_generic_to_shared(&bars[0]);
   const unsigned bar_ag = (unsigned)__cvta_generic_to_shared(&bars[1]);
-  if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar_rs));
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar_ag));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  init_exchange_barriers(bars);
   BAR_RA();  // once: every CTA's barriers initialised before anyone sends
   const unsigned t = threadIdx.x;
   float acc = 0.f;
@@ -104,7 +87,7 @@ cluster_allreduce_push(float* out, int chunks) {
       float4 v = make_float4((float)((i + c + rank) & 7), (float)((i + 1 + c + rank) & 7),
                              (float)((i + 2 + c + rank) & 7), (float)((i + 3 + c + rank) & 7));
       if (r == rank) reinterpret_cast<float4*>(slots)[rank * 256 + t] = v;
-      else st_async4(remote_addr(&slots[rank * 1024 + t * 4], r), v, remote_addr(&bars[0], r));
+      else st_async4(remote(&slots[rank * 1024 + t * 4], r), v, remote(&bars[0], r));
     }
     __syncthreads();  // own slot written
     wait_phase(bar_rs, parity);
@@ -118,7 +101,7 @@ cluster_allreduce_push(float* out, int chunks) {
 #pragma unroll
     for (unsigned r = 0; r < 8; ++r) {
       if (r == rank) reinterpret_cast<float4*>(gather)[rank * 256 + t] = s;
-      else st_async4(remote_addr(&gather[rank * 1024 + t * 4], r), s, remote_addr(&bars[1], r));
+      else st_async4(remote(&gather[rank * 1024 + t * 4], r), s, remote(&bars[1], r));
     }
     __syncthreads();
     wait_phase(bar_ag, parity);
@@ -137,11 +120,6 @@ cluster_allreduce_push(float* out, int chunks) {
 // thread sends each owner its 4 KB row block with one cp.async.bulk (shared::cta → shared::cluster,
 // completion counted on the owner's mbarrier); the all-gather likewise. Same lockstep argument as
 // above, which also keeps a source block from being rewritten before its copies have read it.
-__device__ __forceinline__ void bulk_to_rank(unsigned dst, const void* src, unsigned bytes, unsigned bar) {
-  asm volatile("cp.async.bulk.shared::cluster.shared::cta.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(dst), "r"((unsigned)__cvta_generic_to_shared(src)), "r"(bytes), "r"(bar) : "memory");
-}
-
 extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(256)
 cluster_allreduce_bulk(float* out, int chunks) {
   extern __shared__ __align__(128) float dyn[];  // 100 KB, dynamic
@@ -150,15 +128,10 @@ cluster_allreduce_bulk(float* out, int chunks) {
   float* part = dyn + 16 * 1024;    // this CTA's partial of all 64 rows
   float* mine = dyn + 24 * 1024;    // this CTA's summed rows
   __shared__ __align__(8) unsigned long long bars[2];
-  unsigned rank;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  const unsigned rank = cluster_rank();
   const unsigned bar_rs = (unsigned)__cvta_generic_to_shared(&bars[0]);
   const unsigned bar_ag = (unsigned)__cvta_generic_to_shared(&bars[1]);
-  if (threadIdx.x == 0) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar_rs));
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar_ag));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
+  init_exchange_barriers(bars);
   BAR_RA();
   const unsigned t = threadIdx.x;
   float acc = 0.f;
@@ -176,7 +149,7 @@ cluster_allreduce_bulk(float* out, int chunks) {
     if (t == 0) {
       expect_bytes(bar_rs, 7 * 4096);
       for (unsigned r = 0; r < 8; ++r)
-        if (r != rank) bulk_to_rank(remote_addr(&slots[rank * 1024], r), part + r * 1024, 4096, remote_addr(&bars[0], r));
+        if (r != rank) bulk_copy(remote(&slots[rank * 1024], r), part + r * 1024, 4096, remote(&bars[0], r));
     }
     wait_phase(bar_rs, parity);
     float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -192,7 +165,7 @@ cluster_allreduce_bulk(float* out, int chunks) {
     if (t == 0) {
       expect_bytes(bar_ag, 7 * 4096);
       for (unsigned r = 0; r < 8; ++r)
-        if (r != rank) bulk_to_rank(remote_addr(&gather[rank * 1024], r), mine, 4096, remote_addr(&bars[1], r));
+        if (r != rank) bulk_copy(remote(&gather[rank * 1024], r), mine, 4096, remote(&bars[1], r));
     }
     wait_phase(bar_ag, parity);
 #pragma unroll
