@@ -53,6 +53,22 @@ cluster_allreduce2(float* out, int chunks, int mode) {
   out[blockIdx.x * 256 + threadIdx.x] = acc;
 }
 
+// The test data: element i of CTA rank's share in chunk c (float4 from i), and the sum of a float4
+// over this CTA's 8 slots.
+__device__ __forceinline__ float4 test_share(int i, int c, unsigned rank) {
+  return make_float4((float)((i + c + rank) & 7), (float)((i + 1 + c + rank) & 7),
+                     (float)((i + 2 + c + rank) & 7), (float)((i + 3 + c + rank) & 7));
+}
+__device__ __forceinline__ float4 sum_slots(const float* slots, unsigned t) {
+  float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int r = 0; r < 8; ++r) {
+    const float4 v = reinterpret_cast<const float4*>(slots)[r * 256 + t];
+    s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
+  }
+  return s;
+}
+
 // Push model: each CTA sends its partial's row blocks straight into their owners' shared memory
 // with st.async (16 bytes a thread, completion counted in bytes on the owner's mbarrier), the
 // owner sums the 8 slots and sends its summed rows to every CTA the same way. No cluster barrier
@@ -83,20 +99,13 @@ cluster_allreduce_push(float* out, int chunks) {
     if (t == 0) expect_bytes(bar_rs, 7 * 4096);
 #pragma unroll
     for (unsigned r = 0; r < 8; ++r) {  // my partial of owner r's rows: float4 t of them
-      const int i = r * 1024 + t * 4;
-      float4 v = make_float4((float)((i + c + rank) & 7), (float)((i + 1 + c + rank) & 7),
-                             (float)((i + 2 + c + rank) & 7), (float)((i + 3 + c + rank) & 7));
+      const float4 v = test_share(r * 1024 + t * 4, c, rank);
       if (r == rank) reinterpret_cast<float4*>(slots)[rank * 256 + t] = v;
       else st_async4(remote(&slots[rank * 1024 + t * 4], r), v, remote(&bars[0], r));
     }
     __syncthreads();  // own slot written
     wait_phase(bar_rs, parity);
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      float4 v = reinterpret_cast<float4*>(slots)[r * 256 + t];
-      s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-    }
+    const float4 s = sum_slots(slots, t);
     if (t == 0) expect_bytes(bar_ag, 7 * 4096);
 #pragma unroll
     for (unsigned r = 0; r < 8; ++r) {
@@ -139,9 +148,7 @@ cluster_allreduce_bulk(float* out, int chunks) {
     const unsigned parity = c & 1;
 #pragma unroll
     for (unsigned r = 0; r < 8; ++r) {
-      const int i = r * 1024 + t * 4;
-      float4 v = make_float4((float)((i + c + rank) & 7), (float)((i + 1 + c + rank) & 7),
-                             (float)((i + 2 + c + rank) & 7), (float)((i + 3 + c + rank) & 7));
+      const float4 v = test_share(r * 1024 + t * 4, c, rank);
       reinterpret_cast<float4*>(r == rank ? slots + rank * 1024 : part + r * 1024)[t] = v;
     }
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the copies (async proxy) see the stores
@@ -152,12 +159,7 @@ cluster_allreduce_bulk(float* out, int chunks) {
         if (r != rank) bulk_copy(remote(&slots[rank * 1024], r), part + r * 1024, 4096, remote(&bars[0], r));
     }
     wait_phase(bar_rs, parity);
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-    for (int r = 0; r < 8; ++r) {
-      float4 v = reinterpret_cast<float4*>(slots)[r * 256 + t];
-      s.x += v.x; s.y += v.y; s.z += v.z; s.w += v.w;
-    }
+    const float4 s = sum_slots(slots, t);
     reinterpret_cast<float4*>(mine)[t] = s;
     reinterpret_cast<float4*>(gather)[rank * 256 + t] = s;
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
