@@ -43,6 +43,22 @@
 
 #include "cluster_common.cuh"
 
+// One thread's pair of adjacent state entries through a chunk's update: W (shared memory, at w)
+// and S (registers) from the update sums pa, ps, then both to their slot in global memory.
+__device__ __forceinline__ void update_pair(float* w, float* S, const float* pa, const float* ps, float a_keep,
+                                            float a_mom, float s_keep, float* w_out, float* s_out, bool store) {
+  float2 x = *reinterpret_cast<float2*>(w);
+  x.x = a_keep * x.x + a_mom * S[0] + pa[0];
+  x.y = a_keep * x.y + a_mom * S[1] + pa[1];
+  S[0] = s_keep * S[0] + ps[0];
+  S[1] = s_keep * S[1] + ps[1];
+  *reinterpret_cast<float2*>(w) = x;
+  if (store) {
+    *reinterpret_cast<float2*>(w_out) = x;
+    *reinterpret_cast<float2*>(s_out) = make_float2(S[0], S[1]);
+  }
+}
+
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(256, 1)
 cluster_mlp_fwd(const float* __restrict__ k, const float* __restrict__ v, float* __restrict__ pk,
                 float* __restrict__ w1, float* __restrict__ w2, float* __restrict__ s1, float* __restrict__ s2,
@@ -238,17 +254,9 @@ cluster_mlp_fwd(const float* __restrict__ k, const float* __restrict__ v, float*
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int u = u1 + g + 8 * h, d = dp + 8 * j + 2 * t4;
-          float2 w = *reinterpret_cast<float2*>(&W1[u * LDR + d]);
-          float* S = &S1r[ps_][j][2 * h];
-          w.x = a_keep * w.x + a_mom * S[0] + pa[j][2 * h];
-          w.y = a_keep * w.y + a_mom * S[1] + pa[j][2 * h + 1];
-          S[0] = s_keep * S[0] + ps[j][2 * h];
-          S[1] = s_keep * S[1] + ps[j][2 * h + 1];
-          *reinterpret_cast<float2*>(&W1[u * LDR + d]) = w;
-          if (store_state) {
-            *reinterpret_cast<float2*>(&w1[next + (size_t)(f0 + u) * D_ + d]) = w;
-            *reinterpret_cast<float2*>(&s1[next + (size_t)(f0 + u) * D_ + d]) = make_float2(S[0], S[1]);
-          }
+          const size_t out = next + (size_t)(f0 + u) * D_ + d;
+          update_pair(&W1[u * LDR + d], &S1r[ps_][j][2 * h], &pa[j][2 * h], &ps[j][2 * h], a_keep, a_mom, s_keep,
+                      &w1[out], &s1[out], store_state);
         }
     }
     // W2, S2 += E^T diag(-w) Ak, in passes of 32 units; E and Ak read 4 bytes at a time
@@ -261,17 +269,9 @@ cluster_mlp_fwd(const float* __restrict__ k, const float* __restrict__ v, float*
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int d = d2 + g + 8 * h, f = 32 * ps_ + 8 * j + 2 * t4;
-          float2 w = *reinterpret_cast<float2*>(&W2[d * LDW + f]);
-          float* S = &S2r[ps_][j][2 * h];
-          w.x = a_keep * w.x + a_mom * S[0] + pa[j][2 * h];
-          w.y = a_keep * w.y + a_mom * S[1] + pa[j][2 * h + 1];
-          S[0] = s_keep * S[0] + ps[j][2 * h];
-          S[1] = s_keep * S[1] + ps[j][2 * h + 1];
-          *reinterpret_cast<float2*>(&W2[d * LDW + f]) = w;
-          if (store_state) {
-            *reinterpret_cast<float2*>(&w2[next + (size_t)d * F_ + f0 + f]) = w;
-            *reinterpret_cast<float2*>(&s2[next + (size_t)d * F_ + f0 + f]) = make_float2(S[0], S[1]);
-          }
+          const size_t out = next + (size_t)d * F_ + f0 + f;
+          update_pair(&W2[d * LDW + f], &S2r[ps_][j][2 * h], &pa[j][2 * h], &ps[j][2 * h], a_keep, a_mom, s_keep,
+                      &w2[out], &s2[out], store_state);
         }
     }
     __syncthreads();
