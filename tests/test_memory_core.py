@@ -362,6 +362,10 @@ def test_long_stream_bf16_stays_finite(preset: str):
         (dict(alpha_init=1.5), "alpha_init must be in \\(0, 1\\), got 1.5"),
         (dict(backprop_span=100), "backprop_span must be a positive multiple of chunk_size=64 .* got 100"),
         (dict(backprop_span=0), "backprop_span must be a positive multiple of chunk_size=64 .* got 0"),
+        (dict(theta_max=math.inf), "theta_max must be finite and > 0 .* got inf"),
+        (dict(architecture=MemoryArchitectureConfig(residual_norm=True, norm_eps=-1.0)), "norm_eps must be finite and > 0, got -1.0"),
+        (dict(architecture=MemoryArchitectureConfig(activation="relu")), "unknown memory activation 'relu'; valid: gelu, silu"),
+        (dict(dtype="float8"), "unknown parameter dtype 'float8'; valid: .*bfloat16"),
     ],
 )
 def test_bad_config_errors(kwargs, match):
@@ -369,6 +373,36 @@ def test_bad_config_errors(kwargs, match):
     d_model = kwargs.pop("d_model", 32)
     with pytest.raises(ValueError, match=match):
         NeuralMemoryConfig(d_model=d_model, **kwargs).build()
+
+
+def test_dtype_as_string_and_eta_ignored_without_momentum():
+    """A string dtype works like the enum; the gd presets have no η gate, so η values aren't checked."""
+    m = NeuralMemoryConfig(d_model=32, dtype="bfloat16").build()
+    assert m.w_q.weight.dtype == torch.bfloat16
+    cfg = NeuralMemoryConfig.from_preset("yaad", d_model=32, eta_max=0.5)
+    assert not cfg.optimizer.uses_momentum
+    assert cfg.build().w_eta is None
+    with pytest.raises(ValueError, match="eta_init must be below eta_max=0.5, got 0.8"):
+        NeuralMemoryConfig.from_preset("titans", d_model=32, eta_max=0.5).build()
+
+
+def test_state_dtype_and_device_checked():
+    m = build("titans", chunk_size=8).double()
+    x = torch.randn(1, 10, 24, dtype=torch.float64)
+    with pytest.raises(ValueError, match="memory state is torch.float32 on cpu, but torch.float64 input on cpu needs a torch.float64 state"):
+        m(x, m.init_state(1))
+    y, s = m(x, m.init_state(1, dtype=torch.float64))
+    assert s.accum[0].dtype == torch.float64
+
+
+def test_reference_impl_refuses_inference_mode():
+    m = build("titans", chunk_size=8, impl="reference")
+    x = torch.randn(1, 10, 24)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode.*torch.no_grad"):
+        m(x)
+    with torch.no_grad():
+        y, _ = m(x)
+    assert torch.isfinite(y).all()
 
 
 def test_unknown_preset():

@@ -75,8 +75,13 @@ class MemoryArchitectureConfig(Config):
             raise ValueError(f"memory depth must be an integer in 1..4, got {self.depth!r}")
         if not self.expansion > 0:
             raise ValueError(f"memory expansion must be > 0, got {self.expansion!r}")
-        if ActivationName(self.activation) not in tuple(ActivationName):
-            raise ValueError(f"unknown activation {self.activation!r}")
+        try:
+            ActivationName(self.activation)
+        except ValueError:
+            valid = ", ".join(a.value for a in ActivationName)
+            raise ValueError(f"unknown memory activation {self.activation!r}; valid: {valid}") from None
+        if not (self.norm_eps > 0 and math.isfinite(self.norm_eps)):
+            raise ValueError(f"norm_eps must be finite and > 0, got {self.norm_eps!r}")
 
     def layer_shapes(self, head_dim: int) -> List[Tuple[int, int]]:
         """``(d_out, d_in)`` of each weight matrix."""

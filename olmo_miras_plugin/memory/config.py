@@ -183,18 +183,27 @@ class NeuralMemoryConfig(Config):
             raise ValueError(f"chunk_size must be a positive integer, got {self.chunk_size!r}")
         if not isinstance(self.conv_kernel, int) or self.conv_kernel < 0:
             raise ValueError(f"conv_kernel must be an integer >= 0 (0 disables), got {self.conv_kernel!r}")
-        if not self.theta_max > 0:
-            raise ValueError(f"theta_max must be > 0, got {self.theta_max!r}")
+        if not (self.theta_max > 0 and math.isfinite(self.theta_max)):
+            raise ValueError(
+                f"theta_max must be finite and > 0 (the inner step θ needs a cap), got {self.theta_max!r}"
+            )
         if not 0 < self.theta_init < self.theta_max:
             raise ValueError(f"theta_init must be in (0, theta_max={self.theta_max}), got {self.theta_init!r}")
-        for name in ("eta_init", "alpha_init"):
-            val = getattr(self, name)
-            if not 0 < val < 1:
-                raise ValueError(f"{name} must be in (0, 1), got {val!r}")
-        if not 0 < self.eta_max <= 1:
-            raise ValueError(f"eta_max must be in (0, 1] (1: no cap), got {self.eta_max!r}")
-        if not self.eta_init < self.eta_max:
-            raise ValueError(f"eta_init must be below eta_max={self.eta_max}, got {self.eta_init!r}")
+        if not 0 < self.alpha_init < 1:
+            raise ValueError(f"alpha_init must be in (0, 1), got {self.alpha_init!r}")
+        # η exists only with a momentum optimizer; the gd presets (moneta, yaad, memora) ignore it.
+        if self.optimizer.uses_momentum:
+            if not 0 < self.eta_init < 1:
+                raise ValueError(f"eta_init must be in (0, 1), got {self.eta_init!r}")
+            if not 0 < self.eta_max <= 1:
+                raise ValueError(f"eta_max must be in (0, 1] (1: no cap), got {self.eta_max!r}")
+            if not self.eta_init < self.eta_max:
+                raise ValueError(f"eta_init must be below eta_max={self.eta_max}, got {self.eta_init!r}")
+        valid_dtypes = ", ".join(d.value for d in DType)
+        try:
+            DType(self.dtype)
+        except ValueError:
+            raise ValueError(f"unknown parameter dtype {self.dtype!r}; valid: {valid_dtypes}") from None
         if self.backprop_span is not None and (
             not isinstance(self.backprop_span, int)
             or self.backprop_span <= 0
@@ -217,13 +226,12 @@ class NeuralMemoryConfig(Config):
             raise ValueError("residual_norm needs depth >= 1")
 
     def gate_biases(self) -> Dict[str, float]:
-        """Biases that make each gate start at its ``*_init`` value."""
+        """Biases that make each gate start at its ``*_init`` value (η only with momentum)."""
         logit = lambda p: math.log(p) - math.log1p(-p)  # noqa: E731
-        return {
-            "theta": logit(self.theta_init / self.theta_max),
-            "eta": logit(self.eta_init / self.eta_max),
-            "alpha": logit(self.alpha_init),
-        }
+        biases = {"theta": logit(self.theta_init / self.theta_max), "alpha": logit(self.alpha_init)}
+        if self.optimizer.uses_momentum:
+            biases["eta"] = logit(self.eta_init / self.eta_max)
+        return biases
 
     def signature(self) -> str:
         """Identifies configs whose states are interchangeable."""

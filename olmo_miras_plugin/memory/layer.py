@@ -7,6 +7,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from olmo_core.config import DType
 
 from . import fusion, triton_scan
 from .config import MemoryImpl, NeuralMemoryConfig
@@ -43,7 +44,7 @@ class NeuralMemory(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        dtype = config.dtype.as_pt()
+        dtype = DType(config.dtype).as_pt()
         h, d, dm = config.n_heads, config.resolved_head_dim, config.d_model
         self.n_heads, self.head_dim, self.d_model = h, d, dm
         self.chunk_size = config.chunk_size
@@ -132,6 +133,13 @@ class NeuralMemory(nn.Module):
             )
         if state.batch_size != x.shape[0]:
             raise ValueError(f"memory state has batch size {state.batch_size} but the input has {x.shape[0]}")
+        want = _inner_dtype(x.dtype)
+        have = state.accum[0]
+        if have.dtype != want or have.device != x.device:
+            raise ValueError(
+                f"memory state is {have.dtype} on {have.device}, but {x.dtype} input on {x.device} needs a "
+                f"{want} state on {x.device}: make it with layer.init_state(batch, device=x.device, dtype=x.dtype)"
+            )
 
     # ------------------------------------------------------------------ forward
     def _gate_projections(self) -> List[nn.Linear]:

@@ -69,6 +69,11 @@ def reference_scan(
 
     ``k, v, q``: ``(batch, n_heads, seq, head_dim)``. Returns ``(batch, n_heads, seq, head_dim)``.
     """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "impl='reference' takes its inner gradients with autograd, which torch.inference_mode() "
+            "turns off; run it under torch.no_grad() instead, or use impl='chunked'"
+        )
     arch, objective, retention, optimizer = rule
     accum, momentum, read, pos = list(state.accum), state.momentum, list(state.read_weights), state.position
     momentum = None if momentum is None else list(momentum)
