@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Dict, List, Optional, Set, Tuple
+
 import torch
 
 from olmo_miras_plugin.blocks import MemoryBlockType
@@ -50,19 +56,62 @@ def patch_triton_interpreter_for_numpy() -> None:
     interp._patch_lang_tensor = patched
 
 
-def run_interpreted(test_file: str) -> None:
-    """Rerun ``test_file``'s non-GPU tests with ``TRITON_INTERPRET=1`` in a subprocess (Triton reads
-    it at first import, and setting it for the whole session would also interpret inductor's
-    kernels on a GPU machine); fail with its output unless they all pass."""
-    import os
-    import subprocess
-    import sys
+_INTERPRETER_TIMEOUT_S = 900
+# Interpreter suites started ahead of their test (tests/conftest.py): abspath -> Future[(rc, output)].
+_interpreted_runs: Dict[str, "Future[Tuple[int, str]]"] = {}
+_interpreter_pool: Optional[ThreadPoolExecutor] = None
+_running: Set[subprocess.Popen] = set()
 
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+
+def _run_interpreter_subprocess(test_file: str) -> Tuple[int, str]:
+    """Rerun ``test_file``'s non-GPU tests with ``TRITON_INTERPRET=1`` (Triton reads it at first
+    import, and setting it for the whole session would also interpret inductor's kernels on a GPU
+    machine). One torch thread: the interpreter is single-threaded Python, and it runs beside the
+    main session."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "pytest", test_file, "-q", "-p", "no:cacheprovider", "-m", "not gpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _running.add(proc)
+    try:
+        out, _ = proc.communicate(timeout=_INTERPRETER_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        return -9, f"{out}\n(killed: the interpreter suite ran past {_INTERPRETER_TIMEOUT_S} s)"
+    finally:
+        _running.discard(proc)
+    return proc.returncode, out
+
+
+def start_interpreted_in_background(test_files: List[str]) -> None:
+    """Start the interpreter suites now, one after another in a background thread, so they overlap
+    the rest of the session (~5 of CI's ~11 minutes on 2 cores); :func:`run_interpreted` then
+    waits for its file's result."""
+    global _interpreter_pool
+    if _interpreter_pool is None:
+        _interpreter_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="triton-interpret")
+    for f in test_files:
+        key = os.path.abspath(f)
+        if key not in _interpreted_runs:
+            _interpreted_runs[key] = _interpreter_pool.submit(_run_interpreter_subprocess, key)
+
+
+def stop_interpreted() -> None:
+    """Cancel suites not started and kill running ones (end of session, e.g. after ``-x``)."""
+    for fut in _interpreted_runs.values():
+        fut.cancel()
+    for proc in list(_running):
+        proc.kill()
+    if _interpreter_pool is not None:
+        _interpreter_pool.shutdown(wait=True)
+
+
+def run_interpreted(test_file: str) -> None:
+    """The result of ``test_file``'s interpreter suite (started in the background by the session,
+    or run here); fail with its output unless all its tests passed."""
+    fut = _interpreted_runs.get(os.path.abspath(test_file))
+    rc, out = fut.result() if fut is not None else _run_interpreter_subprocess(test_file)
+    assert rc == 0, out
     assert " passed" in out and " failed" not in out, out
 
 

@@ -39,6 +39,7 @@ from olmo_miras_plugin.eval.harness import (
     position_loss,
     run_suite,
     suite_preset,
+    supports_streaming,
 )
 from olmo_miras_plugin.eval.recall_experiment import (
     RecallExperimentConfig,
@@ -99,6 +100,32 @@ def test_streamed_scores_equal_whole_and_reference(mag_model: torch.nn.Module) -
         assert a.predicted_ids == b.predicted_ids == c.predicted_ids
         assert a.query_correct == b.query_correct == c.query_correct
     assert [x.__dict__ for x in ref.cells] == [x.__dict__ for x in whole.cells]
+
+
+def test_hf_export_streams_in_the_harness_and_keeps_its_tokenizer(mag_model: torch.nn.Module, tmp_path: Path) -> None:
+    """An exported HF model streams through a MirasCache (same scores as the OLMo-core model fed
+    whole), loads without a trust-remote-code prompt, and names the tokenizer it was trained with
+    even when the directory has no tokenizer files."""
+    from olmo_miras_plugin.hf import convert_to_hf
+    from olmo_miras_plugin.tokenizer import byte_tokenizer_config
+
+    cfg = tiny_miras(
+        VOCAB, d_model=32, n_layers=2, n_heads=2, window=16,
+        memory=MirasMemoryConfig(block_type="mag", layers=[0], chunk_size=8),
+    )
+    hf_dir = tmp_path / "hf"
+    convert_to_hf(mag_model, hf_dir, config=cfg, tokenizer_config=byte_tokenizer_config(), validate=False)
+    for f in hf_dir.glob("*token*"):
+        f.unlink()
+    loaded = load_model_for_eval(hf_dir, "cpu")
+    assert loaded.kind == "hf" and loaded.tokenizer_spec == "bytes"
+    assert supports_streaming(loaded.model)
+    examples = _mixed_examples()
+    whole = evaluate_examples(mag_model, examples, batch_size=3)
+    streamed = evaluate_examples(loaded.model, examples, batch_size=3, segment_len=13)
+    for a, b in zip(whole.examples, streamed.examples):
+        assert b.answer_logprob == pytest.approx(a.answer_logprob, abs=1e-3)
+        assert a.predicted_ids == b.predicted_ids
 
 
 def test_position_loss_streamed_equals_reference(mag_model: torch.nn.Module) -> None:
@@ -247,6 +274,14 @@ def test_evaluate_cli_on_a_saved_tiny_checkpoint(tmp_path: Path, capsys: pytest.
     assert "does not exist" in capsys.readouterr().err and not missing_out.exists()
     assert evaluate_main([str(ckpt), "--tasks", "nope", "--device", "cpu", "--output-dir", str(missing_out)]) == 2
     assert "unknown task" in capsys.readouterr().err
+    # found before any model is loaded, not after the evaluation
+    argv = [str(ckpt), "--tasks", "ppl", "--device", "cpu", "--no-progress"]
+    assert evaluate_main(argv + ["--ppl-source", str(tmp_path / "nope.txt"), "--output-dir", str(missing_out)]) == 2
+    err = capsys.readouterr().err
+    assert "perplexity.source=" in err and "is not a file; use 'stdlib'" in err and "loading" not in err
+    assert evaluate_main(argv + ["--output-dir", str(text)]) == 2
+    err = capsys.readouterr().err
+    assert "doc.txt' is a file; give a directory" in err and "loading" not in err
 
 
 def test_mqar_training_batch_matches_the_eval_layout() -> None:
@@ -282,6 +317,29 @@ def test_recall_experiment_quick_end_to_end(tmp_path: Path, capsys: pytest.Captu
         assert all(0.0 <= c["query_accuracy"] <= 1.0 for c in m["cells"])
     for f in ("recall_vs_distance.png", "recall_vs_pairs.png", "table.txt", "mag_titans/model.pt"):
         assert (out / f).is_file(), f
+
+
+def test_recall_experiment_checks_eval_settings_and_records_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import olmo_miras_plugin.eval.recall_experiment as rx
+
+    with pytest.raises(ValueError, match="eval_segment_len=0 must be >= 1"):
+        RecallExperimentConfig.quick(eval_segment_len=0).validate()
+    with pytest.raises(ValueError, match="device='foo'"):
+        RecallExperimentConfig.quick(device="foo").validate()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(rx, "evaluate_examples", broken)
+    out = tmp_path / "crash"
+    cfg = RecallExperimentConfig.quick(output_dir=str(out), steps=2, variants=parse_variants("mag:titans"))
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        rx.run_experiment(cfg, printer=lambda s: None)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["status"] == "failed" and saved["error"] == "RuntimeError: evaluation broke"
+    assert (out / "mag_titans" / "model.pt").is_file()  # the trained model is kept
 
 
 def test_recall_experiment_time_budget_and_interrupt(tmp_path: Path) -> None:

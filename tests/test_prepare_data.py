@@ -318,6 +318,9 @@ def test_errors_name_the_bad_value(tmp_path: Path):
             assert str(tmp_path) in str(e.value)  # names the file
     with pytest.raises(PrepareDataError, match="fields present: body"):
         prepare_data(cfg([tmp_path / "nofield.jsonl"], tmp_path / "o"))
+    (tmp_path / "afile").write_text("not a directory")
+    with pytest.raises(PrepareDataError, match="output directory .*afile' is an existing file; give a directory"):
+        prepare_data(cfg([tmp_path / "nofield.jsonl"], tmp_path / "afile"))
     # A directory walk skips unknown extensions instead of failing.
     (tmp_path / "onlybin" / "note.md").write_text("kept")
     kept = prepare_data(cfg([tmp_path / "onlybin"], tmp_path / "o2"))

@@ -1002,6 +1002,8 @@ def prepare_data(config: PrepareDataConfig) -> PreparedData:
     """
     config.validate()
     output_dir = Path(config.output_dir).expanduser()
+    if output_dir.exists() and not output_dir.is_dir():
+        raise PrepareDataError(f"output directory {str(output_dir)!r} is an existing file; give a directory")
     files = resolve_input_files(
         config.inputs,
         extra_text_extensions=config.extra_text_extensions,

@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -110,6 +111,10 @@ class PerplexityConfig(Config):
             raise ValueError(f"perplexity.doc_length={self.doc_length} must be >= 2")
         if self.n_docs < 1:
             raise ValueError(f"perplexity.n_docs={self.n_docs} must be >= 1")
+        if self.source != "stdlib" and not Path(self.source).is_file():
+            raise ValueError(
+                f"perplexity.source={self.source!r} is not a file; use 'stdlib' or a path to a UTF-8 text file"
+            )
 
 
 @dataclass
@@ -280,9 +285,14 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
     return dev
 
 
+def _is_hf_miras(model: ModelLike) -> bool:
+    """An exported ``OlmoMirasForCausalLM``: it streams through a ``MirasCache``, not block state."""
+    return isinstance(model, nn.Module) and getattr(getattr(model, "config", None), "model_type", None) == "olmo_miras"
+
+
 def supports_streaming(model: ModelLike) -> bool:
-    """Whether ``model`` can carry state between calls (has miras stateful mixers)."""
-    return isinstance(model, nn.Module) and bool(memory_state_modules(model))
+    """Whether ``model`` can carry state between calls (miras stateful mixers, or an HF olmo-miras model)."""
+    return isinstance(model, nn.Module) and (bool(memory_state_modules(model)) or _is_hf_miras(model))
 
 
 def _model_device(model: ModelLike) -> Optional[torch.device]:
@@ -344,6 +354,13 @@ def _forward_pieces(
     t = ids.shape[1]
     if segment_len is None or segment_len >= t:
         yield 0, fn(ids)
+        return
+    if _is_hf_miras(model):
+        from ..hf.modeling_olmo_miras import MirasCache
+
+        cache = MirasCache(config=model.config)  # type: ignore[union-attr]
+        for s in range(0, t, segment_len):
+            yield s, model(ids[:, s : s + segment_len], cache=cache, use_cache=True).logits  # type: ignore[operator]
         return
     with carry_memory_states(model):  # type: ignore[arg-type]
         for s in range(0, t, segment_len):
@@ -806,24 +823,19 @@ def _load_hf(p: Path, dev: torch.device) -> LoadedModel:
         from transformers import AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover
         raise CheckpointFormatError("Hugging Face checkpoints need 'transformers' (pip install 'olmo-miras[hf]')") from e
+    # Registers the olmo_miras classes first, so transformers doesn't ask to trust remote code.
+    from .. import hf as _register_hf  # noqa: F401
 
-    def load() -> nn.Module:
-        return AutoModelForCausalLM.from_pretrained(str(p), torch_dtype=torch.float32)
-
-    try:
-        model = load()
-    except (ValueError, KeyError) as first:
-        try:
-            import importlib
-
-            importlib.import_module("olmo_miras_plugin.hf")  # registers the memory model classes
-        except ImportError:
-            raise CheckpointFormatError(
-                f"transformers can't load '{p}' ({first}); memory-model HF checkpoints need "
-                "olmo_miras_plugin.hf, which is not installed in this version"
-            ) from first
-        model = load()
-    return LoadedModel(model.to(dev), "hf", str(p), str(p))
+    model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
+    # The tokenizer it was trained with (recorded at export), else the directory's own files.
+    ident = getattr(model.config, "miras_tokenizer", None)
+    if ident == "olmo-miras/bytes":
+        tokenizer: Optional[str] = "bytes"
+    elif (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+        tokenizer = str(p)
+    else:
+        tokenizer = ident
+    return LoadedModel(model.to(dev), "hf", str(p), tokenizer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -927,6 +939,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.output_dir or Path("runs/eval") / _label(args.checkpoints[0]).replace("/", "_"))
+    if out.exists() and not out.is_dir():  # found now, not after the evaluation
+        print(f"error: --output-dir {str(out)!r} is a file; give a directory", file=sys.stderr)
+        return 2
     all_results: Dict[str, Any] = {"suite": suite.as_config_dict(), "device": str(device), "models": {}}
     for k, ckpt in enumerate(args.checkpoints):
         print(f"== loading {ckpt}", file=sys.stderr, flush=True)
@@ -963,7 +978,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
               file=sys.stderr, flush=True)
         try:
             res = run_suite(loaded.model, run, tokenizer=tok, device=device, progress=not args.no_progress)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             print(f"error while evaluating {ckpt}: {e}", file=sys.stderr)
             return 2
         entry = res.to_dict(include_examples=False)
@@ -979,7 +994,9 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves nothing behind
-    (out / "results.json").write_text(json.dumps(all_results, indent=1, default=str))
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(all_results, indent=1, default=str))
+    os.replace(tmp, out / "results.json")  # atomic: an old results.json is replaced whole or kept
     written = [out / "results.json"]
     try:
         from .plot import plot_accuracy, plot_position_loss

@@ -302,6 +302,12 @@ class RecallExperimentConfig(Config):
         for name in ("steps", "batch_size", "log_every", "eval_n_per_cell", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.eval_segment_len is not None and self.eval_segment_len < 1:
+            raise ValueError(f"eval_segment_len={self.eval_segment_len} must be >= 1 (or None: whole sequences)")
+        try:
+            resolve_device(self.device)  # found before training, not after
+        except RuntimeError as e:
+            raise ValueError(f"device={self.device!r}: {e}") from None
         if not 0 < self.curriculum_frac <= 1:
             raise ValueError(f"curriculum_frac={self.curriculum_frac} must be in (0, 1]")
         if not 0 < self.curriculum_level_step <= 1 or self.curriculum_check_every < 1:
@@ -826,6 +832,8 @@ def run_experiment(cfg: RecallExperimentConfig, printer: Any = print) -> Dict[st
             if variant.block_type is not None:
                 trained_steps.append(int(info["steps"]))
             entry["train"] = info
+            # Saved before the evaluation, so a failing evaluation never loses a trained model.
+            save_model(model, mc, out / variant.name.replace(":", "_"), {"recall_experiment": cfg.as_config_dict()})
             t_eval = time.monotonic()
             res = evaluate_examples(
                 model, examples, batch_size=cfg.eval_batch_size, segment_len=cfg.eval_segment_len,
@@ -834,15 +842,19 @@ def run_experiment(cfg: RecallExperimentConfig, printer: Any = print) -> Dict[st
             entry["eval_seconds"] = round(time.monotonic() - t_eval, 2)
             entry["cells"] = _cells(res)
             entry["summary"] = {"accuracy": res.accuracy(), "query_accuracy": _mean_query_acc(res.cells)}
-            save_model(model, mc, out / variant.name.replace(":", "_"), {"recall_experiment": cfg.as_config_dict()})
             printer(f"[recall] {variant.name} evaluated in {entry['eval_seconds']:.1f}s\n{format_table(res)}")
             _write_json(out / "results.json", results)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    except BaseException as e:  # recorded, so results.json never says "done" after a crash
+        results["error"] = f"{type(e).__name__}: {e}"
+        results["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+        raise
     finally:
         stop.restore()
-        results["status"] = "interrupted" if stop.requested else "done"
+        if results["status"] == "running":
+            results["status"] = "interrupted" if stop.requested else "done"
         results["seconds"] = round(time.monotonic() - t_start, 2)
         try:
             results["plots"] = _plots(results, cfg, out)
