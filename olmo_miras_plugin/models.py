@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Set
 
 import torch
 import torch.nn as nn
@@ -57,6 +57,14 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+_warned: Set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Config resolution runs several times per launch (dry run, build); say it once."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 MEMORY_PARAM_MARKER = ".miras."
 """Every memory parameter's name contains this; no base parameter's does."""
@@ -178,7 +186,18 @@ class MirasMemoryConfig(Config):
 
     def resolve_layers(self, n_layers: int) -> List[int]:
         """The memory layer indices, validated against ``n_layers``."""
+        if not isinstance(self.every, int) or self.every <= 0:
+            raise OLMoConfigurationError(f"memory.every must be a positive integer, got {self.every!r}")
+        if not isinstance(self.offset, int) or not 0 <= self.offset < self.every:
+            raise OLMoConfigurationError(
+                f"memory.offset must be in 0..{self.every - 1} (every={self.every}), got {self.offset!r}"
+            )
         if self.layers is not None:
+            if (self.every, self.offset) != (4, 0):
+                _warn_once(
+                    f"memory.layers={list(self.layers)} is set, so every={self.every} / offset={self.offset} "
+                    "are not used (set --model.memory.layers=null to place memory by every/offset)"
+                )
             layers = [int(i) for i in self.layers]
             for i in layers:
                 if not 0 <= i < n_layers:
@@ -189,12 +208,6 @@ class MirasMemoryConfig(Config):
             if dups:
                 raise OLMoConfigurationError(f"memory layers listed more than once: {dups}")
         else:
-            if not isinstance(self.every, int) or self.every <= 0:
-                raise OLMoConfigurationError(f"memory.every must be a positive integer, got {self.every!r}")
-            if not isinstance(self.offset, int) or not 0 <= self.offset < self.every:
-                raise OLMoConfigurationError(
-                    f"memory.offset must be in 0..{self.every - 1} (every={self.every}), got {self.offset!r}"
-                )
             layers = list(range(self.offset, n_layers, self.every))
         if not layers:
             raise OLMoConfigurationError(f"no memory layers selected for a {n_layers}-layer model")

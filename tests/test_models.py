@@ -227,6 +227,7 @@ def test_parameter_report_logged_and_freeze_base(caplog):
         (["memory.layers=[1,1]"], r"memory layers listed more than once: \[1\]"),
         (["memory.layers=null", "memory.every=0"], "memory.every must be a positive integer, got 0"),
         (["memory.layers=null", "memory.every=2", "memory.offset=2"], r"memory.offset must be in 0..1"),
+        (["memory.layers=[1]", "memory.every=0"], "memory.every must be a positive integer, got 0"),
         (["memory.block_type=titans"], "unknown memory block type 'titans'; valid: mal, mag, mac, lm2"),
         (["memory.preset=atlas"], "unknown memory preset 'atlas'; valid presets: titans, moneta, yaad, memora"),
         (["memory.n_heads=3"], "memory: d_model=32 is not divisible by n_heads=3"),
@@ -238,6 +239,13 @@ def test_parameter_report_logged_and_freeze_base(caplog):
 def test_bad_model_config_errors(change: List[str], match: str):
     with pytest.raises((ValueError, OLMoConfigurationError), match=match):
         small().merge(change).build()
+
+
+def test_layers_override_every_and_say_so(caplog: pytest.LogCaptureFixture):
+    cfg = small().merge(["memory.layers=[2]", "memory.every=2", "memory.offset=1"])
+    with caplog.at_level("WARNING", logger="olmo_miras_plugin.models"):
+        assert cfg.memory.resolve_layers(4) == [2]
+    assert "memory.layers=[2] is set, so every=2 / offset=1 are not used" in caplog.text
 
 
 def test_tiny_heads_must_divide():

@@ -96,6 +96,19 @@ def test_resume_matches_uninterrupted_run_step_by_step(runs: Tuple[Path, Path]) 
         assert stitched_loss[step] == straight["loss"][step], f"loss differs at step {step}"
 
 
+def test_rerunning_a_finished_run_does_nothing(
+    runs: Tuple[Path, Path], corpus_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A requeued or repeated command (``make demo`` twice) must not fail re-saving the last step."""
+    straight, _ = runs
+    before = sorted(p.name for p in straight.iterdir())
+    with caplog.at_level("INFO", logger="olmo_miras_plugin.train.experiment"):
+        train(experiment(corpus_dir, straight, "rerun"))
+    assert f"already holds the final checkpoint (step {STEPS} of {STEPS})" in caplog.text
+    assert not RECORDS.get("rerun", {}).get("loss")  # no step trained
+    assert sorted(p.name for p in straight.iterdir()) == before
+
+
 def test_checkpoint_holds_memory_weights_and_optimizer_state(runs: Tuple[Path, Path]) -> None:
     straight, resumed = runs
     keys = [

@@ -157,6 +157,13 @@ def test_overrides_use_olmo_core_merge(corpus_dir: Path, tmp_path: Path) -> None
         load_experiment("tiny_miras", ["--train_module.dp_config={name: ddp}"])
     with pytest.raises(OverrideError, match=r"'train_module.dp_config' is None"):
         load_experiment("tiny_miras", ["--train_module.dp_config.name=fsdp"])
+    # A bare --key is True to OLMo-core, which an int or float field would take as 1.
+    with pytest.raises(OverrideError, match=r"'--train_module.optim.lr' has no value: write --train_module.optim.lr=VALUE"):
+        load_experiment("tiny_miras", ["--train_module.optim.lr"])
+    assert not load_experiment("tiny_miras", ["--trainer.callbacks.wandb.enabled=false"]).trainer.callbacks["wandb"].enabled
+    assert load_experiment(
+        "tiny_miras", ["--trainer.callbacks.wandb.enabled=false", "--trainer.callbacks.wandb.enabled"]
+    ).trainer.callbacks["wandb"].enabled  # a boolean may be a bare flag
 
 
 def test_experiment_file_convention(tmp_path: Path) -> None:
@@ -231,6 +238,30 @@ def test_param_groups_freeze_and_only_trainable_in_optimizer(corpus_dir: Path, t
     assert (mem_group["lr"], mem_group["weight_decay"]) == (1e-3, 0.05)
     assert (gate_group["lr"], gate_group["weight_decay"]) == (2e-3, 0.0)
     assert all(by_id[id(params[n])] is gate_group for n in groups.gates)
+
+    # The config's own override on some memory parameters changes only the options it names; they
+    # keep memory_lr (it used to hand them the base LR silently).
+    from dataclasses import replace
+
+    from olmo_core.optim import OptimGroupOverride
+
+    from olmo_miras_plugin.train.train_module import memory_group_overrides
+
+    own = list(config.train_module.optim.group_overrides or [])
+    optim = replace(config.train_module.optim, lr=2e-5, group_overrides=own + [
+        OptimGroupOverride(params=["*.miras.norm.weight"], opts={"weight_decay": 0.0})
+    ])
+    kw = dict(memory_lr=1e-3, memory_weight_decay=0.05, gate_lr=2e-3, gate_weight_decay=0.0)
+    built = memory_group_overrides(tm.model, optim, **kw).build(tm.model)
+    by_id = {id(p): g for g in built.param_groups for p in g["params"]}
+    norms = [n for n in groups.memory if n.endswith(".miras.norm.weight")]
+    assert norms and all((by_id[id(params[n])]["lr"], by_id[id(params[n])]["weight_decay"]) == (1e-3, 0.0) for n in norms)
+    others = [n for n in groups.memory if n not in norms]
+    assert all((by_id[id(params[n])]["lr"], by_id[id(params[n])]["weight_decay"]) == (1e-3, 0.05) for n in others)
+    assert sum(len(g["params"]) for g in built.param_groups) == len(groups.memory + groups.gates)
+    bad = replace(optim, group_overrides=[OptimGroupOverride(params=["*.miras.norm.weight", "nope*"], opts={})])
+    with pytest.raises(OLMoConfigurationError, match="pattern 'nope\\*' does not match any parameters"):
+        memory_group_overrides(tm.model, bad, **kw)
 
     # one step: the frozen base doesn't move, the memory does
     before = {n: p.detach().clone() for n, p in tm.model.named_parameters()}

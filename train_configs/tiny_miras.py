@@ -4,7 +4,8 @@ Titans MAG memory layer on the Python stdlib's source, offline, on a 2-core CPU 
     python scripts/train.py tiny_miras                       # ~200 steps, checkpoint in runs/tiny_miras
     python scripts/train.py tiny_miras --dry-run
     WANDB_MODE=offline python scripts/train.py tiny_miras --trainer.callbacks.wandb.enabled=true
-    torchrun --nproc-per-node=2 scripts/train.py tiny_miras --train_module.dp_config='{name: fsdp}'
+    torchrun --nproc-per-node=2 scripts/train.py tiny_miras --train_module.dp_config='{name: fsdp}' \
+        --train_module.rank_microbatch_size=2048      # each rank takes half of the 8 instances
 
 Run again with the same save folder and it resumes from the latest checkpoint (OLMo-core's
 trainer); ``--trainer.save_folder=runs/other`` starts a fresh run.

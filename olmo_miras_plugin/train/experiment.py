@@ -371,6 +371,13 @@ def train(config: MirasExperimentConfig) -> None:
             callback.config = config.as_config_dict()
             break
     check_preset_revision(trainer, config)
+    done = _completed_step(trainer)
+    if done is not None:
+        # OLMo-core would load it, train no step, then fail re-saving the same final step.
+        log.info(f"'{trainer.save_folder}' already holds the final checkpoint (step {done:,d} of "
+                 f"{trainer.max_steps:,d}): training is complete, nothing to do. Raise "
+                 "--trainer.max_duration.value to train further, or pick another --trainer.save_folder.")
+        return
     try:
         trainer.fit()
     except CheckpointMismatchError as e:
@@ -378,6 +385,18 @@ def train(config: MirasExperimentConfig) -> None:
         if hint:
             raise CheckpointMismatchError(f"{e}\n{hint}") from e
         raise
+
+
+def _completed_step(trainer: Any) -> Optional[int]:
+    """The step of the save folder's latest checkpoint if it is at or past the run's last step."""
+    if not trainer.checkpointer.contains_checkpoint(trainer.save_folder):
+        return None
+    name = str(trainer.checkpointer.latest_checkpoint(trainer.save_folder)).rstrip("/").rsplit("/", 1)[-1]
+    try:
+        step, max_steps = int(name[len("step"):]), trainer.max_steps
+    except (ValueError, RuntimeError):  # not a stepN folder, or a duration in tokens
+        return None
+    return step if max_steps is not None and step >= max_steps else None
 
 
 def _flatten(d: Any, prefix: str = "") -> Dict[str, Any]:

@@ -93,6 +93,19 @@ def _check_key(data: Any, key: str, root_name: str) -> None:
         )
 
 
+def _value_at(data: Any, key: str) -> Any:
+    """The current value at a dotted key that :func:`_check_key` accepted (``None`` if new)."""
+    node = data
+    for part in key.split("."):
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, (list, tuple)):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
 def _merge(config: C, overrides: Sequence[str]) -> C:
     try:
         return config.merge(list(overrides))
@@ -108,9 +121,19 @@ def apply_overrides(config: C, overrides: Optional[Sequence[str]], root_name: st
         return config
     data = config.as_dict(include_class_name=True, include_registered_name=True)
     for arg in overrides:
-        if not override_key(arg):
+        key = override_key(arg)
+        if not key:
             raise OverrideError(f"bad override {arg!r}: expected --dotted.key=value")
-        _check_key(data, override_key(arg), root_name)
+        _check_key(data, key, root_name)
+        if "=" not in arg:
+            # OLMo-core reads a bare --key as True, and True passes as 1 in an int or float field
+            # (--train_module.optim.lr would train at lr=1): only booleans may be set that way.
+            current = _value_at(data, key)
+            if not isinstance(current, bool):
+                raise OverrideError(
+                    f"override '{arg}' has no value: write --{key}=VALUE (only a boolean can be set by a "
+                    f"bare flag; '{key}' is {current!r})"
+                )
     try:
         return _merge(config, overrides)
     except OverrideError as e:

@@ -130,19 +130,49 @@ def memory_group_overrides(
     gate_weight_decay: Optional[float] = None,
 ) -> OptimConfig:
     """A copy of ``optim`` whose ``group_overrides`` add a memory group and a gate group (exact
-    parameter names of ``model``), after the config's own overrides, which keep precedence."""
+    parameter names of ``model``) after the config's own overrides.
+
+    Where one of the config's own overrides also matches memory or gate parameters, those get the
+    memory (gate) options updated by that override's, so e.g. ``{weight_decay: 0.0}`` on memory norms
+    keeps ``memory_lr``: the override is split by parameter role into exact-name groups.
+    """
     groups = classify_parameters(model)
-    own = list(optim.group_overrides or [])
-    claimed = {n for go in own for pat in go.params for n in groups.memory + groups.gates if fnmatch(n, pat)}
-    extra: List[OptimGroupOverride] = []
+    role_opts: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+    for role, names, opts in (
+        ("memory", groups.memory, _opts(memory_lr, memory_weight_decay)),
+        ("gates", groups.gates, _opts(gate_lr, gate_weight_decay)),
+    ):
+        role_opts.update({n: (role, opts) for n in names})
+    all_names = [n for n, _ in model.named_parameters()]
+    trainable = groups.memory + groups.gates + groups.base
+    out: List[OptimGroupOverride] = []
+    claimed: Set[str] = set()
+    for g_idx, go in enumerate(optim.group_overrides or []):
+        matched = [n for n in trainable if any(fnmatch(n, pat) for pat in go.params)]
+        if not any(n in role_opts for n in matched):
+            out.append(go)  # no memory parameter in it: passed on as written
+            continue
+        for pat in go.params:  # what OLMo-core would check on the patterns we replace by names
+            if not any(fnmatch(n, pat) for n in all_names):
+                raise OLMoConfigurationError(
+                    f"optim group {g_idx} override pattern '{pat}' does not match any parameters"
+                )
+        base = [n for n in matched if n not in role_opts]
+        if base:
+            out.append(OptimGroupOverride(params=base, opts=dict(go.opts)))
+        for role in ("memory", "gates"):
+            names = [n for n in matched if n in role_opts and role_opts[n][0] == role]
+            if names:
+                out.append(OptimGroupOverride(params=names, opts={**role_opts[names[0]][1], **go.opts}))
+        claimed.update(matched)
     for names, opts in (
         (groups.memory, _opts(memory_lr, memory_weight_decay)),
         (groups.gates, _opts(gate_lr, gate_weight_decay)),
     ):
         names = [n for n in names if n not in claimed]
         if names:
-            extra.append(OptimGroupOverride(params=names, opts=opts))
-    return replace(optim, group_overrides=own + extra if own or extra else None)
+            out.append(OptimGroupOverride(params=names, opts=opts))
+    return replace(optim, group_overrides=out or None)
 
 
 class _DropRecord(logging.Filter):
