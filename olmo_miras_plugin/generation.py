@@ -28,6 +28,8 @@ Two back ends with one interface (:class:`StatefulLM`):
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, List, Optional, Union
@@ -49,6 +51,24 @@ __all__ = [
     "stateful_lm",
     "stream",
 ]
+
+
+def _check_max_kv_context(max_kv_context: Optional[int]) -> None:
+    if max_kv_context is not None and (
+        isinstance(max_kv_context, bool) or not isinstance(max_kv_context, numbers.Integral) or max_kv_context < 0
+    ):
+        raise ValueError(f"max_kv_context must be None (no cap) or an integer >= 0, got {max_kv_context!r}")
+
+
+def _check_sampling(temperature: float, top_k: Optional[int]) -> None:
+    """Refuse what would otherwise be silently changed: a negative temperature is not greedy, a
+    top-k below 1 is not "all tokens"."""
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not (
+        math.isfinite(temperature) and temperature >= 0
+    ):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+        raise ValueError(f"top_k must be None (all tokens) or an integer >= 1, got {top_k!r}")
 
 
 class StatefulLM:
@@ -133,6 +153,7 @@ class OLMoCoreStatefulLM(StatefulLM):
                 "the model can't carry state across segments: build it from MirasModelConfig with "
                 f"stream_attention=True (plain attention layers: {plain[:4] or 'n/a'})"
             )
+        _check_max_kv_context(max_kv_context)
         self.model = model
         self.vocab_size = int(model.vocab_size)
         self._saved_caps = {}
@@ -176,6 +197,7 @@ class HFStatefulLM(StatefulLM):
 
         if not hasattr(model, "config") or getattr(model.config, "model_type", None) != "olmo_miras":
             raise ValueError(f"expected an olmo-miras Hugging Face model, got {type(model).__name__}")
+        _check_max_kv_context(max_kv_context)
         self.model = model
         self.vocab_size = int(model.config.vocab_size)
         self._make_cache = lambda: MirasCache(config=model.config, max_kv_context=max_kv_context)
@@ -256,7 +278,8 @@ def sample_next(
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """Next tokens ``(batch, 1)``: argmax for ``temperature == 0``, else sampling (optionally top-k)."""
-    if temperature <= 0:
+    _check_sampling(temperature, top_k)
+    if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k is not None and 0 < top_k < logits.shape[-1]:
@@ -287,6 +310,7 @@ def decode(
     """Decode up to ``max_new_tokens`` from ``logits`` (the logits after the last fed token),
     feeding each new token back; stops early once every row has produced ``eos_token_id``
     (finished rows are padded with it). Returns the new tokens ``(batch, n_new)``."""
+    _check_sampling(temperature, top_k)
     out: List[torch.Tensor] = []
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     t0 = time.perf_counter()
@@ -336,6 +360,7 @@ def generate(
         raise ValueError(f"input_ids must be (batch, len) with len > 0, got {tuple(input_ids.shape)}")
     if segment_len <= 0:
         raise ValueError(f"segment_len must be positive, got {segment_len}")
+    _check_sampling(temperature, top_k)  # before the prefill, not after it
     owned = not isinstance(model, StatefulLM)
     lm = stateful_lm(model, max_kv_context=max_kv_context)
     try:

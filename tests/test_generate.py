@@ -200,6 +200,7 @@ def test_generate_cli_streams_a_long_file_from_checkpoint_and_hf_dir(tmp_path, c
         assert stats["new_tokens"] == len(want[0]) - ids.shape[1]
         assert stats["peak_memory_bytes"] > 0 and stats["prefill_tokens_per_second"] > 0
         assert "tok/s" in out.err and "peak memory" in out.err
+        assert not list(tmp_path.glob(".*.tmp*"))  # written via a temporary file, none left behind
     assert outputs == [want_text, want_text]
 
     # The exported tokenizer.json gives the same answer.
@@ -209,3 +210,73 @@ def test_generate_cli_streams_a_long_file_from_checkpoint_and_hf_dir(tmp_path, c
 
     assert generate_main([str(ckpt), "--input", str(tmp_path / "missing.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_generate_cli_rejects_bad_arguments_before_loading(tmp_path, capsys):
+    """Each is refused up front (the model path doesn't even exist) with one line naming the value,
+    never a traceback or a silent change (temperature -1 is not greedy, top-k 0 is not "all")."""
+    missing_model = str(tmp_path / "no_model")
+    cases = [
+        (["--temperature", "-1"], "argument --temperature: must be a finite number >= 0, got -1"),
+        (["--temperature", "nan"], "argument --temperature: must be a finite number >= 0, got nan"),
+        (["--top-k", "0"], "argument --top-k: must be an integer >= 1, got 0"),
+        (["--top-k", "-4"], "argument --top-k: must be an integer >= 1, got -4"),
+        (["--max-kv-context", "-3"], "argument --max-kv-context: must be an integer >= 0, got -3"),
+        (["--device", "foo"], "--device 'foo': expected auto, cpu, cuda or cuda:N"),
+        (["--device", "mps"], "--device 'mps': expected auto, cpu, cuda or cuda:N"),
+        (["--stats-json", str(tmp_path / "nonexistent" / "s.json")], f"directory {tmp_path / 'nonexistent'} doesn't exist"),
+        (["--stats-json", str(tmp_path)], "is a directory"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device 'cuda': CUDA is not available on this machine"))
+    for extra, message in cases:
+        with pytest.raises(SystemExit) as e:
+            generate_main([missing_model, "--prompt", "hi", *extra])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err, (extra, err)
+
+
+def test_generate_cli_hf_dir_without_weights_is_a_user_error(tmp_path, capsys):
+    cfg = small("mag")
+    convert_to_hf(build(cfg), tmp_path / "hf", config=cfg, validate=False)
+    empty = tmp_path / "no_weights"
+    empty.mkdir()
+    (empty / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    assert generate_main([str(empty), "--prompt", "hi", "--tokenizer", "bytes", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model.safetensors" in err and "Traceback" not in err
+
+
+def test_library_rejects_bad_sampling_and_cache_arguments():
+    from olmo_miras_plugin.generation import decode, sample_next
+
+    cfg = small("mag", window=None)
+    model = build(cfg)
+    hf = hf_of(cfg, model)
+    logits = torch.randn(1, 259)
+    for kwargs, message in (
+        (dict(temperature=-1.0), "temperature must be a finite number >= 0 .*got -1.0"),
+        (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+        (dict(temperature=1.0, top_k=0), "top_k must be None .*or an integer >= 1, got 0"),
+        (dict(temperature=1.0, top_k=-4), "top_k must be None .*or an integer >= 1, got -4"),
+        (dict(top_k=0), "top_k must be None"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            sample_next(logits, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            decode(None, logits, 3, **kwargs)
+        for m in (model, hf):
+            with pytest.raises(ValueError, match=message):
+                generate(m, prompt(5, batch=1), 3, **kwargs)
+    assert sample_next(logits, temperature=0.0).shape == (1, 1)
+    caps = {n: m.max_kv_context for n, m in model.named_modules() if hasattr(m, "max_kv_context")}
+    for bad in (-3, 1.5):
+        with pytest.raises(ValueError, match=f"max_kv_context must be None .*integer >= 0, got {bad}"):
+            OLMoCoreStatefulLM(model, max_kv_context=bad)
+        with pytest.raises(ValueError, match=f"max_kv_context must be None .*integer >= 0, got {bad}"):
+            HFStatefulLM(hf, max_kv_context=bad)
+        with pytest.raises(ValueError, match="max_kv_context must be None"):
+            generate(model, prompt(5, batch=1), 3, max_kv_context=bad)
+    # Nothing was left half-applied on the model.
+    assert caps == {n: m.max_kv_context for n, m in model.named_modules() if hasattr(m, "max_kv_context")}
+    assert torch.equal(generate(model, prompt(5, batch=1), 3, max_kv_context=0)[:, :5], prompt(5, batch=1))

@@ -371,3 +371,89 @@ def test_hf_side_failures(tmp_path):
     with pytest.raises(ValueError, match="padding"):
         hf = hf_in_memory(cfg, model)
         hf(tokens(2, 6), attention_mask=torch.tensor([[0, 1, 1, 1, 1, 1], [1] * 6]))
+
+
+def test_non_positive_sizes_are_refused_before_anything_is_written(tmp_path, capsys):
+    """A size <= 0 would be exported and only fail in generate() ("split_size be non-negative");
+    0 is not a "default" either: refused by the API and the CLI, naming the value."""
+    cfg = small("mag")
+    model = build(cfg)
+    for name in ("max_position_embeddings", "prefill_chunk_size"):
+        for bad in (0, -3):
+            with pytest.raises(ValueError, match=f"{name} must be a positive integer .*got {bad}"):
+                convert_to_hf(model, tmp_path / "out", config=cfg, validate=False, **{name: bad})
+    with pytest.raises(ValueError, match="max_position_embeddings must be a positive integer"):
+        hf_config_from_miras(cfg, max_position_embeddings=-1)
+    assert not (tmp_path / "out").exists()
+    for flag in ("--prefill-chunk-size", "--max-position-embeddings"):
+        for bad in ("0", "-3"):
+            with pytest.raises(SystemExit) as e:
+                convert_to_hf_main([str(tmp_path / "ckpt"), str(tmp_path / "out"), flag, bad])
+            assert e.value.code == 2
+            err = capsys.readouterr().err
+            assert f"argument {flag}: must be an integer >= 1, got {bad}" in err and "Traceback" not in err
+
+
+def test_output_path_that_is_a_file_fails_clearly(tmp_path, capsys):
+    cfg = small("mal")
+    model = build(cfg)
+    hf_dir = tmp_path / "hf"
+    convert_to_hf(model, hf_dir, config=cfg, validate=False)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match=f"output {afile} exists and is not a directory"):
+            convert_to_hf(model, afile, config=cfg, validate=False, overwrite=overwrite)
+        with pytest.raises(FileExistsError, match=f"output {afile} exists and is not a directory"):
+            convert_from_hf(hf_dir, afile, overwrite=overwrite)
+        flags = ["--overwrite"] if overwrite else []
+        ckpt = write_checkpoint(tmp_path / f"step{int(overwrite)}", cfg, model)
+        for main, src in ((convert_to_hf_main, ckpt), (convert_from_hf_main, hf_dir)):
+            assert main([str(src), str(afile), *flags]) == 2
+            err = capsys.readouterr().err
+            assert f"error: output {afile} exists and is not a directory" in err and "Traceback" not in err
+    assert afile.read_text() == "keep me"
+
+
+def test_hf_settings_survive_hf_olmo_core_hf(tmp_path):
+    """max_position_embeddings and prefill_chunk_size are HF-only: convert_from_hf records them in
+    config.json ("hf") so that exporting the checkpoint again gives them back (none stays none)."""
+    cfg = small("mag")
+    model = build(cfg)
+    convert_to_hf(model, tmp_path / "hf", config=cfg, max_position_embeddings=96, prefill_chunk_size=24, validate=False)
+    convert_from_hf(tmp_path / "hf", tmp_path / "oc")
+    assert json.loads((tmp_path / "oc" / "config.json").read_text())["hf"] == {
+        "max_position_embeddings": 96,
+        "prefill_chunk_size": 24,
+    }
+    assert convert_to_hf_main([str(tmp_path / "oc"), str(tmp_path / "hf2"), "--no-validate"]) == 0
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["max_position_embeddings"] == 96
+    assert json.loads((tmp_path / "hf2" / "generation_config.json").read_text())["prefill_chunk_size"] == 24
+    # Explicit values still win.
+    convert_to_hf(tmp_path / "oc", tmp_path / "hf3", prefill_chunk_size=8, max_position_embeddings=40, validate=False)
+    assert json.loads((tmp_path / "hf3" / "config.json").read_text())["max_position_embeddings"] == 40
+    assert json.loads((tmp_path / "hf3" / "generation_config.json").read_text())["prefill_chunk_size"] == 8
+    # An export without a prefill_chunk_size gets none back.
+    convert_to_hf(model, tmp_path / "plain", config=cfg, validate=False)
+    convert_from_hf(tmp_path / "plain", tmp_path / "plain_oc")
+    convert_to_hf(tmp_path / "plain_oc", tmp_path / "plain2", validate=False)
+    assert "prefill_chunk_size" not in json.loads((tmp_path / "plain2" / "generation_config.json").read_text())
+    assert json.loads((tmp_path / "plain2" / "config.json").read_text())["max_position_embeddings"] == 65536
+
+
+def test_text_outputs_are_written_atomically(tmp_path, monkeypatch):
+    from olmo_miras_plugin.hf.convert import _write_text_atomic
+
+    target = tmp_path / "config.json"
+    target.write_text("old")
+
+    def interrupted(src, dst):
+        raise OSError("interrupted")
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(OSError, match="interrupted"):
+        _write_text_atomic(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+    monkeypatch.undo()
+    _write_text_atomic(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["config.json"]

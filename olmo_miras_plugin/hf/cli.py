@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import resource
 import sys
@@ -35,12 +36,59 @@ def _user_errors() -> Tuple[type, ...]:
     from .checkpoint import CheckpointError
     from .convert import ConversionError
 
-    return (CheckpointError, ConversionError, FileExistsError, FileNotFoundError, ValueError)
+    # OSError: also what transformers raises for an HF directory without weights.
+    return (CheckpointError, ConversionError, OSError, ValueError)
 
 
 def _fail(e: BaseException) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def _int_at_least(lo: int) -> Any:
+    """An argparse ``type``: an integer >= ``lo`` (argparse then says which option got what)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
+        return v
+
+    return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
+def _check_device(spec: str) -> torch.device:
+    """``--device``, checked before anything is loaded; ``ValueError`` naming the value otherwise."""
+    from ..eval.harness import resolve_device
+
+    valid = "expected auto, cpu, cuda or cuda:N"
+    try:
+        requested = None if spec == "auto" else torch.device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r}: {valid}") from None
+    if requested is not None and requested.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {spec!r}: {valid}")
+    try:
+        device = resolve_device(spec)
+    except RuntimeError:
+        raise ValueError(f"--device {spec!r}: CUDA is not available on this machine (use --device cpu)") from None
+    n = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= n:
+        raise ValueError(f"--device {spec!r}: this machine has {n} CUDA device(s) (cuda:0 to cuda:{n - 1})")
+    return device
 
 
 # ---------------------------------------------------------------------------------------------- convert
@@ -54,8 +102,8 @@ def convert_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the weights (default: keep the checkpoint's)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to include (default: the checkpoint's)")
-    p.add_argument("--max-position-embeddings", type=int, help="default: the training sequence length")
-    p.add_argument("--prefill-chunk-size", type=int, help="generate()'s default prompt segment length")
+    p.add_argument("--max-position-embeddings", type=_int_at_least(1), help="default: the training sequence length")
+    p.add_argument("--prefill-chunk-size", type=_int_at_least(1), help="generate()'s default prompt segment length")
     p.add_argument("--no-validate", action="store_true", help="skip the HF vs OLMo-core logits comparison")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = p.parse_args(argv)
@@ -263,12 +311,12 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     cap = p.add_mutually_exclusive_group()
     cap.add_argument(
         "--max-kv-context",
-        type=int,
+        type=_int_at_least(0),
         help="full-attention layers carry at most this many past keys/values (default: the sliding window, or 4096)",
     )
     cap.add_argument("--exact", action="store_true", help="no cap: exact, but memory grows with the input")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=int)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=_int_at_least(1), help="sample from the K most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="model dtype (default: float32)")
@@ -291,9 +339,18 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         p.error("--segment-len must be > 0 and --max-new-tokens >= 0")
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
+    try:
+        device = _check_device(args.device)
+    except ValueError as e:
+        p.error(str(e))
+    # Checked now, not after all the reading and generating.
+    stats_path = Path(args.stats_json) if args.stats_json else None
+    if stats_path is not None and stats_path.is_dir():
+        p.error(f"--stats-json {stats_path}: is a directory")
+    if stats_path is not None and not stats_path.parent.is_dir():
+        p.error(f"--stats-json {stats_path}: directory {stats_path.parent} doesn't exist")
     if args.input is not None and not Path(args.input).is_file():
         return _fail(FileNotFoundError(f"--input {args.input}: no such file"))
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
     try:
         t_load = time.perf_counter()
         model, kind, info = load_any_model(args.model, device=str(device), dtype=_DTYPES[args.dtype] if args.dtype else None)
@@ -394,6 +451,8 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         f"kv cap {kv_cap if kv_cap is not None else 'none (exact)'}",
         file=sys.stderr,
     )
-    if args.stats_json:
-        Path(args.stats_json).write_text(json.dumps(report, indent=2) + "\n")
+    if stats_path is not None:
+        from .convert import _write_text_atomic
+
+        _write_text_atomic(stats_path, json.dumps(report, indent=2) + "\n")
     return 0

@@ -19,14 +19,18 @@ OLMo-core → HF (:func:`convert_to_hf`):
 HF → OLMo-core (:func:`convert_from_hf`): the reverse renaming (OLMo-core's
 ``convert_state_from_hf`` for the base), loaded strictly into the OLMo-core model, saved as an
 OLMo-core checkpoint (``model_and_optim/``, what ``--pretrained.path`` / ``trainer.load_path``
-read) with ``config.json`` holding the ``MirasModelConfig`` under ``"model"`` and the tokenizer
-config under ``"tokenizer"``. Weights are read with safetensors only.
+read) with ``config.json`` holding the ``MirasModelConfig`` under ``"model"``, the tokenizer
+config under ``"tokenizer"`` and the HF-only settings (``max_position_embeddings``,
+``prefill_chunk_size``) under ``"hf"``, so converting back restores them. Weights are read with
+safetensors only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import numbers
+import os
 import re
 import shutil
 import warnings
@@ -111,6 +115,33 @@ class LoadedCheckpoint:
     def segment_length(self) -> Optional[int]:
         v = (self.experiment.get("train_module") or {}).get("segment_length")
         return v if isinstance(v, int) and v > 0 else None
+
+    def _hf_setting(self, name: str) -> Optional[int]:
+        v = (self.experiment.get("hf") or {}).get(name)
+        return v if isinstance(v, int) and v > 0 else None
+
+    def max_position_embeddings(self) -> Optional[int]:
+        """The HF ``max_position_embeddings`` to export with: the one recorded by
+        :func:`convert_from_hf`, else the training sequence length."""
+        return self._hf_setting("max_position_embeddings") or self.sequence_length()
+
+    def prefill_chunk_size(self) -> Optional[int]:
+        """``generate()``'s default prompt segment: the one recorded by :func:`convert_from_hf` (a
+        model that came from HF keeps what it had, none included), else the training segment or
+        sequence length."""
+        if isinstance(self.experiment.get("hf"), dict):
+            return self._hf_setting("prefill_chunk_size")
+        return self.segment_length() or self.sequence_length()
+
+
+def _check_size(name: str, value: Any) -> Optional[int]:
+    """``None`` (the default) or an integer > 0: a size <= 0 would be written into the export and
+    only fail later, in ``generate()``."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer (or None for the default), got {value!r}")
+    return int(value)
 
 
 def miras_config_from_dict(model_dict: Any, where: str) -> MirasModelConfig:
@@ -267,7 +298,7 @@ def hf_config_from_miras(
     fields = {k: v for k, v in base.to_dict().items() if k not in ("model_type", "transformers_version", "architectures")}
     first = next(iter(model.blocks.values()))
     fields["head_dim"] = first.attention.head_dim
-    fields["max_position_embeddings"] = max_position_embeddings or 65536
+    fields["max_position_embeddings"] = _check_size("max_position_embeddings", max_position_embeddings) or 65536
     for name, value in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id)):
         fields[name] = value
     hf = OlmoMirasConfig(
@@ -389,13 +420,27 @@ def _copy_tokenizer(src: Path, out_dir: Path) -> List[str]:
 
 
 # ---------------------------------------------------------------------------------------------- OLMo-core → HF
+def _check_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Before any work: the output must be a directory (or not exist yet), empty unless ``overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output {out_dir} exists and is not a directory (remove it or choose another path)")
+    if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+
+
 def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
-        if not out_dir.is_dir():
-            raise FileExistsError(f"{out_dir} is not a directory")
+    _check_output_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file + ``os.replace``: an interrupted run leaves no half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def convert_to_hf(
@@ -419,13 +464,17 @@ def convert_to_hf(
     :param tokenizer: a directory with ``tokenizer.json`` to include (default: the checkpoint's, if any).
     :param tokenizer_config: for an in-memory model, the OLMo-core ``TokenizerConfig`` (or its dict)
         it was trained with (special token ids; the byte tokenizer's is exported as files).
-    :param prefill_chunk_size: ``generate()``'s default prompt segment (memory written as it goes);
-        default: the training segment or sequence length.
+    :param max_position_embeddings: > 0; default: the one recorded by :func:`convert_from_hf`, else
+        the training sequence length, else 65536.
+    :param prefill_chunk_size: ``generate()``'s default prompt segment (memory written as it goes),
+        > 0; default: the one recorded by :func:`convert_from_hf`, else the training segment or
+        sequence length.
     :param validate: load the result with transformers and compare logits with the OLMo-core model.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True / --overwrite)")
+    max_position_embeddings = _check_size("max_position_embeddings", max_position_embeddings)
+    prefill_chunk_size = _check_size("prefill_chunk_size", prefill_chunk_size)
+    _check_output_dir(out_dir, overwrite)
     if isinstance(source, (str, Path)):
         if config is not None or tokenizer_config is not None:
             raise ValueError("config and tokenizer_config are read from the checkpoint directory; don't pass them")
@@ -450,7 +499,7 @@ def convert_to_hf(
     identifier = tok_cfg.get("identifier")
     hf_config = hf_config_from_miras(
         ckpt.config,
-        max_position_embeddings=max_position_embeddings or ckpt.sequence_length(),
+        max_position_embeddings=max_position_embeddings or ckpt.max_position_embeddings(),
         bos_token_id=tok_cfg.get("bos_token_id"),
         eos_token_id=tok_cfg.get("eos_token_id"),
         pad_token_id=tok_cfg.get("pad_token_id"),
@@ -463,7 +512,7 @@ def convert_to_hf(
     del state
     if not validate:
         ckpt.state = {}  # only the converted copy is needed from here: halves peak memory on big models
-    _write_hf_dir(out_dir, hf_config, hf_state, prefill_chunk_size or ckpt.segment_length() or ckpt.sequence_length())
+    _write_hf_dir(out_dir, hf_config, hf_state, prefill_chunk_size or ckpt.prefill_chunk_size())
     del hf_state
 
     if src is not None:
@@ -620,6 +669,7 @@ def convert_from_hf(
     from olmo_core.distributed.checkpoint import save_model_and_optim_state
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
+    _check_output_dir(out_dir, overwrite)
     hf_config, hf_state = load_hf_state(hf_dir)
     config = miras_config_from_dict(hf_config.miras_config, f"{hf_dir}/config.json miras_config")
     if hf_state and "lm_head.weight" not in hf_state and getattr(hf_config, "tie_word_embeddings", False):
@@ -643,11 +693,31 @@ def convert_from_hf(
     tok = _tokenizer_config_from_hf(hf_config)
     if tok is not None:
         experiment["tokenizer"] = tok
-    (out_dir / "config.json").write_text(json.dumps(experiment, indent=2) + "\n")
+    # Not part of the OLMo-core model: kept so that convert_to_hf gives them back.
+    experiment["hf"] = _hf_settings(hf_dir, hf_config)
+    _write_text_atomic(out_dir / "config.json", json.dumps(experiment, indent=2) + "\n")
     if (hf_dir / "tokenizer.json").is_file():
         (out_dir / "tokenizer").mkdir(exist_ok=True)
         _copy_tokenizer(hf_dir, out_dir / "tokenizer")
     return config
+
+
+def _hf_settings(hf_dir: Path, hf_config: OlmoMirasConfig) -> Dict[str, int]:
+    """``max_position_embeddings`` (config.json) and ``prefill_chunk_size`` (generation_config.json)
+    of an HF directory, where set to a positive integer."""
+    prefill = None
+    gen_path = hf_dir / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            gen = json.loads(gen_path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConversionError(f"{gen_path} is not valid JSON: {e}") from e
+        prefill = gen.get("prefill_chunk_size") if isinstance(gen, dict) else None
+    out = {}
+    for name, v in (("max_position_embeddings", getattr(hf_config, "max_position_embeddings", None)), ("prefill_chunk_size", prefill)):
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            out[name] = v
+    return out
 
 
 def _tokenizer_config_from_hf(hf_config: OlmoMirasConfig) -> Optional[Dict[str, Any]]:
