@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run the long-context suite on checkpoints; print tables, write JSON and PNG plots.
 
-    python scripts/evaluate.py runs/tiny_miras/step400 [more checkpoints ...] \\
+    python scripts/evaluate.py runs/tiny_miras/step200 [more checkpoints ...] \\
         [--suite quick|default|long] [--lengths 1024 2048 4096] [--tasks passkey,mqar_tokens,ppl] \\
         [--segment-len 512] [--device cuda] [--output-dir runs/eval/x]
 

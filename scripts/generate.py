@@ -2,7 +2,7 @@
 """Stream a long text through a MIRAS model segment by segment (memory carried, constant memory)
 and generate a continuation or answer a question.
 
-    python scripts/generate.py runs/tiny_miras/step1000 --input long.txt --question "Who wrote it?"
+    python scripts/generate.py runs/tiny_miras/step200 --input long.txt --question "Who wrote it?"
     python scripts/generate.py hf/tiny_miras --prompt "def main():" --max-new-tokens 200
 
 Works with an OLMo-core checkpoint or an HF directory; the byte tokenizer by default for the

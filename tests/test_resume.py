@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from olmo_core.distributed.checkpoint import load_keys
+from olmo_core.exceptions import OLMoConfigurationError
 from olmo_core.train.callbacks import Callback
 
 from olmo_miras_plugin.models import MirasMemoryConfig, tiny_miras
@@ -256,6 +257,25 @@ def test_pretrained_required_for_pretrained_experiments() -> None:
     assert "pretrained_hf" in hf.resolved_trainer().callbacks
     with pytest.raises(Exception, match="both pretrained.path"):
         load_experiment("olmo3_7b_miras", ["--pretrained.path=/a", "--trainer.load_path=/b"])
+
+
+def test_converted_checkpoint_dir_loads_and_a_missing_one_is_an_error(
+    runs: Tuple[Path, Path], corpus_dir: Path, tmp_path: Path
+) -> None:
+    """convert_from_hf writes config.json + model_and_optim/ (no trainer state): --pretrained.path
+    may name that directory. A load path without any checkpoint is an error, not a run from scratch."""
+    straight, _ = runs
+    converted = tmp_path / "from_hf"
+    converted.mkdir()
+    (converted / "model_and_optim").symlink_to(straight / f"step{STEPS}" / "model_and_optim")
+    config = experiment(corpus_dir, tmp_path / "run", "converted", f"--pretrained.path={converted}")
+    assert config.resolved_trainer().load_path == f"{converted}/model_and_optim"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for flag in (f"--pretrained.path={empty}", f"--trainer.load_path={empty}"):
+        with pytest.raises(OLMoConfigurationError, match=f"no OLMo-core checkpoint at '{empty}'"):
+            train(experiment(corpus_dir, tmp_path / "run2", "missing", flag))
+    assert not (tmp_path / "run2").exists()
 
 
 @dataclass

@@ -21,7 +21,8 @@ How the model is built, and why:
   ``reordered_norm`` block does: MAL adds ``memory(norm(x))`` to the stream before attention,
   MAG adds ``σ(W x̂) ⊙ memory(x̂)`` and LM2 the bank read-out to the attention output; with
   memory context (MAC read-outs, persistent tokens) the attention is recomputed here with a
-  second, position-free softmax over the memory tokens mixed in per head by ``context_gate``.
+  second softmax over the memory tokens (persistent tokens position-free, read-outs RoPE'd at
+  their tokens' positions) mixed in per head by ``context_gate``.
   Every memory output projection starts at zero, so a fresh memory model computes exactly its base.
 - **State between calls** lives in :class:`MirasCache`: transformers' ``DynamicCache`` (sliding-
   window layers keep ``window − 1`` keys/values) plus, per memory layer, the memory state

@@ -56,7 +56,10 @@ def kernel_for(
     else:
         fn, reason = triton_mlp_split.split_mlp_scan, triton_mlp_split.unsupported_reason(rule, state, k, v, q, chunk_size)
         if reason is not None:  # OLMO_MIRAS_TRITON_SPLIT=0 (or a shared check, refused again)
+            split_reason = reason
             fn, reason = triton_mlp.mlp_scan, triton_mlp.unsupported_reason(rule, state, k, v, q, gates, chunk_size)
+            if reason is not None and reason != split_reason:  # both reasons: the first one is usually the point
+                reason = f"{split_reason}; and the one-program-per-head kernel: {reason}"
     if reason is None and (fn.__name__, k.device.type, k.shape[-1], chunk_size) in _FAILED:
         reason = "the triton kernel failed to launch for this shape before (see the log)"
     return (fn, None) if reason is None else (None, reason)

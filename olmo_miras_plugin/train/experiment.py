@@ -34,6 +34,7 @@ from olmo_core.exceptions import OLMoConfigurationError
 from olmo_core.nn.config import ModelConfig
 from olmo_core.train import LoadStrategy, TrainerConfig
 from olmo_core.train.callbacks import ConfigSaverCallback
+from olmo_core.train.checkpoint import Checkpointer
 from olmo_core.utils import seed_all
 
 from ..blocks import MemoryBlockType
@@ -187,15 +188,27 @@ class MirasExperimentConfig(Config):
         trainer = self.trainer.copy()
         pre = self.pretrained
         if pre.path is None:
+            if trainer.load_path is not None:
+                trainer.load_path = _weights_dir(trainer.load_path)
             return trainer
         if pre.format == PretrainedFormat.olmo_core:
-            trainer.load_path = pre.path
+            trainer.load_path = _weights_dir(pre.path)
             trainer.load_strategy = LoadStrategy.always
             trainer.load_trainer_state = False
             trainer.load_optim_state = False
         else:
             trainer.add_callback("pretrained_hf", HFPretrainedWeightsCallback(path=pre.path, revision=pre.revision))
         return trainer
+
+
+def _weights_dir(path: str) -> str:
+    """``path``, or its ``model_and_optim/`` where only that is an OLMo-core checkpoint: the layout
+    ``convert_from_hf`` writes (``config.json`` + ``model_and_optim/``, no trainer state), which
+    OLMo-core would not recognise as a checkpoint one level up."""
+    sub = f"{str(path).rstrip('/')}/model_and_optim"
+    if not Checkpointer.dir_is_checkpoint(path) and Checkpointer.dir_is_checkpoint(sub):
+        return sub
+    return path
 
 
 def _has_memory(model: ModelConfig) -> bool:
@@ -360,12 +373,24 @@ def train(config: MirasExperimentConfig) -> None:
             f"running on {get_world_size()} ranks without a parallelism config would train unsynchronised "
             "replicas; set one, e.g. --train_module.dp_config='{name: fsdp}'"
         )
+    resolved = config.resolved_trainer()
+    if (
+        resolved.load_path is not None
+        and not Checkpointer.contains_checkpoint(resolved.save_folder)
+        and not Checkpointer.contains_checkpoint(resolved.load_path)
+    ):
+        # OLMo-core would log "no checkpoint found" and train from random weights.
+        raise OLMoConfigurationError(
+            f"no OLMo-core checkpoint at '{resolved.load_path}' (pretrained.path / trainer.load_path): expected a "
+            "step directory (model_and_optim/ + train/), a model_and_optim/ directory, a convert_from_hf output, "
+            "or a folder of stepN directories"
+        )
     seed_all(config.init_seed)
     model = config.model.build(init_device="meta")
     train_module = config.train_module.build(model)
     dataset = config.dataset.build()
     data_loader = config.data_loader.build(dataset, dp_process_group=train_module.dp_process_group)
-    trainer = config.resolved_trainer().build(train_module, data_loader)
+    trainer = resolved.build(train_module, data_loader)
     for callback in trainer.callbacks.values():
         if isinstance(callback, ConfigSaverCallback):
             callback.config = config.as_config_dict()
