@@ -227,6 +227,27 @@ def test_stateless_by_default_and_reset():
         assert torch.equal(block(x), y)
 
 
+def test_nested_contexts_keep_the_outer_stream():
+    """A stateless side call (enabled=False) or a fresh inner stream leaves the outer stream as it
+    was; an inner reset=False context continues it."""
+    block = build(miras_block_config("mag"))
+    activate_memory(block)
+    x = torch.randn(1, 12, D)
+    with torch.no_grad():
+        whole = block(x)
+        with carry_memory_states(block):
+            first = block(x[:, :4])
+            with carry_memory_states(block, enabled=False):
+                assert torch.equal(block(x[:, :4]), first)  # stateless: sees nothing carried
+            with carry_memory_states(block):
+                assert torch.equal(block(x[:, :4]), first)  # a fresh stream of its own
+            with carry_memory_states(block, reset=False):
+                second = block(x[:, 4:8])  # continues the outer stream
+            third = block(x[:, 8:])
+        torch.testing.assert_close(torch.cat([first, second, third], dim=1), whole)
+        assert get_memory_states(block)["attention"] is None
+
+
 def test_get_set_states_branches_a_stream():
     block = build(miras_block_config("mac", n_persistent=2))
     activate_memory(block)

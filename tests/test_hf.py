@@ -154,6 +154,27 @@ def test_zero_init_memory_equals_transformers_olmo(block_type, window, n_persist
     assert rel(fresh(x).logits, want) <= 1e-5
 
 
+@torch.no_grad()
+def test_hf_cache_refuses_another_batch_before_any_layer_and_never_aliases_weights():
+    """Layer 0 has no memory here, so transformers' attention would run (and grow the KV cache)
+    before a memory layer could notice the batch change; the model checks first. A state carried
+    after a call shorter than a chunk must not be a view of the learned initial memory."""
+    cfg = tiny_miras(d_model=32, n_layers=4, n_heads=4, window=8,
+                     memory=MirasMemoryConfig(block_type="mag", layers=[1, 3], chunk_size=4))
+    hf = hf_in_memory(cfg, build(cfg))
+    x = tokens(2, 12)
+    whole = hf(x).logits
+    cache = MirasCache(config=hf.config)
+    first = hf(x[:, :3], cache=cache, use_cache=True).logits
+    params = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    carried = [t for st in cache.memory_states.values() for t in st.tensors()]
+    assert carried and not any(t.untyped_storage().data_ptr() in params for t in carried)
+    with pytest.raises(ValueError, match="the cache carries a batch of 2 but the input has 3 rows"):
+        hf(tokens(3, 4), cache=cache, use_cache=True)
+    rest = hf(x[:, 3:], cache=cache, use_cache=True).logits
+    assert rel(torch.cat([first, rest], dim=1), whole) <= 1e-5
+
+
 def test_memory_parameter_names():
     cfg = small("mac", n_persistent=2)
     model = build(cfg)

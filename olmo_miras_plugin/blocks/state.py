@@ -178,10 +178,17 @@ class StatefulMixer:
             if self._replay is None:
                 self._replay = WeakIdKeyDictionary()
             self._replay[key] = start
-        # A fresh state can be a view of the learned initial memory (e.g. after a call shorter than
-        # a chunk); an optimizer step or FSDP resharding would then change it behind our back.
-        params = {p.untyped_storage().data_ptr() for p in self.parameters()}  # type: ignore[attr-defined]
-        self._state = new.map_tensors(lambda t: t.clone() if t.untyped_storage().data_ptr() in params else t)
+        self._state = unaliased(new, self)  # type: ignore[arg-type]
+
+
+def unaliased(state: MirasBlockState, module: nn.Module) -> MirasBlockState:
+    """``state`` with every tensor that shares storage with ``module``'s parameters cloned.
+
+    A fresh state can be a view of the learned initial memory (e.g. after a call shorter than a
+    chunk); an optimizer step, ``load_state_dict`` or FSDP resharding would then change a carried
+    state behind our back."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    return state.map_tensors(lambda t: t.clone() if t.untyped_storage().data_ptr() in params else t)
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -239,12 +246,16 @@ class carry_memory_states:
 
     Takes effect immediately, so it works as a plain call; as a context manager it restores the
     previous modes on exit and drops the states it carried. ``reset=True`` (default) starts from
-    fresh states.
+    fresh states. Nested inside a carrying context, the outer stream survives: an inner
+    ``reset=False`` context continues it (and the outer one goes on from where the inner stopped),
+    while an inner fresh stream (``reset=True``) or stateless stretch (``enabled=False``) leaves it
+    as it was.
     """
 
     def __init__(self, model: nn.Module, enabled: bool = True, reset: bool = True):
         self._mods = _modules_or_raise(model)
-        self._previous = {name: m._carry for name, m in self._mods.items()}
+        self._previous = {name: (m._carry, m._state, m._replay) for name, m in self._mods.items()}
+        self._continues = bool(enabled) and not reset
         for m in self._mods.values():
             m._carry = bool(enabled)
             if reset or not enabled:
@@ -256,6 +267,9 @@ class carry_memory_states:
 
     def __exit__(self, *exc: Any) -> None:
         for name, m in self._mods.items():
-            m._carry = self._previous[name]
-            m._state = None
-            m._replay = None
+            carry, state, replay = self._previous[name]
+            m._carry = carry
+            if not carry:
+                m._state, m._replay = None, None  # the states this context carried are dropped
+            elif not self._continues:
+                m._state, m._replay = state, replay  # the outer stream, as the inner context found it

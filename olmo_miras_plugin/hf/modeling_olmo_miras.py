@@ -50,7 +50,7 @@ from .configuration_olmo_miras import OlmoMirasConfig
 
 try:  # Inside try: transformers' remote-code import check then doesn't ask for a wrong pip name.
     from olmo_miras_plugin.blocks.parts import MirasMemoryParts
-    from olmo_miras_plugin.blocks.state import MirasBlockState
+    from olmo_miras_plugin.blocks.state import MirasBlockState, unaliased
     from olmo_miras_plugin.blocks.types import MemoryBlockType
 except ImportError as e:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -318,8 +318,8 @@ class OlmoMirasMemoryLayer(nn.Module):
             att = att + lm2_y
 
         if memory_states is not None:
-            memory_states[self.layer_idx] = MirasBlockState(
-                position=pos + t, memory=mem_state, readout_kv=readout_kv, lm2=lm2_state
+            memory_states[self.layer_idx] = unaliased(
+                MirasBlockState(position=pos + t, memory=mem_state, readout_kv=readout_kv, lm2=lm2_state), parts
             )
         h = x + self.post_attention_layernorm(att)
         return h + self.post_feedforward_layernorm(self.mlp(h))
@@ -452,6 +452,20 @@ class OlmoMirasPreTrainedModel(PreTrainedModel):
                             buf.copy_(inv_freq)
 
 
+def _carried_batch_size(cache: Optional[Cache]) -> Optional[int]:
+    """The batch size a cache has seen (memory states, else keys), ``None`` while it is empty."""
+    if cache is None:
+        return None
+    for state in getattr(cache, "memory_states", {}).values():
+        if state is not None and state.batch_size is not None:
+            return state.batch_size
+    for layer in getattr(cache, "layers", []):
+        keys = getattr(layer, "keys", None)
+        if isinstance(keys, torch.Tensor) and keys.ndim == 4 and keys.numel() > 0:
+            return int(keys.shape[0])
+    return None
+
+
 class OlmoMirasModel(OlmoMirasPreTrainedModel):
     """The decoder: transformers' OLMo2/OLMo3 base with memory layers (no LM head)."""
 
@@ -526,6 +540,13 @@ class OlmoMirasModel(OlmoMirasPreTrainedModel):
             raise TypeError(
                 f"olmo-miras models carry their memory in a MirasCache, got a {type(cache).__name__}; "
                 "pass cache=MirasCache(config=model.config) (or none: one is made for you)"
+            )
+        carried = _carried_batch_size(cache)
+        if carried is not None and carried != inputs_embeds.shape[0]:
+            # Checked before any layer runs: a failing layer would already have grown the KV cache.
+            raise ValueError(
+                f"the cache carries a batch of {carried} but the input has {inputs_embeds.shape[0]} rows; "
+                "start a new MirasCache for a new batch"
             )
         if attention_mask is not None and attention_mask.ndim == 2 and not bool(attention_mask.all()):
             raise ValueError(
