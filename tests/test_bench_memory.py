@@ -36,6 +36,10 @@ def test_bench_memory_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert all(r["extra"]["tok_per_s"] > 0 for r in streams)
     layers = [r for r in res["results"] if r["name"] == "miras"]
     assert len(layers) == 2 and all(r["ms"] > 0 for r in layers)
+    # the table and JSON say what a row really ran on this machine
+    assert [r["extra"].get("path") for r in layers] == [None, "ran chunked: triton needs CUDA"]
+    assert "ran chunked: triton needs CUDA" in stdout
+    assert all(c["chunk_size"] == 16 and c["dtype"] == "torch.bfloat16" and c["failures"] == [] for c in checks)
     assert all(r["profile"] is None for r in res["results"])  # only with --profile (CUDA)
 
 
@@ -55,3 +59,41 @@ def test_kernel_summary_totals_and_ranks_gpu_kernels() -> None:
         {"name": "_split_bwd_finish_kernel", "ms": pytest.approx(3.68), "count": 128},
         {"name": "_split_fwd_kernel", "ms": pytest.approx(2.31), "count": 129},
     ]
+
+
+def test_check_fails_on_a_wrong_implementation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--check`` is a gate: an implementation that disagrees with the reference stops the run
+    before any timing is written."""
+    import olmo_miras_plugin.memory.layer as layer_mod
+    from olmo_miras_plugin.memory import scan
+
+    real = scan.chunked_scan
+
+    def broken(*args, **kwargs):
+        y, state = real(*args, **kwargs)
+        return y.flip(-1), state  # wrong read-outs (a scale would be undone by the output norm)
+
+    monkeypatch.setattr(layer_mod, "chunked_scan", broken)
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit, match=r"--check failed for chunked/titans, chunked/moneta, chunked/yaad"):
+        main(["--device", "cpu", "--seq", "32", "--d-model", "32", "--heads", "2", "--chunk", "8",
+              "--impl", "chunked", "--no-sdpa", "--check", "--json", str(out)])
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seq", "0"], "argument --seq: must be >= 1, got 0"),
+        (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (["--stream-segment", "0"], "argument --stream-segment: must be >= 1, got 0"),
+        (["--stream-tokens", "-5"], "argument --stream-tokens: must be >= 0, got -5"),
+        (["--impl", "chunkd"], "argument --impl: invalid choice: 'chunkd'"),
+        (["--preset", "atlas"], "argument --preset: invalid choice: 'atlas'"),
+        (["--profile"], "--profile reads GPU kernel times: it needs --device cuda"),
+    ],
+)
+def test_bad_arguments_are_refused_up_front(argv, message, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--device", "cpu", "--no-sdpa", *argv])
+    assert e.value.code == 2 and message in capsys.readouterr().err
