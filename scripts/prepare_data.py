@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--num-proc", type=int, default=None, help="default: auto by corpus size")
     p.add_argument(
-        "--no-bos", action="store_true", help="don't prefix documents with the tokenizer's BOS"
+        "--no-bos",
+        action="store_true",
+        help="don't prefix documents with BOS (default: the byte tokenizer does; a Hugging Face "
+        "tokenizer only if it adds its own BOS, distinct from EOS)",
     )
     p.add_argument(
         "--text-ext",

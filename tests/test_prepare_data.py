@@ -438,3 +438,142 @@ def test_cli_prints_summary_and_errors(tmp_path: Path, capsys: pytest.CaptureFix
     argv = ["--stdlib", "--max-files", "2", "-o", str(tmp_path / "s"), "--no-progress"]
     assert cli.main(argv) == 0
     assert "input files: 2" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# Regression tests: stdlib cache vs. other corpora, BOS policy of HF tokenizers, rerun messages.
+
+
+def _save_bos_tokenizer(path: Path, *, bos: str, eos: str, adds_bos: bool) -> None:
+    """Word-level HF tokenizer over ``w0..w9``; ``adds_bos``: its post-processor prepends BOS."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "<|endoftext|>": 1, "<s>": 2, "</s>": 3}
+    vocab.update({f"w{i}": i + 4 for i in range(10)})
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        t.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", special_tokens=[(bos, vocab[bos])]
+        )
+    PreTrainedTokenizerFast(
+        tokenizer_object=t, unk_token="[UNK]", bos_token=bos, eos_token=eos
+    ).save_pretrained(str(path))
+
+
+def test_hf_tokenizer_gets_bos_only_if_it_adds_one_itself(tmp_path: Path):
+    src = write_jsonl(tmp_path / "d.jsonl", [{"text": "w1 w2"}, {"text": "w3"}])
+    words, eot, bos, eos = [[5, 6], [7]], 1, 2, 3
+
+    def run(name: str, **kw):
+        prepared = prepare_data(cfg([src], tmp_path / f"out-{name}", **kw))
+        manifest = json.loads((tmp_path / f"out-{name}" / MANIFEST_NAME).read_text())
+        assert manifest["tokenizer"]["bos_token_id"] == prepared.tokenizer.bos_token_id
+        return prepared, read_tokens(prepared.train_paths[0], np.uint16).tolist()
+
+    # GPT-2 style: BOS == EOS == <|endoftext|>, never added by the tokenizer -> no BOS.
+    gpt2 = tmp_path / "gpt2"
+    _save_bos_tokenizer(gpt2, bos="<|endoftext|>", eos="<|endoftext|>", adds_bos=False)
+    prepared, tokens = run("gpt2", tokenizer=str(gpt2))
+    assert tokens == words[0] + [eot] + words[1] + [eot]
+    assert prepared.tokenizer.bos_token_id is None and prepared.tokenizer.eos_token_id == eot
+    with pytest.raises(PrepareDataError, match=r"BOS id 1 equal to its EOS id"):
+        prepare_data(cfg([src], tmp_path / "out-gpt2-bos", tokenizer=str(gpt2), add_bos=True))
+
+    # A distinct BOS that the tokenizer does not add -> none by default, explicit True wins.
+    quiet = tmp_path / "quiet"
+    _save_bos_tokenizer(quiet, bos="<s>", eos="</s>", adds_bos=False)
+    prepared, tokens = run("quiet", tokenizer=str(quiet))
+    assert tokens == words[0] + [eos] + words[1] + [eos] and prepared.tokenizer.bos_token_id is None
+    prepared, tokens = run("quiet-bos", tokenizer=str(quiet), add_bos=True)
+    assert tokens == [bos] + words[0] + [eos, bos] + words[1] + [eos]
+    assert prepared.tokenizer.bos_token_id == bos
+
+    # A tokenizer that adds its BOS itself (Llama style) -> BOS by default, explicit False wins.
+    llama = tmp_path / "llama"
+    _save_bos_tokenizer(llama, bos="<s>", eos="</s>", adds_bos=True)
+    prepared, tokens = run("llama", tokenizer=str(llama))
+    assert tokens == [bos] + words[0] + [eos, bos] + words[1] + [eos]
+    assert prepared.tokenizer.bos_token_id == bos
+    prepared, tokens = run("llama-nobos", tokenizer=str(llama), add_bos=False)
+    assert tokens == words[0] + [eos] + words[1] + [eos] and prepared.tokenizer.bos_token_id is None
+
+    # The byte tokenizer keeps adding its distinct BOS.
+    prepared, tokens = run("bytes")
+    assert tokens == byte_doc("w1 w2") + byte_doc("w3")
+    assert prepared.tokenizer.bos_token_id == TOK.bos_token_id
+
+
+def test_rerun_names_missing_or_truncated_output_file(tmp_path: Path):
+    (tmp_path / "a.txt").write_text("some text")
+    inputs, out = [tmp_path / "a.txt"], tmp_path / "out"
+    part = Path(prepare_data(cfg(inputs, out)).train_paths[0])
+    with open(part, "r+b") as f:
+        f.truncate(2)
+    with pytest.raises(PrepareDataError) as e:
+        prepare_data(cfg(inputs, out))
+    assert "incomplete" in str(e.value) and str(part) in str(e.value)
+    assert "other inputs or settings" not in str(e.value)
+    part.unlink()
+    with pytest.raises(PrepareDataError, match=re.escape(f"are incomplete: '{part}'")):
+        prepare_data(cfg(inputs, out))
+    assert not prepare_data(cfg(inputs, out, overwrite=True)).reused
+
+
+def test_stdlib_replaces_only_its_own_cache(tmp_path: Path, capsys: pytest.CaptureFixture):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        (corpus / f"{i}.txt").write_text(f"user document {i}")
+    out = tmp_path / "out"
+    mine = prepare_data(cfg([corpus], out))
+    assert json.loads((out / MANIFEST_NAME).read_text())["source"] == "files"
+    before = {p: Path(p).read_bytes() for p in mine.train_paths}
+
+    with pytest.raises(PrepareDataError, match="not a stdlib corpus cache") as e:
+        prepare_stdlib_corpus(out, max_bytes=20_000)
+    assert str(out) in str(e.value) and "Pick another output directory" in str(e.value)
+    script = REPO / "scripts" / "prepare_data.py"
+    spec = importlib.util.spec_from_file_location("prepare_data_cli_stdlib", script)
+    assert spec is not None and spec.loader is not None
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    argv = ["--stdlib", "--max-bytes", "20000", "-o", str(out), "--no-progress"]
+    assert cli.main(argv) == 1
+    assert "not a stdlib corpus cache" in capsys.readouterr().err
+    # The user's corpus is untouched and still loads.
+    assert {p: Path(p).read_bytes() for p in mine.train_paths} == before
+    assert load_prepared_data(out).fingerprint == mine.fingerprint
+
+    # A stdlib cache is reused, and replaced by a stdlib run with other settings.
+    cache = tmp_path / "cache"
+    first = prepare_stdlib_corpus(cache, max_bytes=20_000)
+    assert json.loads((cache / MANIFEST_NAME).read_text())["source"] == "stdlib"
+    assert prepare_stdlib_corpus(cache, max_bytes=20_000) == first
+    prepare_stdlib_corpus(cache, max_bytes=10_000)
+    assert load_prepared_data(cache).num_input_files == len(stdlib_source_files(max_bytes=10_000))
+
+    # A cache written before "source" was recorded is still a stdlib cache...
+    manifest = json.loads((cache / MANIFEST_NAME).read_text())
+    del manifest["source"]
+    (cache / MANIFEST_NAME).write_text(json.dumps(manifest))
+    (cache / prepare_mod.STDLIB_MARKER_NAME).unlink()
+    prepare_stdlib_corpus(cache, max_bytes=20_000)
+    assert load_prepared_data(cache).num_input_files == len(stdlib_source_files(max_bytes=20_000))
+    # ... but an old manifest of other inputs is not.
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["source"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(PrepareDataError, match="not a stdlib corpus cache"):
+        prepare_stdlib_corpus(out, max_bytes=20_000)
+    assert {p: Path(p).read_bytes() for p in mine.train_paths} == before
+
+    # An interrupted stdlib run (no manifest) is recognized by its marker and redone.
+    (cache / MANIFEST_NAME).unlink()
+    assert prepare_stdlib_corpus(cache, max_bytes=10_000)
+    # A plain run replacing a stdlib cache (with overwrite) drops the marker with it.
+    prepare_data(cfg([corpus], cache, overwrite=True))
+    assert not (cache / prepare_mod.STDLIB_MARKER_NAME).exists()
+    with pytest.raises(PrepareDataError, match="not a stdlib corpus cache"):
+        prepare_stdlib_corpus(cache, max_bytes=10_000)

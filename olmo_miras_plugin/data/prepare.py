@@ -8,8 +8,9 @@ offline. This module writes exactly the format those datasets read:
   order, i.e. little-endian on x86-64/ARM64) named ``*.npy`` by OLMo-core/Dolma convention -- it
   is *not* an ``np.save`` file.
 * The dtype is ``uint16`` if every id fits (``vocab_size <= 65536``), else ``uint32``.
-* Each document is ``[BOS] tokens [EOS]`` when the tokenizer config has a ``bos_token_id`` and
-  ``tokens [EOS]`` otherwise, which is how OLMo-core finds document boundaries
+* Each document is ``[BOS] tokens [EOS]`` when the recorded tokenizer config has a
+  ``bos_token_id`` and ``tokens [EOS]`` otherwise (a Hugging Face tokenizer gets a BOS only if it
+  adds one itself and it differs from EOS, unless ``add_bos`` says otherwise), which is how OLMo-core finds document boundaries
   (:func:`olmo_core.data.utils.get_document_lengths`: with a BOS id a boundary is an EOS followed
   by a BOS).
 * Next to each ``part-XXXXX.npy`` a ``part-XXXXX.csv.gz`` lists ``start,end`` token offsets of
@@ -92,6 +93,11 @@ BYTE_TOKENIZER = "bytes"
 
 MANIFEST_NAME = "manifest.json"
 LOCK_NAME = ".prepare.lock"
+STDLIB_MARKER_NAME = ".stdlib-cache"
+"""Present while ``output_dir`` is a cache of :func:`prepare_stdlib_data` (so an interrupted
+stdlib run, which leaves no manifest, can still be recognized and replaced)."""
+SOURCE_FILES = "files"
+SOURCE_STDLIB = "stdlib"
 MANIFEST_FORMAT = "olmo-miras-token-files"
 MANIFEST_VERSION = 1
 
@@ -166,8 +172,10 @@ class PrepareDataConfig(Config):
     num_proc: Optional[int] = None
     """Worker processes for ``datasets.map``; ``None`` picks 1 for small corpora, else all cores."""
     add_bos: Optional[bool] = None
-    """Prefix documents with BOS. ``None``: iff the tokenizer has a BOS id. ``False`` also drops the
-    BOS id from the recorded tokenizer config so OLMo-core splits documents on EOS alone."""
+    """Prefix documents with BOS. ``None``: the byte tokenizer does; a Hugging Face tokenizer does
+    iff it adds its BOS itself (``tok("a")`` starts with it) and the BOS differs from EOS. Without
+    BOS the BOS id is dropped from the recorded tokenizer config so OLMo-core splits documents on
+    EOS alone. ``True`` fails if the tokenizer has no BOS or its BOS equals its EOS."""
     extra_text_extensions: List[str] = field(default_factory=list)
     """More extensions (e.g. ``".log"``) to read as plain text."""
     treat_unknown_as_text: bool = False
@@ -473,6 +481,8 @@ def _resolve_tokenizer(spec: str, add_bos: Optional[bool]) -> Tuple[_Encoder, To
             identifier=str(path),
         )
         encoder = _HFEncoder(str(path))
+        if add_bos is None:
+            add_bos = _hf_adds_bos(tok)
         digest = hashlib.sha256()
         for f in sorted(p for p in path.iterdir() if p.is_file() and _is_tokenizer_file(p.name)):
             digest.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
@@ -480,9 +490,26 @@ def _resolve_tokenizer(spec: str, add_bos: Optional[bool]) -> Tuple[_Encoder, To
 
     if add_bos is True and config.bos_token_id is None:
         raise PrepareDataError(f"add_bos=True but tokenizer '{spec}' has no BOS token")
+    if add_bos is True and config.bos_token_id == config.eos_token_id:
+        raise PrepareDataError(
+            f"add_bos=True but tokenizer '{spec}' has BOS id {config.bos_token_id} equal to its "
+            "EOS id, so document boundaries would be ambiguous; use add_bos=None/False"
+        )
     if add_bos is False:
         config = dataclasses.replace(config, bos_token_id=None)
     return encoder, config, fingerprint
+
+
+def _hf_adds_bos(tok: Any) -> bool:
+    """Whether a Hugging Face tokenizer puts its own BOS (distinct from EOS) in front of text."""
+    bos = tok.bos_token_id
+    if bos is None or bos == tok.eos_token_id:
+        return False
+    try:
+        ids = tok("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # pragma: no cover - exotic tokenizer; be conservative
+        return False
+    return len(ids) > 0 and ids[0] == bos
 
 
 # --------------------------------------------------------------------------------------------------
@@ -914,14 +941,21 @@ def _read_manifest(output_dir: Path) -> Optional[Dict[str, Any]]:
     return manifest
 
 
-def _files_intact(prepared: PreparedData) -> bool:
+def _first_broken_file(prepared: PreparedData) -> Optional[str]:
+    """The first listed token/metadata file that is missing or has the wrong size, else None."""
     item = np.dtype(prepared.dtype).itemsize
     for split in prepared.splits.values():
         for f in split.files:
             p, m = Path(f.path), Path(f.metadata_path)
-            if not (p.is_file() and m.is_file() and p.stat().st_size == f.num_tokens * item):
-                return False
-    return True
+            if not p.is_file() or p.stat().st_size != f.num_tokens * item:
+                return str(p)
+            if not m.is_file():
+                return str(m)
+    return None
+
+
+def _files_intact(prepared: PreparedData) -> bool:
+    return _first_broken_file(prepared) is None
 
 
 def load_prepared_data(output_dir: PathLike) -> PreparedData:
@@ -958,6 +992,8 @@ def _existing_outputs(output_dir: Path) -> List[Path]:
             )
     found.extend(sorted(output_dir.glob(f".{MANIFEST_NAME}.tmp-*")))
     found.extend(sorted(output_dir.glob(".prepare-tmp-*")))
+    if (output_dir / STDLIB_MARKER_NAME).exists():
+        found.append(output_dir / STDLIB_MARKER_NAME)
     return found
 
 
@@ -1000,6 +1036,12 @@ def prepare_data(config: PrepareDataConfig) -> PreparedData:
     Idempotent: if ``output_dir`` already holds a complete run with the same inputs (path, size,
     mtime) and settings, it is returned as is (``reused=True``).
     """
+    return _prepare_data(config, source=SOURCE_FILES)
+
+
+def _prepare_data(config: PrepareDataConfig, *, source: str) -> PreparedData:
+    """:func:`prepare_data`; ``source`` is recorded in the manifest. With ``SOURCE_STDLIB`` the
+    directory is a cache: an earlier stdlib run there is replaced, anything else is an error."""
     config.validate()
     output_dir = Path(config.output_dir).expanduser()
     if output_dir.exists() and not output_dir.is_dir():
@@ -1034,9 +1076,14 @@ def prepare_data(config: PrepareDataConfig) -> PreparedData:
     # the second waits, then finds the first one's outputs up to date.
     output_dir.mkdir(parents=True, exist_ok=True)
     with _dir_lock(output_dir):
-        reusable = _reuse_or_clear(output_dir, fingerprint, config.overwrite)
+        reusable = _reuse_or_clear(output_dir, fingerprint, config.overwrite, source)
         if reusable is not None:
             return reusable
+        marker = output_dir / STDLIB_MARKER_NAME
+        if source == SOURCE_STDLIB:
+            _write_text_atomic(marker, "written by olmo_miras_plugin.data.prepare_stdlib_data\n")
+        else:
+            marker.unlink(missing_ok=True)
 
         num_proc = config.num_proc
         if num_proc is None:
@@ -1052,6 +1099,7 @@ def prepare_data(config: PrepareDataConfig) -> PreparedData:
         manifest = {
             "format": MANIFEST_FORMAT,
             "format_version": MANIFEST_VERSION,
+            "source": source,
             "fingerprint": fingerprint,
             "dtype": np.dtype(dtype).name,
             "tokenizer": tok_config.as_dict(),
@@ -1085,30 +1133,57 @@ def prepare_data(config: PrepareDataConfig) -> PreparedData:
     return prepared
 
 
-def _reuse_or_clear(output_dir: Path, fingerprint: str, overwrite: bool) -> Optional[PreparedData]:
-    """The existing run if it matches ``fingerprint``; else clear it (``overwrite``) or fail."""
+def _reuse_or_clear(
+    output_dir: Path, fingerprint: str, overwrite: bool, source: str = SOURCE_FILES
+) -> Optional[PreparedData]:
+    """The existing run if it matches ``fingerprint``; else clear it (``overwrite``, or a stdlib
+    run replacing an earlier stdlib run) or fail."""
     existing = _existing_outputs(output_dir)
     if not existing:
         return None
     manifest = _read_manifest(output_dir)
+    broken: Optional[str] = None
     if manifest is not None and manifest.get("fingerprint") == fingerprint:
         prepared = _manifest_to_prepared(manifest, output_dir.resolve(), reused=True)
-        if _files_intact(prepared):
+        broken = _first_broken_file(prepared)
+        if broken is None:
             log.info(f"Token files in '{output_dir}' are up to date; reusing them")
             return prepared
-    if not overwrite:
+    if broken is not None:
         reason = (
-            "were made with other inputs or settings"
-            if manifest is not None
-            else "are from an incomplete or unrecognized run (no valid manifest)"
+            f"are incomplete: '{broken}' listed in its {MANIFEST_NAME} is missing or truncated"
         )
+    elif manifest is not None:
+        reason = "were made with other inputs or settings"
+    else:
+        reason = "are from an incomplete or unrecognized run (no valid manifest)"
+    if source == SOURCE_STDLIB:
+        if not _is_stdlib_cache(output_dir, manifest):
+            raise PrepareDataError(
+                f"output directory '{output_dir}' already holds token files of another corpus "
+                "or run, not a stdlib corpus cache; refusing to delete them. Pick another "
+                f"output directory (-o / output_dir) or remove '{output_dir}' first"
+            )
+    elif not overwrite:
         raise PrepareDataError(
             f"output directory '{output_dir}' already holds token files that {reason}; "
             "pass overwrite=True / --overwrite to replace them"
         )
-    log.info(f"Removing {len(existing)} old output file(s) from '{output_dir}'")
+    log.info(f"Removing {len(existing)} old output file(s) from '{output_dir}' (they {reason})")
     _remove_outputs(existing)
     return None
+
+
+def _is_stdlib_cache(output_dir: Path, manifest: Optional[Dict[str, Any]]) -> bool:
+    """Whether ``output_dir`` holds (possibly unfinished) outputs of :func:`prepare_stdlib_data`."""
+    if manifest is None:
+        return (output_dir / STDLIB_MARKER_NAME).is_file()
+    if "source" in manifest:
+        return manifest["source"] == SOURCE_STDLIB
+    # Manifests from before "source" was recorded: a stdlib run iff every input is stdlib source.
+    inputs = manifest.get("inputs") or []
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    return bool(inputs) and all(Path(p).is_relative_to(root) for p in inputs)
 
 
 def _tokenize_and_write(
@@ -1210,7 +1285,9 @@ def prepare_stdlib_data(
     show_progress: bool = False,
 ) -> PreparedData:
     """Token files of the stdlib corpus (:func:`stdlib_source_files`), cached in ``output_dir``:
-    a second call with the same settings and Python install only checks and returns them."""
+    a second call with the same settings and Python install only checks and returns them, one with
+    other settings replaces them. If ``output_dir`` holds outputs of any other run (not from this
+    function) it raises :class:`PrepareDataError` instead of deleting them."""
     files = stdlib_source_files(
         max_bytes=max_bytes, max_files=max_files, include_tests=include_tests
     )
@@ -1218,7 +1295,7 @@ def prepare_stdlib_data(
         raise PrepareDataError(
             f"empty corpus: no stdlib files fit max_bytes={max_bytes}, max_files={max_files}"
         )
-    return prepare_data(
+    return _prepare_data(
         PrepareDataConfig(
             inputs=[str(p) for p in files],
             output_dir=str(output_dir),
@@ -1227,9 +1304,11 @@ def prepare_stdlib_data(
             seed=seed,
             max_tokens_per_file=max_tokens_per_file,
             num_proc=num_proc,
-            overwrite=True,  # the directory is a cache owned by this function
             show_progress=show_progress,
-        )
+        ),
+        # The directory is this function's cache: an earlier stdlib run there is replaced, but
+        # any other outputs (another corpus's) are an error, never deleted.
+        source=SOURCE_STDLIB,
     )
 
 
