@@ -76,3 +76,51 @@ def test_bench_stability_passes_the_memory_backprop_span() -> None:
     args.eta_init, args.eta_max = 0.7, 0.85  # not the preset's 0.8 / 0.9
     layers = [m for m in build_model(args, True, "cpu").modules() if isinstance(m, NeuralMemory)]
     assert all(m.config.eta_max == 0.85 and m.config.eta_init == 0.7 for m in layers)
+
+
+TINY = ["--device", "cpu", "--preset", "olmo2_1M", "--vocab-size", "512", "--seq", "32", "--chunk", "16", "--impl", "chunked",
+        "--random-tokens"]
+
+
+def test_nan_max_is_nan_wherever_the_nan_stands() -> None:
+    assert stability_bench.nan_max([1.0, 3.0, 2.0]) == 3.0
+    for values in ([math.nan, 1.0, 2.0], [1.0, 2.0, math.nan], [1.0, math.nan, 2.0]):
+        assert math.isnan(stability_bench.nan_max(values))
+
+
+def test_bench_stability_fails_on_a_diverged_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A huge learning rate, no clip: the gradients turn NaN; the summary's maximum is NaN (null in
+    the strict JSON), not the last finite value, and the run exits with an error, JSON written."""
+    out = tmp_path / "stability.json"
+    with pytest.raises(SystemExit, match="non-finite loss or gradient norm from step 3: the run diverged"):
+        stability_bench.main([*TINY, "--lr", "1e3", "--clip", "0", "--steps", "4", "--warmup", "1", "--json", str(out)])
+
+    def refuse(const: str):
+        raise ValueError(const)
+
+    data = json.loads(out.read_text(), parse_constant=refuse)
+    assert data["steps"][3]["memory_grad_norm"] is None and data["summary"]["memory_grad_max"] is None
+    assert data["summary"]["diverged_at"] == 3
+
+
+def test_bench_stability_warmup_0_is_no_warmup(tmp_path: Path) -> None:
+    """``--warmup 0`` (no warm-up) runs: the full learning rate from the first step."""
+    out = tmp_path / "stability.json"
+    stability_bench.main([*TINY, "--steps", "1", "--warmup", "0", "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert len(data["steps"]) == 1 and data["summary"]["diverged_at"] is None
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--steps", "0"], "--steps: must be >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
+        (["--seq", "1"], "--seq: must be >= 2, got 1"),
+        (["--preset", "bogus"], "--preset: unknown preset 'bogus'; valid: olmo2_1M, "),
+    ],
+)
+def test_bench_stability_refuses_bad_flags(argv, message, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as e:
+        stability_bench.main([*TINY, *argv, "--json", str(tmp_path / "x.json")])
+    assert e.value.code == 2 and message in capsys.readouterr().err

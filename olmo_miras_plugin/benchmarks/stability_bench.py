@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..memory import NeuralMemory
 from ..models import is_memory_param
 from .timing import device_description, write_payload
-from .train_bench import add_model_args, build_model
+from .train_bench import add_model_args, build_model, int_at_least
 
 __all__ = ["main"]
 
@@ -51,7 +51,16 @@ def byte_corpus(paths: Optional[List[str]]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
 
 
+def nan_max(values: List[float]) -> float:
+    """The largest of ``values``, NaN if any is NaN (Python's ``max`` skips or keeps a NaN
+    depending on where it stands)."""
+    values = list(values)
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 def run(args) -> Dict[str, Any]:
+    if args.steps < 1 or args.warmup < 0:
+        raise ValueError(f"steps={args.steps}, warmup={args.warmup}: needs steps >= 1 and warmup >= 0")
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = build_model(args, True, str(device))
@@ -61,7 +70,8 @@ def run(args) -> Dict[str, Any]:
     for m in memories:  # gate statistics of every forward (a few reductions per layer)
         m.record_diagnostics = True
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=device.type == "cuda")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    # Linear warm-up over ``warmup`` steps; 0 (like 1): the full rate from the first step.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(args.warmup, 1)))
     g = torch.Generator().manual_seed(args.seed)
     if args.random_tokens:
         fixed = torch.randint(0, args.vocab_size, (1, args.seq), generator=g)
@@ -79,11 +89,11 @@ def run(args) -> Dict[str, Any]:
         x = x.to(device)
         loss = F.cross_entropy(model(x)[0, :-1].float(), x[0, 1:])
         diags = [m.last_diagnostics for m in memories if m.last_diagnostics]
-        step_max = max(d["effective_step_max"].item() for d in diags)
+        step_max = nan_max([d["effective_step_max"].item() for d in diags])
         eta = statistics.fmean(d["eta"].item() for d in diags) if all("eta" in d for d in diags) else math.nan
         theta = statistics.fmean(d["theta"].item() for d in diags)
         loss.backward()
-        memory = max(p.grad.float().norm().item() for n, p in model.named_parameters() if p.grad is not None and is_memory_param(n))
+        memory = nan_max([p.grad.float().norm().item() for n, p in model.named_parameters() if p.grad is not None and is_memory_param(n)])
         clip = args.clip if args.clip > 0 else math.inf
         total = torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item()
         opt.step()
@@ -96,13 +106,19 @@ def run(args) -> Dict[str, Any]:
     mem = [s["memory_grad_norm"] for s in steps]
     finite = [m for m in mem if math.isfinite(m)]
     median = statistics.median(finite) if finite else math.inf
+    # Diverged: a NaN/Inf loss, or a NaN/Inf gradient norm (the optimiser step it feeds makes the
+    # weights non-finite, with or without clipping).
+    keys = ("loss", "memory_grad_norm", "total_grad_norm")
+    bad = [i for i, s in enumerate(steps) if not all(math.isfinite(s[k]) for k in keys)]
     summary = {
         "memory_grad_median": median,
-        "memory_grad_max": max(mem),
+        "memory_grad_max": nan_max(mem),
         "spikes": [i for i, m in enumerate(mem) if not m < SPIKE * median],
-        "effective_step_max": max(s["effective_step_max"] for s in steps),
+        "effective_step_max": nan_max([s["effective_step_max"] for s in steps]),
         "loss_first": steps[0]["loss"],
         "loss_last10": statistics.fmean(s["loss"] for s in steps[-10:]),
+        # the first step with a NaN/Inf loss or gradient norm (None: none); the JSON writes NaN as null
+        "diverged_at": bad[0] if bad else None,
     }
     return {"steps": steps, "summary": summary}
 
@@ -110,10 +126,13 @@ def run(args) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, impl="triton_graphed")
-    p.add_argument("--seq", type=int, default=8192, help="tokens per sequence: the backprop span")
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--seq", type=int_at_least(2, " (next-token loss needs 2 tokens)"), default=8192, help="tokens per sequence: the backprop span")
+    p.add_argument("--steps", type=int_at_least(1), default=60)
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument(
+        "--warmup", type=int_at_least(0), default=10,
+        help="linear learning-rate warm-up steps (0 or 1: none; default: %(default)s)",
+    )
     p.add_argument("--clip", type=float, default=1.0, help="global gradient clipping (0: off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--corpus", nargs="+", help="text files to read as byte tokens (default: this repository's)")
@@ -133,3 +152,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     )
     meta = {"device": device_description(torch.device(args.device)), "date": datetime.date.today().isoformat(), "args": vars(args)}
     write_payload(args.json, {"meta": meta, **result})
+    if s["diverged_at"] is not None:
+        raise SystemExit(
+            f"non-finite loss or gradient norm from step {s['diverged_at']}: the run diverged, its figures are not a stability result "
+            f"(NaN/Inf written as null in {args.json}; see the steps above)"
+        )

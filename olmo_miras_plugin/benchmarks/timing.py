@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -13,8 +14,8 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 
 __all__ = [
-    "Measurement", "measure", "format_table", "write_json", "write_payload", "device_description", "profile_kernels",
-    "kernel_summary",
+    "Measurement", "measure", "format_table", "write_json", "write_payload", "finite_or_none", "device_description",
+    "profile_kernels", "kernel_summary",
 ]
 
 
@@ -100,14 +101,31 @@ def write_json(path: str, rows: List[Measurement], meta: Dict[str, Any]) -> None
     write_payload(path, {"meta": meta, "results": [asdict(r) for r in rows]})
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, ±inf) inside dicts, lists and tuples replaced
+    by None: strict JSON has no NaN / Infinity, and an unknown figure is null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
 def write_payload(path: str, payload: Dict[str, Any]) -> None:
-    """Write any JSON payload (parent folders created), replacing ``path`` atomically."""
+    """Write any JSON payload as strict JSON (non-finite floats as null, :func:`finite_or_none`;
+    parent folders created), replacing ``path`` atomically."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, target)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(finite_or_none(payload), f, indent=2, allow_nan=False)
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def kernel_summary(events, top: int) -> Dict[str, Any]:

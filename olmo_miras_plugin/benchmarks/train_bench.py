@@ -22,9 +22,48 @@ import torch.nn.functional as F
 
 from ..memory import MemoryImpl
 from ..models import MirasMemoryConfig, miras_from_preset, parameter_report
-from .timing import Measurement, device_description, format_table, profile_kernels, write_json
+from .timing import Measurement, device_description, format_table, profile_kernels, write_json, write_payload
 
 __all__ = ["main"]
+
+WARMUP_STEPS = 3
+"""Untimed steps at the start of every run (allocator, autotuning, graph capture): the step time is
+the median of the steps after these, so ``--steps`` must exceed it."""
+
+
+def memory_presets() -> List[str]:
+    """The OLMo-core presets a memory model can be built on (``TransformerConfig``'s OLMo2/OLMo3)."""
+    from olmo_core.nn.transformer import TransformerConfig
+
+    return [n for n, v in vars(TransformerConfig).items() if isinstance(v, classmethod) and n.startswith(("olmo2_", "olmo3_"))]
+
+
+def preset_name(name: str) -> str:
+    """argparse type of ``--preset``: one of :func:`memory_presets`."""
+    valid = memory_presets()
+    if name not in valid:
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}; valid: {', '.join(valid)}")
+    return name
+
+
+def int_at_least(lo: int, why: str = ""):
+    """argparse type: an integer >= ``lo`` (``why``: appended to the error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}{why}")
+        return value
+
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _finite(losses: List[float]) -> bool:
+    return all(math.isfinite(l) for l in losses)
 
 
 def build_model(args, memory: bool, device: str):
@@ -68,18 +107,20 @@ def time_train_steps(
     model, seq: int, steps: int, vocab: int, device: torch.device, profile_label: Optional[str] = None,
     profile_top: int = 25,
 ) -> tuple[float, float, List[float], Optional[dict]]:
-    """Median step time over the steps after the first three, peak memory, every loss; with
-    ``profile_label`` (CUDA) one more step under the profiler, its top GPU kernels printed and
-    returned (:func:`~.timing.kernel_summary`; else None)."""
+    """Median step time over the steps after the first :data:`WARMUP_STEPS`, peak memory in GiB
+    (CUDA; else None), every loss; with ``profile_label`` (CUDA) one more step under the profiler,
+    its top GPU kernels printed and returned (:func:`~.timing.kernel_summary`; else None)."""
+    if steps <= WARMUP_STEPS:
+        raise ValueError(f"steps={steps}: needs more than the {WARMUP_STEPS} warm-up steps (the median is over the rest)")
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=device.type == "cuda")
     x = torch.randint(0, vocab, (1, seq), device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, losses = train_steps(model, opt, x, steps, device)
-    warm = sorted(times[min(3, steps - 1):])
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    warm = times[WARMUP_STEPS:]
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     profile = None
-    if profile_label is not None and device.type == "cuda":
+    if profile_label is not None and device.type == "cuda" and _finite(losses):
         profile = profile_kernels(lambda: train_steps(model, opt, x, 1, device), profile_label, top=profile_top)
     return statistics.median(warm), peak, losses, profile
 
@@ -108,29 +149,32 @@ def single_device(args) -> None:
             sec, peak, losses, profile = time_train_steps(
                 model, seq, args.steps, args.vocab_size, device, label, getattr(args, "profile_top", 25)
             )
-            rows.append(
-                Measurement(
-                    name, dict(model=name, seq=seq), sec * 1e3, peak,
-                    extra={"tok_per_s": round(seq / sec), "params": counts["total"], "memory_params": counts["memory"],
-                           "losses": [round(l, 4) for l in losses]},
-                    profile=profile,
+            extra = {"params": counts["total"], "memory_params": counts["memory"], "losses": [round(l, 4) for l in losses]}
+            if _finite(losses):
+                rows.append(
+                    Measurement(name, dict(model=name, seq=seq), sec * 1e3, peak,
+                                extra={"tok_per_s": round(seq / sec), **extra}, profile=profile)
                 )
-            )
+            else:
+                # A step time is only a result if the steps trained: NaN/Inf take other code paths.
+                rows.append(Measurement(name, dict(model=name, seq=seq), None, peak, error="diverged", extra=extra))
             print(format_table(rows[-1:], ["model", "seq"]).splitlines()[-1], flush=True)
             print(f"  losses per step: {[round(l, 3) for l in losses]}", flush=True)
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         base, mem = rows[-2], rows[-1]
-        ratio = base.ms / mem.ms if base.ms and mem.ms else float("nan")
-        mem.extra["vs_base"] = f"{ratio:.1%} of base tok/s"
+        if base.ms and mem.ms:  # neither diverged
+            mem.extra["vs_base"] = f"{base.ms / mem.ms:.1%} of base tok/s"
     print(f"\n{device_description(device)}; train step (fwd+bwd+AdamW), bf16 weights, batch 1")
     print(format_table(rows, ["model", "seq"]))
     write_json(args.json, rows, {"device": device_description(device), "date": datetime.date.today().isoformat(), "args": vars(args)})
-    diverged = [r.name for r in rows if not all(math.isfinite(l) for l in r.extra["losses"])]
+    diverged = [f"{r.name}, T={r.params['seq']}" for r in rows if r.error == "diverged"]
     if diverged:
-        # A step time is only a result if the steps trained: NaN/Inf take other code paths.
-        raise SystemExit(f"non-finite loss in {diverged}: these timings are of a diverged run (see the losses above)")
+        raise SystemExit(
+            f"non-finite loss in {diverged}: a diverged run, so no step time is reported for it "
+            f"(marked error=diverged in {args.json}; see the losses above)"
+        )
 
 
 def fsdp(args) -> None:
@@ -155,29 +199,34 @@ def fsdp(args) -> None:
     g = torch.Generator().manual_seed(rank)
     x = torch.randint(0, args.vocab_size, (1, seq), generator=g).to(device)
     times, losses = train_steps(model, opt, x, args.steps, device)
-    sec = statistics.median(times[min(2, len(times) - 1):])
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else float("nan")
+    # Diverged on any rank (each trains on its own tokens): then no rank reports a step time.
+    bad = torch.tensor([0.0 if _finite(losses) else 1.0], device=device)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    diverged = bool(bad.item())
+    sec = None if diverged else statistics.median(times[WARMUP_STEPS:])
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if use_cuda else None
+    timing = "diverged (non-finite loss), no step time" if sec is None else f"step {sec*1e3:.0f} ms, {seq/sec:.0f} tok/s/rank"
     line = (f"rank {rank}/{world}: {args.preset} + {args.block_type} every {args.every}, FSDP2, T={seq}, "
-            f"params {counts['total']:,} (memory {counts['memory']:,}), step {sec*1e3:.0f} ms, "
-            f"{seq/sec:.0f} tok/s/rank, peak {peak:.1f} GiB, losses {[round(l, 3) for l in losses]}")
+            f"params {counts['total']:,} (memory {counts['memory']:,}), {timing}, "
+            f"peak {'—' if peak is None else f'{peak:.1f}'} GiB, losses {[round(l, 3) for l in losses]}")
     print(line, flush=True)
     if rank == 0 and args.json:
-        import json
-
-        with open(args.json, "w") as f:
-            json.dump({"device": device_description(device), "world": world, "seq": seq, "step_ms": sec * 1e3,
-                       "tok_per_s_per_rank": seq / sec, "peak_gib": peak, "losses": losses, "params": counts,
-                       "date": datetime.date.today().isoformat(), "args": vars(args)}, f, indent=2)
+        write_payload(args.json, {
+            "device": device_description(device), "world": world, "seq": seq,
+            "step_ms": None if sec is None else sec * 1e3, "tok_per_s_per_rank": None if sec is None else seq / sec,
+            "peak_gib": peak, "losses": losses, "error": "diverged" if diverged else None, "params": counts,
+            "date": datetime.date.today().isoformat(), "args": vars(args),
+        })
     dist.destroy_process_group()
-    if not all(math.isfinite(l) for l in losses):
-        raise SystemExit(f"rank {rank}: non-finite loss: this step time is of a diverged run (see the losses above)")
+    if diverged:
+        raise SystemExit(f"rank {rank}: non-finite loss on some rank: a diverged run, so no step time is reported (see the losses above)")
 
 
 def add_model_args(p: argparse.ArgumentParser, impl: str) -> None:
     """The flags :func:`build_model` reads (the device, OLMo-core preset and the memory layers),
     shared by the benchmarks that train a whole model; ``impl``: the default memory impl."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--preset", default="olmo2_1B", help="OLMo-core TransformerConfig preset")
+    p.add_argument("--preset", type=preset_name, default="olmo2_1B", help="OLMo-core TransformerConfig preset (OLMo2/OLMo3)")
     p.add_argument("--vocab-size", type=int, default=100352)
     p.add_argument("--block-type", default="mal")
     p.add_argument("--every", type=int, default=4)
@@ -201,11 +250,18 @@ def add_model_args(p: argparse.ArgumentParser, impl: str) -> None:
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     add_model_args(p, impl="graphed")
-    p.add_argument("--seq", type=int, nargs="+", default=[8192])
-    p.add_argument("--steps", type=int, default=13)
+    p.add_argument("--seq", type=int_at_least(2, " (next-token loss needs 2 tokens)"), nargs="+", default=[8192])
+    p.add_argument(
+        "--steps", type=int_at_least(WARMUP_STEPS + 1, f" (the first {WARMUP_STEPS} steps are untimed warm-up)"), default=13,
+        help=f"training steps per model; the step time is the median after the first {WARMUP_STEPS} (default: %(default)s)",
+    )
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one more step per model, and write them to the JSON (CUDA)")
-    p.add_argument("--profile-top", type=int, default=25, help="how many kernels --profile prints (default: %(default)s)")
+    p.add_argument("--profile-top", type=int_at_least(1), default=25, help="how many kernels --profile prints (default: %(default)s)")
     p.add_argument("--fsdp", action="store_true", help="run under torchrun: FSDP2 over all ranks")
     p.add_argument("--json", default="runs/bench/bench_train.json", help="where the JSON goes (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.fsdp and len(args.seq) > 1:
+        p.error(f"--fsdp times one sequence length; got --seq {' '.join(map(str, args.seq))} (run once per length)")
+    if args.fsdp and args.profile:
+        p.error("--profile is for the single-device run; --fsdp does not profile")
     fsdp(args) if args.fsdp else single_device(args)
