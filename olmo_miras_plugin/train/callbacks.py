@@ -38,6 +38,20 @@ def _layer_of(name: str) -> str:
     return f"layer{m.group(1)}" if m else name.replace("_checkpoint_wrapped_module.", "")
 
 
+def _global_grad_norm(grads: List[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of the full (unsharded) gradients, the same value on every rank.
+
+    A DTensor's norm is reduced over its own mesh (shards summed, replicas counted once), so this
+    is right for FSDP (sharded), HSDP (sharded and replicated) and DDP (plain, identical) grads.
+    Collective for DTensor grads: every rank must call it with the same parameters.
+    """
+    norms = []
+    for g in grads:
+        n = torch.linalg.vector_norm(g.detach().float())
+        norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 class _SurpriseRecorder:
     """Stands in for a memory's inner optimizer (``rule.optimizer``) while diagnostics are on.
 
@@ -137,9 +151,9 @@ class MemoryDiagnosticsCallback(Callback):
         for layer, mem in self._memories:
             grads = [p.grad for p in mem.parameters() if p.grad is not None]
             if grads:
-                local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]  # FSDP: this rank's shard
-                norm = torch.stack([g.float().norm() for g in local]).norm()
-                self.trainer.record_metric(f"memory/{layer}/grad_norm", norm, ReduceType.l2_norm)
+                # Already the global norm on every rank (identical values), so ``max`` doesn't
+                # inflate it by sqrt(#replicas) as summing squares over ranks would under DDP/HSDP.
+                self.trainer.record_metric(f"memory/{layer}/grad_norm", _global_grad_norm(grads), ReduceType.max)
         model = self.trainer.train_module.model  # type: ignore[attr-defined]
         for name, module in model.named_modules():
             if isinstance(module, MirasMemoryParts) and module.context_gate is not None:
@@ -316,26 +330,91 @@ class HFPretrainedWeightsCallback(Callback):
         from olmo_core.nn.hf.checkpoint import load_hf_model
 
         model = self.trainer.train_module.model  # type: ignore[attr-defined]
-        log.info("Loading pretrained base weights (Hugging Face format) from '%s'...", self.path)
+        path = str(self.path)
+        self._check_local_path(path)
+        log.info("Loading pretrained base weights (Hugging Face format) from '%s'...", path)
         state = dist_cp_sd.get_model_state_dict(model)
         base_keys = {k for k in state if ".miras." not in k}
-        base_state = {k: v for k, v in state.items() if k in base_keys}
+        base_state = _RecordingStateDict((k, v) for k, v in state.items() if k in base_keys)
         before = dict(base_state)
-        load_hf_model(
-            self.path,
-            base_state,
-            revision=self.revision,
-            num_embeddings=getattr(model, "vocab_size", None),  # OLMo-core pads the vocabulary
-            process_group=self.trainer.dp_process_group,
-            work_dir=self.trainer.work_dir,
-        )
-        untouched = sorted(k for k, v in base_state.items() if v is before[k])
-        if untouched:
-            raise OLMoConfigurationError(
-                f"Hugging Face checkpoint '{self.path}' lacks {len(untouched)} base parameter(s) of the "
-                f"model, e.g. {', '.join(untouched[:5])}: is it the same architecture as model.base?"
+        try:
+            load_hf_model(
+                path,
+                base_state,
+                revision=self.revision,
+                num_embeddings=getattr(model, "vocab_size", None),  # OLMo-core pads the vocabulary
+                process_group=self.trainer.dp_process_group,
+                work_dir=self.trainer.work_dir,
             )
-        dist_cp_sd.set_model_state_dict(model, base_state, options=dist_cp_sd.StateDictOptions(strict=False))
-        log.info(
-            "Loaded %d base tensors from '%s'; memory parameters keep their initialisation", len(base_state), self.path
+        except NotImplementedError as e:  # OLMo-core: neither a directory nor a reachable hub model id
+            raise OLMoConfigurationError(
+                f"Hugging Face checkpoint '{path}' is neither an existing local directory (cwd: {os.getcwd()}) "
+                "nor a Hugging Face hub model id that could be reached (offline, private or misspelled?); "
+                "give a directory holding config.json and the weights, or a valid hub id"
+            ) from e
+        except AssertionError as e:  # OLMo-core asserts on the files of a local/remote directory
+            raise OLMoConfigurationError(
+                f"Hugging Face checkpoint '{path}' was rejected by OLMo-core's loader, which needs "
+                "generation_config.json, model.safetensors.index.json or pytorch_model.bin in the directory "
+                "(a single-file model.safetensors needs generation_config.json next to it: save one with "
+                "transformers.GenerationConfig.from_model_config(config).save_pretrained(path))"
+            ) from e
+        unexpected = sorted(base_state.unexpected)
+        missing = sorted(k for k in base_keys if base_state[k] is before[k])
+        if unexpected or missing:
+            n_model = _num_layers(base_keys)
+            n_ckpt = _num_layers(set(base_state.unexpected) | {k for k in base_keys if base_state[k] is not before[k]})
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} base parameter(s) of the model, e.g. {', '.join(missing[:5])}")
+            if unexpected:
+                parts.append(
+                    f"has {len(unexpected)} parameter(s) the model doesn't, e.g. {', '.join(unexpected[:5])}"
+                )
+            raise OLMoConfigurationError(
+                f"Hugging Face checkpoint '{path}' {' and '.join(parts)} (checkpoint: {n_ckpt} layer(s), "
+                f"model: {n_model} layer(s)): is it the same architecture as model.base?"
+            )
+        dist_cp_sd.set_model_state_dict(
+            model, dict(base_state), options=dist_cp_sd.StateDictOptions(strict=False)
         )
+        log.info("Loaded %d base tensors from '%s'; memory parameters keep their initialisation", len(base_state), path)
+
+    @staticmethod
+    def _check_local_path(path: str) -> None:
+        """A path meant as a local directory must exist and hold ``config.json``; hub ids pass."""
+        if "://" in path:
+            return
+        parent = os.path.dirname(path.rstrip("/"))
+        looks_local = path.startswith(("/", ".", "~")) or os.path.exists(path) or bool(parent and os.path.isdir(parent))
+        if not looks_local:
+            return
+        local = os.path.expanduser(path)
+        if not os.path.isdir(local):
+            raise OLMoConfigurationError(
+                f"Hugging Face checkpoint '{path}' is not an existing directory (cwd: {os.getcwd()}); "
+                "give a directory saved with save_pretrained (config.json and weights) or a hub model id"
+            )
+        if not os.path.isfile(os.path.join(local, "config.json")):
+            raise OLMoConfigurationError(
+                f"Hugging Face checkpoint directory '{path}' has no config.json (found: "
+                f"{', '.join(sorted(os.listdir(local))[:10]) or 'nothing'}); is it a save_pretrained directory?"
+            )
+
+
+class _RecordingStateDict(dict):
+    """A state dict that takes keys it doesn't have (recording them) instead of raising KeyError."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.unexpected: List[str] = []
+
+    def __missing__(self, key: str) -> None:
+        self.unexpected.append(key)
+        return None
+
+
+def _num_layers(keys: Any) -> int:
+    """Number of transformer blocks named in ``keys`` (``blocks.<i>.`` prefixes)."""
+    idx = [int(m.group(1)) for k in keys if (m := _BLOCK_RE.match(k))]
+    return max(idx) + 1 if idx else 0
