@@ -130,3 +130,29 @@ def interpreter_harness(test_file: str, interpreted: bool):
         run_interpreted(test_file)
 
     return pytest.mark.skipif(not interpreted, reason="runs in the TRITON_INTERPRET=1 subprocess"), test_interpreted_suite
+
+
+def save_tiny_hf_olmo2(path, n_layers: int = 4, seed: int = 0):
+    """A tiny random transformers ``Olmo2ForCausalLM`` saved to ``path`` (byte vocabulary, the
+    byte tokenizer's special ids): a local stand-in for a pretrained OLMo 2 on the hub."""
+    import transformers
+
+    torch.manual_seed(seed)
+    hf = transformers.Olmo2ForCausalLM(
+        transformers.Olmo2Config(
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=n_layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            vocab_size=259,
+            rope_theta=500_000,
+            rms_norm_eps=1e-6,
+            tie_word_embeddings=False,
+            eos_token_id=256,
+            pad_token_id=257,
+            bos_token_id=258,
+        )
+    )
+    hf.save_pretrained(path)
+    return hf

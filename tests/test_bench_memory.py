@@ -84,10 +84,10 @@ def test_check_fails_on_a_wrong_implementation(tmp_path: Path, monkeypatch: pyte
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--seq", "0"], "argument --seq: must be >= 1, got 0"),
-        (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
-        (["--stream-segment", "0"], "argument --stream-segment: must be >= 1, got 0"),
-        (["--stream-tokens", "-5"], "argument --stream-tokens: must be >= 0, got -5"),
+        (["--seq", "0"], "argument --seq: must be an integer >= 1, got 0"),
+        (["--batch", "0"], "argument --batch: must be an integer >= 1, got 0"),
+        (["--stream-segment", "0"], "argument --stream-segment: must be an integer >= 1, got 0"),
+        (["--stream-tokens", "-5"], "argument --stream-tokens: must be an integer >= 0, got -5"),
         (["--impl", "chunkd"], "argument --impl: invalid choice: 'chunkd'"),
         (["--preset", "atlas"], "argument --preset: invalid choice: 'atlas'"),
         (["--profile"], "--profile reads GPU kernel times: it needs --device cuda"),

@@ -114,9 +114,9 @@ def test_bench_stability_warmup_0_is_no_warmup(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--steps", "0"], "--steps: must be >= 1, got 0"),
-        (["--warmup", "-1"], "--warmup: must be >= 0, got -1"),
-        (["--seq", "1"], "--seq: must be >= 2, got 1"),
+        (["--steps", "0"], "--steps: must be an integer >= 1, got 0"),
+        (["--warmup", "-1"], "--warmup: must be an integer >= 0, got -1"),
+        (["--seq", "1"], "--seq: must be an integer >= 2, got 1"),
         (["--preset", "bogus"], "--preset: unknown preset 'bogus'; valid: olmo2_1M, "),
     ],
 )

@@ -69,11 +69,11 @@ def test_bench_train_diverged_rows_carry_no_timing(tmp_path: Path, monkeypatch: 
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--steps", "0"], "--steps: must be >= 4, got 0 (the first 3 steps are untimed warm-up)"),
-        (["--steps", "-2"], "--steps: must be >= 4, got -2"),
-        (["--steps", "3"], "--steps: must be >= 4, got 3"),
+        (["--steps", "0"], "--steps: must be an integer >= 4, got 0 (the first 3 steps are untimed warm-up)"),
+        (["--steps", "-2"], "--steps: must be an integer >= 4, got -2"),
+        (["--steps", "3"], "--steps: must be an integer >= 4, got 3"),
         (["--preset", "bogus"], "--preset: unknown preset 'bogus'; valid: olmo2_1M, "),
-        (["--seq", "1"], "--seq: must be >= 2, got 1"),
+        (["--seq", "1"], "--seq: must be an integer >= 2, got 1"),
         (["--fsdp", "--seq", "32", "64"], "--fsdp times one sequence length; got --seq 32 64"),
         (["--fsdp", "--profile"], "--profile is for the single-device run"),
     ],

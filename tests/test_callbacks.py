@@ -20,6 +20,8 @@ from olmo_core.train.utils import reduce_metrics
 from olmo_miras_plugin.models import MirasMemoryConfig, tiny_miras
 from olmo_miras_plugin.train.callbacks import HFPretrainedWeightsCallback, MemoryDiagnosticsCallback
 
+from miras_test_utils import save_tiny_hf_olmo2
+
 
 # ------------------------------------------------------------------------------ grad norm
 def _model():
@@ -113,25 +115,8 @@ def test_grad_norm_single_process() -> None:
 
 # ------------------------------------------------------------------------------ HF weights
 def _save_hf(path: Path, layers: int = 4, generation_config: bool = True) -> Path:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.Olmo2ForCausalLM(
-        transformers.Olmo2Config(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=259,
-            rope_theta=500_000,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            eos_token_id=256,
-            pad_token_id=257,
-            bos_token_id=258,
-        )
-    )
-    hf.save_pretrained(path)
+    pytest.importorskip("transformers")
+    save_tiny_hf_olmo2(path, n_layers=layers)
     if not generation_config:
         os.remove(path / "generation_config.json")
     return path

@@ -17,6 +17,8 @@ from olmo_core.train.callbacks import Callback
 from olmo_miras_plugin.models import MirasMemoryConfig, tiny_miras
 from olmo_miras_plugin.train import CheckpointMismatchError, MirasExperimentConfig, load_experiment, train
 
+from miras_test_utils import save_tiny_hf_olmo2
+
 STEPS = 6
 STOP_AT = 3
 
@@ -293,26 +295,9 @@ class Snapshot(Callback):
 def test_pretrained_hugging_face_checkpoint(corpus_dir: Path, tmp_path: Path) -> None:
     """An HF-format OLMo 2 checkpoint (random weights, tiny) converted by OLMo-core: the memory model
     starts out computing exactly the HF model's logits (memory branch at zero)."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    hf = transformers.Olmo2ForCausalLM(
-        transformers.Olmo2Config(
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            vocab_size=259,
-            rope_theta=500_000,
-            rms_norm_eps=1e-6,
-            tie_word_embeddings=False,
-            eos_token_id=256,
-            pad_token_id=257,
-            bos_token_id=258,
-        )
-    )
+    pytest.importorskip("transformers")
     hf_dir = tmp_path / "hf"
-    hf.save_pretrained(hf_dir)
+    hf = save_tiny_hf_olmo2(hf_dir)
 
     config = experiment(
         corpus_dir,

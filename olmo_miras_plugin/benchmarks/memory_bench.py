@@ -11,6 +11,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..argtypes import float_at_least, int_at_least
 from ..memory import NeuralMemoryConfig
 from .timing import Measurement, device_description, format_table, measure, profile_kernels, write_json
 
@@ -282,31 +283,6 @@ def check_against_reference(
     }
 
 
-def _int_at_least(lo: int):
-    """An argparse ``type``: an integer >= ``lo`` (argparse then names the option and the value)."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {v}")
-        return v
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return v
-
-
 def _path_note(impl: str, device: torch.device) -> Optional[str]:
     """What a row really runs when its impl can't run here (the table must not hide a fallback)."""
     if device.type == "cuda":
@@ -322,7 +298,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     from ..memory.config import MemoryImpl
     from ..memory.config import PRESETS as _PRESETS
 
-    pos = _int_at_least(1)
+    pos = int_at_least(1)
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seq", type=pos, nargs="+", default=[4096, 16384])
@@ -331,7 +307,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--heads", type=pos, default=16)
     p.add_argument("--head-dim", type=pos, default=128)
     p.add_argument("--depth", type=pos, default=2)
-    p.add_argument("--expansion", type=_positive_float, default=2.0)
+    p.add_argument("--expansion", type=float_at_least(0, strict=True), default=2.0)
     p.add_argument("--chunk", type=pos, default=64)
     p.add_argument("--preset", default="titans", choices=sorted(_PRESETS))
     p.add_argument("--impl", nargs="+", default=["chunked"], choices=[i.value for i in MemoryImpl])
@@ -347,7 +323,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--profile", action="store_true", help="print the top GPU kernels of one step per row, and write them to the JSON (CUDA)")
     p.add_argument("--check", action="store_true", help="compare against the reference on fresh random inputs first")
     p.add_argument("--json", default="runs/bench/bench_memory.json", help="where the JSON goes (default: %(default)s)")
-    p.add_argument("--stream-tokens", type=_int_at_least(0), default=0, help="also stream this many tokens (inference)")
+    p.add_argument("--stream-tokens", type=int_at_least(0), default=0, help="also stream this many tokens (inference)")
     p.add_argument("--stream-segment", type=pos, default=4096)
     args = p.parse_args(argv)
     try:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from ..memory import NeuralMemory
 from ..models import is_memory_param
 from .timing import device_description, write_payload
-from .train_bench import add_model_args, build_model, int_at_least
+from ..argtypes import int_at_least
+from .train_bench import add_model_args, build_model
 
 __all__ = ["main"]
 

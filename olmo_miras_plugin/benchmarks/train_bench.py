@@ -20,6 +20,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from ..argtypes import int_at_least
 from ..memory import MemoryImpl
 from ..models import MirasMemoryConfig, miras_from_preset, parameter_report
 from .timing import Measurement, device_description, format_table, profile_kernels, write_json, write_payload
@@ -44,22 +45,6 @@ def preset_name(name: str) -> str:
     if name not in valid:
         raise argparse.ArgumentTypeError(f"unknown preset {name!r}; valid: {', '.join(valid)}")
     return name
-
-
-def int_at_least(lo: int, why: str = ""):
-    """argparse type: an integer >= ``lo`` (``why``: appended to the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}{why}")
-        return value
-
-    parse.__name__ = f"integer >= {lo}"
-    return parse
 
 
 def _finite(losses: List[float]) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import resource
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
+from ..argtypes import float_at_least, int_at_least
 
 __all__ = ["convert_to_hf_main", "convert_from_hf_main", "generate_main", "load_any_model", "load_tokenizer"]
 
@@ -43,31 +44,6 @@ def _user_errors() -> Tuple[type, ...]:
 def _fail(e: BaseException) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
-
-
-def _int_at_least(lo: int) -> Any:
-    """An argparse ``type``: an integer >= ``lo`` (argparse then says which option got what)."""
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {lo}, got {v}")
-        return v
-
-    return parse
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return v
 
 
 def _check_device(spec: str) -> torch.device:
@@ -102,8 +78,8 @@ def convert_to_hf_main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("out_dir", help="output directory")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="cast the weights (default: keep the checkpoint's)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json to include (default: the checkpoint's)")
-    p.add_argument("--max-position-embeddings", type=_int_at_least(1), help="default: the training sequence length")
-    p.add_argument("--prefill-chunk-size", type=_int_at_least(1), help="generate()'s default prompt segment length")
+    p.add_argument("--max-position-embeddings", type=int_at_least(1), help="default: the training sequence length")
+    p.add_argument("--prefill-chunk-size", type=int_at_least(1), help="generate()'s default prompt segment length")
     p.add_argument("--no-validate", action="store_true", help="skip the HF vs OLMo-core logits comparison")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     args = p.parse_args(argv)
@@ -311,12 +287,12 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
     cap = p.add_mutually_exclusive_group()
     cap.add_argument(
         "--max-kv-context",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         help="full-attention layers carry at most this many past keys/values (default: the sliding window, or 4096)",
     )
     cap.add_argument("--exact", action="store_true", help="no cap: exact, but memory grows with the input")
-    p.add_argument("--temperature", type=_non_negative_float, default=0.0, help="0: greedy")
-    p.add_argument("--top-k", type=_int_at_least(1), help="sample from the K most likely tokens (default: all)")
+    p.add_argument("--temperature", type=float_at_least(0), default=0.0, help="0: greedy")
+    p.add_argument("--top-k", type=int_at_least(1), help="sample from the K most likely tokens (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", choices=sorted(_DTYPES), help="model dtype (default: float32)")
