@@ -193,7 +193,7 @@ class MirasMemoryConfig(Config):
                 f"memory.offset must be in 0..{self.every - 1} (every={self.every}), got {self.offset!r}"
             )
         if self.layers is not None:
-            if (self.every, self.offset) != (4, 0):
+            if (self.every, self.offset) != (MirasMemoryConfig.every, MirasMemoryConfig.offset):  # not the defaults
                 _warn_once(
                     f"memory.layers={list(self.layers)} is set, so every={self.every} / offset={self.offset} "
                     "are not used (set --model.memory.layers=null to place memory by every/offset)"

@@ -463,7 +463,7 @@ def test_hf_settings_survive_hf_olmo_core_hf(tmp_path):
 
 
 def test_text_outputs_are_written_atomically(tmp_path, monkeypatch):
-    from olmo_miras_plugin.hf.convert import _write_text_atomic
+    from olmo_miras_plugin.atomic_files import write_text_atomic as _write_text_atomic
 
     target = tmp_path / "config.json"
     target.write_text("old")

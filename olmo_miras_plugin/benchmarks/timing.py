@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
+
+from ..atomic_files import write_text_atomic
 
 __all__ = [
     "Measurement", "measure", "format_table", "write_json", "write_payload", "finite_or_none", "device_description",
@@ -116,16 +116,7 @@ def finite_or_none(value: Any) -> Any:
 def write_payload(path: str, payload: Dict[str, Any]) -> None:
     """Write any JSON payload as strict JSON (non-finite floats as null, :func:`finite_or_none`;
     parent folders created), replacing ``path`` atomically."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(finite_or_none(payload), f, indent=2, allow_nan=False)
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, json.dumps(finite_or_none(payload), indent=2, allow_nan=False), make_parents=True)
 
 
 def kernel_summary(events, top: int) -> Dict[str, Any]:

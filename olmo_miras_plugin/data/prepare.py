@@ -35,7 +35,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import shutil
 import sysconfig
 import tempfile
@@ -59,6 +58,8 @@ import numpy as np
 from olmo_core.config import Config
 from olmo_core.data import NumpyDatasetDType, NumpyFSLDatasetConfig, TokenizerConfig
 
+from ..atomic_files import fsync_replace as _fsync_replace  # the shard writer's rename (tests stop a run there)
+from ..atomic_files import tmp_path_for, write_text_atomic
 from ..tokenizer import ByteTokenizer, byte_tokenizer_config
 
 if TYPE_CHECKING:
@@ -697,26 +698,6 @@ def _load_documents(
 # --------------------------------------------------------------------------------------------------
 
 
-def _tmp_name(path: Path) -> Path:
-    # Never ends in '.npy' / '.csv.gz', so globs for finished files can't pick it up.
-    return path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-
-
-def _fsync_replace(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = _tmp_name(path)
-    try:
-        tmp.write_text(text)
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 class _ShardWriter:
     """Streams documents of one split into ``part-XXXXX.npy`` files of at most ``max_tokens``.
 
@@ -739,7 +720,7 @@ class _ShardWriter:
     def _open(self) -> io.BufferedWriter:
         if self._fh is None:
             self.directory.mkdir(parents=True, exist_ok=True)
-            self._tmp = _tmp_name(self.directory / f"part-{len(self.files):05d}.npy")
+            self._tmp = tmp_path_for(self.directory / f"part-{len(self.files):05d}.npy")
             self._fh = open(self._tmp, "wb")
         return self._fh
 
@@ -790,7 +771,7 @@ class _ShardWriter:
         ends = np.cumsum(spans)
         starts = ends - spans
         body = "".join(f"{s},{e}\n" for s, e in zip(starts.tolist(), ends.tolist()))
-        meta_tmp = _tmp_name(meta)
+        meta_tmp = tmp_path_for(meta)
         try:
             with open(meta_tmp, "wb") as raw, gzip.GzipFile(
                 filename="", mode="wb", fileobj=raw, mtime=0
@@ -1081,7 +1062,7 @@ def _prepare_data(config: PrepareDataConfig, *, source: str) -> PreparedData:
             return reusable
         marker = output_dir / STDLIB_MARKER_NAME
         if source == SOURCE_STDLIB:
-            _write_text_atomic(marker, "written by olmo_miras_plugin.data.prepare_stdlib_data\n")
+            write_text_atomic(marker, "written by olmo_miras_plugin.data.prepare_stdlib_data\n")
         else:
             marker.unlink(missing_ok=True)
 
@@ -1121,7 +1102,7 @@ def _prepare_data(config: PrepareDataConfig, *, source: str) -> PreparedData:
             },
             "inputs": [r[0] for r in inputs_record],
         }
-        _write_text_atomic(output_dir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
+        write_text_atomic(output_dir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
 
     prepared = _manifest_to_prepared(manifest, output_dir.resolve(), reused=False)
     if prepared.num_split_documents:

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 from olmo_core.config import Config
 
+from ..atomic_files import write_text_atomic
 from ..blocks import carry_memory_states, memory_state_modules
 from ..tokenizer import ByteTokenizer
 from ..models import INFERENCE_IMPL_CHOICES, set_memory_impl, upgrade_saved_config
@@ -829,7 +829,7 @@ def _load_hf(p: Path, dev: torch.device) -> LoadedModel:
     model = AutoModelForCausalLM.from_pretrained(str(p), dtype=torch.float32)
     # The tokenizer it was trained with (recorded at export), else the directory's own files.
     ident = getattr(model.config, "miras_tokenizer", None)
-    if ident == "olmo-miras/bytes":
+    if ident == ByteTokenizer.identifier:
         tokenizer: Optional[str] = "bytes"
     elif (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
         tokenizer = str(p)
@@ -994,9 +994,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     out.mkdir(parents=True, exist_ok=True)  # only now: a failed load leaves nothing behind
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(all_results, indent=1, default=str))
-    os.replace(tmp, out / "results.json")  # atomic: an old results.json is replaced whole or kept
+    write_text_atomic(out / "results.json", json.dumps(all_results, indent=1, default=str))
     written = [out / "results.json"]
     try:
         from .plot import plot_accuracy, plot_position_loss

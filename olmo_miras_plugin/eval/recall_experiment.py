@@ -54,7 +54,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -72,6 +71,7 @@ from olmo_core.nn.transformer import TransformerConfig
 from ..memory import MemoryImpl
 from ..memory import PRESETS
 from ..models import REVISION_1_STEP, MirasMemoryConfig, set_memory_impl, tiny_miras
+from ..atomic_files import write_text_atomic
 from .harness import evaluate_examples, resolve_device
 from .scoring import CellScore, EvalResults, format_table
 from .tasks import IGNORE_INDEX, EvalExample, MQARTokenSpec, mqar_token_examples
@@ -768,9 +768,7 @@ def _plots(results: Dict[str, Any], cfg: RecallExperimentConfig, out: Path) -> L
 
 
 def _write_json(path: Path, payload: Dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(payload, indent=1, default=str))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(payload, indent=1, default=str))
 
 
 def run_experiment(cfg: RecallExperimentConfig, printer: Any = print) -> Dict[str, Any]:

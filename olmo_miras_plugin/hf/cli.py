@@ -19,6 +19,7 @@ from typing import Any, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from ..argtypes import float_at_least, int_at_least
+from ..atomic_files import write_text_atomic
 
 __all__ = ["convert_to_hf_main", "convert_from_hf_main", "generate_main", "load_any_model", "load_tokenizer"]
 
@@ -428,7 +429,5 @@ def generate_main(argv: Optional[Sequence[str]] = None) -> int:
         file=sys.stderr,
     )
     if stats_path is not None:
-        from .convert import _write_text_atomic
-
-        _write_text_atomic(stats_path, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(stats_path, json.dumps(report, indent=2) + "\n")
     return 0

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import numbers
-import os
 import re
 import shutil
 import warnings
@@ -41,6 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from ..atomic_files import write_text_atomic
 from ..models import MirasModelConfig, is_memory_param, upgrade_saved_config
 from .checkpoint import CheckpointError, read_model_state
 from .configuration_olmo_miras import BASE_MODEL_TYPES, OlmoMirasConfig, check_config_classes
@@ -433,16 +433,6 @@ def _prepare_output_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file + ``os.replace``: an interrupted run leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def convert_to_hf(
     source: Union[str, Path, nn.Module, Mapping[str, torch.Tensor]],
     out_dir: Union[str, Path],
@@ -695,7 +685,7 @@ def convert_from_hf(
         experiment["tokenizer"] = tok
     # Not part of the OLMo-core model: kept so that convert_to_hf gives them back.
     experiment["hf"] = _hf_settings(hf_dir, hf_config)
-    _write_text_atomic(out_dir / "config.json", json.dumps(experiment, indent=2) + "\n")
+    write_text_atomic(out_dir / "config.json", json.dumps(experiment, indent=2) + "\n")
     if (hf_dir / "tokenizer.json").is_file():
         (out_dir / "tokenizer").mkdir(exist_ok=True)
         _copy_tokenizer(hf_dir, out_dir / "tokenizer")

@@ -137,19 +137,18 @@ def memory_group_overrides(
     keeps ``memory_lr``: the override is split by parameter role into exact-name groups.
     """
     groups = classify_parameters(model)
-    role_opts: Dict[str, Tuple[str, Dict[str, Any]]] = {}
-    for role, names, opts in (
-        ("memory", groups.memory, _opts(memory_lr, memory_weight_decay)),
-        ("gates", groups.gates, _opts(gate_lr, gate_weight_decay)),
-    ):
-        role_opts.update({n: (role, opts) for n in names})
+    roles = {
+        "memory": (groups.memory, _opts(memory_lr, memory_weight_decay)),
+        "gates": (groups.gates, _opts(gate_lr, gate_weight_decay)),
+    }
+    role_of = {n: role for role, (names, _) in roles.items() for n in names}
     all_names = [n for n, _ in model.named_parameters()]
     trainable = groups.memory + groups.gates + groups.base
     out: List[OptimGroupOverride] = []
     claimed: Set[str] = set()
     for g_idx, go in enumerate(optim.group_overrides or []):
         matched = [n for n in trainable if any(fnmatch(n, pat) for pat in go.params)]
-        if not any(n in role_opts for n in matched):
+        if not any(n in role_of for n in matched):
             out.append(go)  # no memory parameter in it: passed on as written
             continue
         for pat in go.params:  # what OLMo-core would check on the patterns we replace by names
@@ -157,21 +156,18 @@ def memory_group_overrides(
                 raise OLMoConfigurationError(
                     f"optim group {g_idx} override pattern '{pat}' does not match any parameters"
                 )
-        base = [n for n in matched if n not in role_opts]
+        base = [n for n in matched if n not in role_of]
         if base:
             out.append(OptimGroupOverride(params=base, opts=dict(go.opts)))
-        for role in ("memory", "gates"):
-            names = [n for n in matched if n in role_opts and role_opts[n][0] == role]
+        for role, (_, opts) in roles.items():
+            names = [n for n in matched if role_of.get(n) == role]
             if names:
-                out.append(OptimGroupOverride(params=names, opts={**role_opts[names[0]][1], **go.opts}))
+                out.append(OptimGroupOverride(params=names, opts={**opts, **go.opts}))
         claimed.update(matched)
-    for names, opts in (
-        (groups.memory, _opts(memory_lr, memory_weight_decay)),
-        (groups.gates, _opts(gate_lr, gate_weight_decay)),
-    ):
-        names = [n for n in names if n not in claimed]
-        if names:
-            out.append(OptimGroupOverride(params=names, opts=opts))
+    for names, opts in roles.values():
+        rest = [n for n in names if n not in claimed]
+        if rest:
+            out.append(OptimGroupOverride(params=rest, opts=opts))
     return replace(optim, group_overrides=out or None)
 
 
